@@ -1,0 +1,276 @@
+"""HTTP API: thin aiohttp handlers over the switcher.
+
+Handlers parse and validate, call one switcher method, and render JSON. Every
+error, ours or aiohttp's, leaves through ``error_middleware`` as
+``{"error": {"code": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from .errors import BadRequest, OrchestratorError, SwitchNotFound
+from .runtime import ModelRuntime
+from .store import SwitchRecord
+from .switcher import Operation, State, Switcher
+
+log = structlog.get_logger(__name__)
+
+MAX_BODY = 64 * 1024
+HEALTH_JSON = "application/health+json"
+
+SWITCHER: web.AppKey[Switcher] = web.AppKey("switcher", Switcher)
+RUNTIME: web.AppKey[ModelRuntime] = web.AppKey("runtime", object)  # type: ignore[arg-type]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except OrchestratorError as err:
+        if err.status >= 500:
+            log.warning("request failed", path=request.path, code=err.code, error=err.message)
+        return web.json_response(err.to_body(), status=err.status)
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        code = (err.reason or "error").lower().replace(" ", "_")
+        message = err.text if err.text and not err.text.startswith(f"{err.status}:") else err.reason
+        if err.status == 413:
+            message = f"request body is larger than {MAX_BODY // 1024} KiB"
+        return web.json_response(
+            {"error": {"code": code, "message": message}},
+            status=err.status,
+            headers={k: v for k, v in err.headers.items() if k.lower() == "allow"},
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error", path=request.path)
+        return web.json_response(
+            {
+                "error": {
+                    "code": "internal_error",
+                    "message": "internal error; see the daemon's log",
+                }
+            },
+            status=500,
+        )
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()  # raises 413 past client_max_size
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadRequest(f"request body is not valid JSON: {err}") from err
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def _wait_flag(body: dict[str, Any]) -> bool:
+    wait = body.get("wait", True)
+    if not isinstance(wait, bool):
+        raise BadRequest('"wait" must be true or false')
+    return wait
+
+
+def _model_field(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    alias = body.get("model_id")
+    if model is not None and alias is not None and model != alias:
+        raise BadRequest('"model" and "model_id" name different models; give one')
+    model = model if model is not None else alias
+    if model is None:
+        raise BadRequest('missing "model": give the id of the model to switch to')
+    if not isinstance(model, str) or not model:
+        raise BadRequest('"model" must be a non-empty string')
+    return model
+
+
+def render_status(switcher: Switcher, runtime: ModelRuntime) -> dict[str, Any]:
+    status = switcher.status
+    now = time.time()
+    models = []
+    for spec in switcher.models.values():
+        engine = switcher.containers.get(spec.engine_service)
+        running = engine is not None and engine.running
+        started = (
+            engine.started_at.timestamp() if running and engine and engine.started_at else None
+        )
+        upstream: str | None = None
+        if status.active == spec.id and status.upstream:
+            upstream = status.upstream
+        elif running:
+            upstream = runtime.upstream_url(spec, engine)
+        models.append(
+            {
+                "id": spec.id,
+                "display_name": spec.display_name,
+                "repo": spec.repo,
+                "served_name": spec.served_name,
+                "services": list(spec.services),
+                "engine_service": spec.engine_service,
+                "active": status.active == spec.id,
+                "container": None
+                if engine is None
+                else {
+                    "id": engine.id[:12],
+                    "name": engine.name,
+                    "state": engine.status,
+                    "exit_code": engine.exit_code,
+                },
+                "upstream": upstream,
+                "started_at": _iso(started),
+                "uptime": None if started is None else round(now - started, 1),
+            }
+        )
+    return {
+        "state": str(status.state),
+        "active": status.active,
+        "target": status.target,
+        "since": _iso(status.since),
+        "reason": status.reason,
+        "serving": switcher.serving,
+        "upstream": status.upstream,
+        "queue": [op.describe() for op in switcher.queued()],
+        "models": models,
+        "last_switch": None
+        if switcher.last_switch is None
+        else render_switch(switcher.last_switch),
+    }
+
+
+def render_switch(record: SwitchRecord) -> dict[str, Any]:
+    body = record.to_json()
+    body["from"] = body.pop("from_model")
+    body["to"] = body.pop("to_model")
+    body["requested_at"] = _iso(record.requested_at)
+    body["finished_at"] = _iso(record.finished_at)
+    if record.duration is not None:
+        body["duration"] = round(record.duration, 3)
+    return body
+
+
+async def _answer(request: web.Request, op: Operation, wait: bool) -> web.Response:
+    switcher = request.app[SWITCHER]
+    if not wait and not op.future.done():
+        location = f"/switches/{op.id}"
+        return web.json_response(
+            {
+                "switch": op.describe(),
+                "poll": location,
+                "status": render_status(switcher, request.app[RUNTIME]),
+            },
+            status=202,
+            headers={"Location": location},
+        )
+    # Shielded: a client that hangs up must not cancel a switch others may be waiting on.
+    record = await asyncio.shield(op.future)
+    return web.json_response(
+        {"switch": render_switch(record), "status": render_status(switcher, request.app[RUNTIME])}
+    )
+
+
+async def post_switch(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    model, wait = _model_field(body), _wait_flag(body)
+    op = await request.app[SWITCHER].switch_to(model)
+    return await _answer(request, op, wait)
+
+
+async def post_stop(request: web.Request) -> web.Response:
+    wait = _wait_flag(await _json_object(request))
+    op = await request.app[SWITCHER].stop()
+    return await _answer(request, op, wait)
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return web.json_response(render_status(request.app[SWITCHER], request.app[RUNTIME]))
+
+
+async def get_switch(request: web.Request) -> web.Response:
+    switch_id = request.match_info["switch_id"]
+    switcher = request.app[SWITCHER]
+    op = switcher.operation(switch_id)
+    if op is not None and not op.future.done():
+        return web.json_response({"switch": op.describe()})
+    record = await switcher.store.get_switch(switch_id)
+    if record is None:
+        raise SwitchNotFound(f"no switch with id {switch_id!r}")
+    return web.json_response({"switch": render_switch(record)})
+
+
+async def get_switches(request: web.Request) -> web.Response:
+    records = await request.app[SWITCHER].store.recent_switches(limit=50)
+    return web.json_response({"switches": [render_switch(r) for r in records]})
+
+
+async def get_health(request: web.Request) -> web.Response:
+    """Answered from the switcher's in-memory state: no Docker call, no waiting on a switch."""
+    switcher = request.app[SWITCHER]
+    status = switcher.status
+    wanted = request.query.get("model")
+    if wanted is not None:
+        switcher.spec(wanted)  # 404 for a model that does not exist
+    passing = switcher.serving and (wanted is None or wanted == status.active)
+    if passing:
+        body = {"status": "pass", "model": status.active}
+    else:
+        body = {
+            "status": "fail",
+            "state": str(status.state),
+            "model": status.active,
+            "output": _health_reason(switcher, wanted),
+        }
+    return web.json_response(body, status=200 if passing else 503, content_type=HEALTH_JSON)
+
+
+def _health_reason(switcher: Switcher, wanted: str | None) -> str:
+    status = switcher.status
+    if status.state is State.READY and wanted is not None and wanted != status.active:
+        return f"{wanted} is not loaded; {status.active} is"
+    if switcher.switch_under_way:
+        return f"a switch is under way ({status.state}, target {status.target or 'none'})"
+    if status.state is State.READY and not status.healthy:
+        return f"{status.active} is loaded but not answering its health check"
+    if status.reason:
+        return status.reason
+    return "no model is loaded" if status.state is State.IDLE else f"state is {status.state}"
+
+
+async def get_live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "pass"}, content_type=HEALTH_JSON)
+
+
+def create_app(switcher: Switcher, runtime: ModelRuntime) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
+    app[SWITCHER] = switcher
+    app[RUNTIME] = runtime
+    app.router.add_post("/switch", post_switch)
+    app.router.add_post("/stop", post_stop)
+    app.router.add_get("/status", get_status)
+    app.router.add_get("/switches", get_switches)
+    app.router.add_get("/switches/{switch_id}", get_switch)
+    app.router.add_get("/health", get_health)
+    app.router.add_get("/health/live", get_live)
+    return app

@@ -1,0 +1,189 @@
+"""The ``model-orchestrator`` command: ``serve`` runs the daemon, ``check`` reviews compose."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from .api import create_app
+from .cache import find_snapshot
+from .compose import ComposeError, ComposeProject, load_project, render
+from .config import Settings, load_settings
+from .docker import Docker, detect_compose_cli
+from .errors import OrchestratorError
+from .logs import configure_logging
+from .runtime import DockerRuntime
+from .store import Store
+from .switcher import Switcher
+
+log = structlog.get_logger(__name__)
+
+NORMALIZED_COMPOSE = "compose.yml"
+DATABASE = "orchestrator.db"
+
+
+def _common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML settings file (ORCHESTRATOR_CONFIG)")
+    parser.add_argument(
+        "--compose",
+        dest="compose_file",
+        help="the user's compose file (compose/docker-compose.yml)",
+    )
+    parser.add_argument(
+        "--models-dir", help="root of the Hugging Face cache; holds hub/ (./models)"
+    )
+    parser.add_argument("--state-dir", help="the daemon's own files and database (./.state)")
+    parser.add_argument(
+        "--project-name", help="compose project name (else COMPOSE_PROJECT_NAME, else compose's)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="model-orchestrator",
+        description="Swap one GPU between vLLM models kept as docker-compose profiles.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the daemon")
+    _common_flags(serve)
+    serve.add_argument("--host", help="address to listen on (127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (8080)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    check = commands.add_parser(
+        "check", help="show what the daemon rewrites and what is wrong; non-zero exit on errors"
+    )
+    _common_flags(check)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    names = ("compose_file", "models_dir", "state_dir", "project_name", "host", "port", "log_level")
+    flags = {name: getattr(args, name, None) for name in names}
+    return load_settings(flags, config_file=args.config)
+
+
+def _project(settings: Settings) -> ComposeProject:
+    return load_project(settings.compose_file, settings.models_dir, settings.models)
+
+
+async def serve(settings: Settings) -> None:
+    project = _project(settings)
+    for model_id, problems in project.problems.items():
+        for problem in problems:
+            log.warning("compose problem", model=model_id, problem=problem)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    normalized = settings.state_dir / NORMALIZED_COMPOSE
+    normalized.write_text(render(project))
+    docker = Docker(
+        compose_file=normalized,
+        project_dir=settings.compose_file.parent,
+        project_name=settings.effective_project_name,
+        compose_cli=await detect_compose_cli(),
+    )
+    await docker.validate(project.models)
+    store = await Store.open(settings.state_dir / DATABASE)
+    runtime = DockerRuntime(docker, upstream_host=settings.upstream_host)
+    switcher = Switcher(
+        models=project.models,
+        runtime=runtime,
+        store=store,
+        hub_dir=settings.models_dir / "hub",
+        rollback=settings.rollback,
+        restore_on_start=settings.restore_on_start,
+        probe_interval=settings.probe_interval,
+        probe_failures=settings.probe_failures,
+    )
+    runner = web.AppRunner(create_app(switcher, runtime), access_log=None)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        await switcher.start(docker.events)
+        await runner.setup()
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        log.info(
+            "serving",
+            host=settings.host,
+            port=settings.port,
+            project=docker.project_name,
+            models=list(project.models),
+            compose=str(normalized),
+        )
+        await stopping.wait()
+        log.info("shutting down; the running model is left running")
+    finally:
+        await runner.cleanup()
+        await switcher.close()
+        await runtime.close()
+        await store.close()
+
+
+async def check(settings: Settings) -> int:
+    """Print, per model, what is rewritten and what is wrong; return the exit code."""
+    project = _project(settings)
+    errors = 0
+    hub = settings.models_dir / "hub"
+    for model_id, spec in project.models.items():
+        print(f"model {model_id}  ({spec.display_name})")
+        print(f"  services: {', '.join(spec.services)}  engine: {spec.engine_service}")
+        print(f"  model argument: {spec.model_arg}  served as: {spec.served_name}")
+        for note in project.notes.get(model_id, []):
+            print(f"  rewritten [{note.service}]: {note.what}")
+        for problem in project.problems.get(model_id, []):
+            errors += 1
+            print(f"  ERROR: {problem}")
+        if spec.repo is not None:
+            verdict = find_snapshot(hub, spec.repo)
+            if verdict.status == "present":
+                print(f"  cache: present at {verdict.path}")
+            else:
+                errors += 1
+                print(f"  ERROR: {verdict.reason}")
+    if project.shared_services:
+        print(f"shared services (left alone): {', '.join(project.shared_services)}")
+    with tempfile.TemporaryDirectory() as folder:
+        normalized = Path(folder) / NORMALIZED_COMPOSE
+        normalized.write_text(render(project))
+        try:
+            docker = Docker(
+                compose_file=normalized,
+                project_dir=settings.compose_file.parent,
+                project_name=settings.effective_project_name,
+                compose_cli=await detect_compose_cli(),
+            )
+            await docker.validate(project.models)
+            print("compose: the rewritten file is valid (docker compose config)")
+        except OrchestratorError as err:
+            errors += 1
+            print(f"ERROR: compose: {err.message}")
+    print(f"{errors} error(s)" if errors else "ok")
+    return 1 if errors else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        configure_logging(settings.log_level)
+        if args.command == "serve":
+            asyncio.run(serve(settings))
+            return 0
+        return asyncio.run(check(settings))
+    except (OrchestratorError, ComposeError) as err:
+        message: Any = err.message if isinstance(err, OrchestratorError) else str(err)
+        print(f"model-orchestrator: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Daemon settings: defaults, then an optional YAML file, then ORCHESTRATOR_* variables, then flags.
+
+Per-model settings (display name, health path, startup timeout, upstream, port)
+may sit in the file under ``models:``; compose's ``x-orchestrator`` keys are the
+other place, and the file wins (see ``compose.load_project``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+ENV_PREFIX = "ORCHESTRATOR_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    compose_file: Path = Path("compose/docker-compose.yml")
+    models_dir: Path = Path("models")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    state_dir: Path = Path(".state")
+    project_name: str | None = None
+    # Host the daemon uses to reach a model's published port; a daemon running in
+    # a container next to the models sets this to the docker host's address.
+    upstream_host: str = "127.0.0.1"
+    rollback: bool = True
+    # Bring the last requested model back when the daemon starts and finds nothing running.
+    restore_on_start: bool = True
+    log_level: str = "info"
+    # How often the active model's health endpoint is probed between switches.
+    probe_interval: float = 2.0
+    # Consecutive failed probes before a ready model counts as unhealthy.
+    probe_failures: int = 3
+    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def resolved(self) -> Settings:
+        """Absolute paths, so that compose run from another directory sees the same files."""
+        return replace(
+            self,
+            compose_file=self.compose_file.expanduser().resolve(),
+            models_dir=self.models_dir.expanduser().resolve(),
+            state_dir=self.state_dir.expanduser().resolve(),
+        )
+
+    @property
+    def effective_project_name(self) -> str:
+        """The compose project: the setting, COMPOSE_PROJECT_NAME, or compose's default."""
+        if self.project_name:
+            return self.project_name
+        from_env = os.environ.get("COMPOSE_PROJECT_NAME")
+        if from_env:
+            return from_env
+        return default_project_name(self.compose_file)
+
+
+def default_project_name(compose_file: Path) -> str:
+    """What compose itself would call the project: its top-level name, else the folder's name."""
+    try:
+        document = yaml.safe_load(compose_file.read_text())
+    except (OSError, yaml.YAMLError):
+        document = None
+    if isinstance(document, dict) and isinstance(document.get("name"), str):
+        return str(document["name"])
+    folder = compose_file.resolve().parent.name.lower()
+    # Compose keeps only lowercase letters, digits, dashes and underscores, starting alphanumeric.
+    name = re.sub(r"[^a-z0-9_-]", "", folder).lstrip("_-")
+    return name or "default"
+
+
+_FIELD_TYPES: dict[str, type] = {
+    "compose_file": Path,
+    "models_dir": Path,
+    "state_dir": Path,
+    "host": str,
+    "port": int,
+    "project_name": str,
+    "upstream_host": str,
+    "rollback": bool,
+    "restore_on_start": bool,
+    "log_level": str,
+    "probe_interval": float,
+    "probe_failures": int,
+}
+
+# The file may use the flags' spelling too (compose rather than compose_file).
+_ALIASES = {"compose": "compose_file"}
+
+
+def _coerce(name: str, value: Any, origin: str) -> Any:
+    kind = _FIELD_TYPES[name]
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(value)
+        if kind is int and isinstance(value, bool):
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{origin}: {name} must be {kind.__name__}, got {value!r}") from err
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(document, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    values: dict[str, Any] = {}
+    for key, value in document.items():
+        name = _ALIASES.get(key, key)
+        if name == "models":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise ConfigError(f"config file {path}: models must map model ids to settings")
+            values["models"] = value
+            continue
+        if name not in _FIELD_TYPES:
+            known = ", ".join(sorted(_FIELD_TYPES))
+            raise ConfigError(f"config file {path}: unknown setting {key!r} (known: {known})")
+        values[name] = _coerce(name, value, f"config file {path}")
+    return values
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in _FIELD_TYPES:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = _coerce(name, raw, ENV_PREFIX + name.upper())
+    compose = environ.get(ENV_PREFIX + "COMPOSE")
+    if compose:
+        values["compose_file"] = Path(compose)
+    return values
+
+
+def load_settings(
+    flags: Mapping[str, Any],
+    *,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge the layers; flags given as None count as not given."""
+    environ = os.environ if environ is None else environ
+    if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
+        config_file = Path(environ[ENV_PREFIX + "CONFIG"])
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(_from_file(config_file))
+    values.update(_from_env(environ))
+    for name, value in flags.items():
+        if value is not None:
+            values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
+    known = {f.name for f in fields(Settings)}
+    return Settings(**{k: v for k, v in values.items() if k in known}).resolved()

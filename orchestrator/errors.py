@@ -1,0 +1,70 @@
+"""The daemon's exceptions; each carries the HTTP status it maps to.
+
+The API middleware is the one place that turns them into responses, so the core
+raises these and never builds HTTP replies itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OrchestratorError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        error.update(self.details)
+        return {"error": error}
+
+
+class BadRequest(OrchestratorError):
+    status = 400
+    code = "bad_request"
+
+
+class ModelNotFound(OrchestratorError):
+    status = 404
+    code = "model_not_found"
+
+
+class ModelNotCached(OrchestratorError):
+    status = 409
+    code = "model_not_cached"
+
+
+class SwitchNotFound(OrchestratorError):
+    status = 404
+    code = "switch_not_found"
+
+
+class ModelExited(OrchestratorError):
+    """The model's container exited before it became healthy."""
+
+    status = 502
+    code = "model_exited"
+
+
+class StartTimeout(OrchestratorError):
+    """The model did not become healthy within its startup timeout."""
+
+    status = 504
+    code = "start_timeout"
+
+
+class DockerError(OrchestratorError):
+    """Docker or the compose CLI refused or failed; the message carries its words."""
+
+    status = 502
+    code = "docker_error"
+
+
+class ConfigError(OrchestratorError):
+    status = 500
+    code = "config_error"

@@ -1,0 +1,94 @@
+"""Model-level effects on the real engine: start, stop, look, probe.
+
+The switcher decides; this carries out. Tests of the switcher's policy swap this
+for a fake that records calls, and the integration tests use it against Docker.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import aiohttp
+
+from .compose import ModelSpec
+from .docker import ContainerInfo, Docker
+from .errors import DockerError
+
+# Long enough for a loaded engine under a 50-prober benchmark, short enough that a
+# hung engine is noticed within a couple of probe intervals.
+PROBE_TIMEOUT = 2.0
+_ANY_ADDRESS = {"", "0.0.0.0", "::"}
+
+
+class ModelRuntime(Protocol):
+    async def start(self, spec: ModelSpec) -> None: ...
+    async def stop(self, spec: ModelSpec) -> None: ...
+    async def containers(self, services: frozenset[str] | None = None) -> list[ContainerInfo]: ...
+    async def inspect(self, container_id: str) -> ContainerInfo | None: ...
+    def upstream_url(self, spec: ModelSpec, engine: ContainerInfo | None) -> str | None: ...
+    async def probe(self, url: str) -> bool: ...
+    async def logs_tail(self, container_id: str, lines: int = 40) -> str: ...
+
+
+class DockerRuntime:
+    def __init__(self, docker: Docker, *, upstream_host: str = "127.0.0.1") -> None:
+        self.docker = docker
+        self.upstream_host = upstream_host
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # No pooling of probe connections: docker's port proxy accepts a connection
+            # even while the engine behind it is down, so a kept-alive socket would lie.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True, limit=0),
+                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT),
+            )
+        return self._session
+
+    async def start(self, spec: ModelSpec) -> None:
+        await self.docker.up(spec.id, spec.services)
+
+    async def stop(self, spec: ModelSpec) -> None:
+        await self.docker.stop(spec.id, spec.services, spec.stop_timeout)
+        left = [c for c in await self.docker.list_containers(spec.services) if c.running]
+        if left:
+            names = ", ".join(c.name for c in left)
+            raise DockerError(f"{spec.id}: containers still running after stop: {names}")
+
+    async def containers(self, services: frozenset[str] | None = None) -> list[ContainerInfo]:
+        return await self.docker.list_containers(services)
+
+    async def inspect(self, container_id: str) -> ContainerInfo | None:
+        return await self.docker.inspect(container_id)
+
+    def upstream_url(self, spec: ModelSpec, engine: ContainerInfo | None) -> str | None:
+        if spec.upstream:
+            return spec.upstream.rstrip("/")
+        if engine is None:
+            return None
+        published = engine.ports.get(spec.container_port)
+        if published is not None:
+            host_ip, host_port = published
+            host = self.upstream_host if host_ip in _ANY_ADDRESS else host_ip
+            return f"http://{host}:{host_port}"
+        # Unpublished: reachable on the container's own address from the docker host.
+        if engine.addresses:
+            return f"http://{engine.addresses[0]}:{spec.container_port}"
+        return None
+
+    async def probe(self, url: str) -> bool:
+        try:
+            async with self._http().get(url, allow_redirects=False) as response:
+                await response.read()
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            # Refused, reset, or an empty reply from docker's port proxy: not ready.
+            return False
+
+    async def logs_tail(self, container_id: str, lines: int = 40) -> str:
+        return await self.docker.logs_tail(container_id, lines)

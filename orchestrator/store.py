@@ -1,0 +1,143 @@
+"""The daemon's memory across restarts: switch history and the model last asked for.
+
+One aiosqlite connection, WAL on disk, numbered migrations applied in order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+MIGRATIONS: Sequence[str] = (
+    """
+    CREATE TABLE switches (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        from_model TEXT,
+        to_model TEXT,
+        requested_at REAL NOT NULL,
+        finished_at REAL,
+        outcome TEXT NOT NULL,
+        duration REAL,
+        error TEXT
+    );
+    CREATE INDEX switches_requested_at ON switches (requested_at);
+    CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+)
+
+
+@dataclass(frozen=True)
+class SwitchRecord:
+    id: str
+    kind: str  # switch or stop
+    from_model: str | None
+    to_model: str | None
+    requested_at: float
+    finished_at: float | None
+    outcome: str  # pending, running, ok, noop, rolled_back, failed, refused
+    duration: float | None
+    error: dict[str, Any] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Store:
+    def __init__(self, connection: aiosqlite.Connection) -> None:
+        self._db = connection
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connection = await aiosqlite.connect(path)
+        await connection.execute("PRAGMA busy_timeout = 5000")
+        await connection.execute("PRAGMA journal_mode = WAL")
+        store = cls(connection)
+        await store._migrate()
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _migrate(self) -> None:
+        async with self._db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            await self._db.executescript(script)
+            # PRAGMA takes no bound parameters; number is our own integer.
+            await self._db.execute(f"PRAGMA user_version = {int(number)}")
+            await self._db.commit()
+
+    async def save_switch(self, record: SwitchRecord) -> None:
+        await self._db.execute(
+            """
+            INSERT INTO switches
+                (id, kind, from_model, to_model, requested_at, finished_at, outcome, duration,
+                 error)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (id) DO UPDATE SET
+                from_model = excluded.from_model, finished_at = excluded.finished_at,
+                outcome = excluded.outcome, duration = excluded.duration, error = excluded.error
+            """,
+            (
+                record.id,
+                record.kind,
+                record.from_model,
+                record.to_model,
+                record.requested_at,
+                record.finished_at,
+                record.outcome,
+                record.duration,
+                json.dumps(record.error) if record.error is not None else None,
+            ),
+        )
+        await self._db.commit()
+
+    async def get_switch(self, switch_id: str) -> SwitchRecord | None:
+        async with self._db.execute("SELECT * FROM switches WHERE id = ?", (switch_id,)) as cursor:
+            row = await cursor.fetchone()
+        return _record(row) if row else None
+
+    async def recent_switches(self, limit: int = 20) -> list[SwitchRecord]:
+        async with self._db.execute(
+            "SELECT * FROM switches ORDER BY requested_at DESC LIMIT ?", (limit,)
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [_record(row) for row in rows]
+
+    async def get_value(self, key: str) -> str | None:
+        async with self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)) as cursor:
+            row = await cursor.fetchone()
+        return str(row[0]) if row else None
+
+    async def set_value(self, key: str, value: str | None) -> None:
+        if value is None:
+            await self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
+        else:
+            await self._db.execute(
+                "INSERT INTO kv (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+        await self._db.commit()
+
+
+def _record(row: Sequence[Any]) -> SwitchRecord:
+    return SwitchRecord(
+        id=row[0],
+        kind=row[1],
+        from_model=row[2],
+        to_model=row[3],
+        requested_at=row[4],
+        finished_at=row[5],
+        outcome=row[6],
+        duration=row[7],
+        error=json.loads(row[8]) if row[8] else None,
+    )

@@ -1,0 +1,139 @@
+"""A recording stand-in for the Docker boundary, for fast tests of the switcher's policy."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from orchestrator.compose import ModelSpec
+from orchestrator.docker import ContainerInfo
+
+
+def make_snapshot(hub: Path, repo: str, revision: str = "abc123") -> Path:
+    """Lay out a hub cache entry the way huggingface_hub does."""
+    folder = hub / ("models--" + repo.replace("/", "--"))
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (snapshot / "config.json").write_text("{}")
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def spec(model_id: str, *, repo: str | None = None, timeout: float = 5.0) -> ModelSpec:
+    return ModelSpec(
+        id=model_id,
+        display_name=model_id.upper(),
+        repo=repo if repo is not None else f"org/{model_id}",
+        model_arg=repo or f"org/{model_id}",
+        served_name=model_id,
+        services=(f"svc-{model_id}",),
+        engine_service=f"svc-{model_id}",
+        container_port=8000,
+        startup_timeout=timeout,
+    )
+
+
+@dataclass
+class Behaviour:
+    """How a fake engine acts once started."""
+
+    probes_until_ready: int = 2
+    crash: bool = False
+    hang: bool = False
+    start_delay: float = 0.0
+
+
+@dataclass
+class FakeRuntime:
+    behaviours: dict[str, Behaviour] = field(default_factory=dict)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    # Set whenever a start finds another model's container still up: must stay empty.
+    overlaps: list[str] = field(default_factory=list)
+    _containers: dict[str, ContainerInfo] = field(default_factory=dict)
+    _probes: dict[str, int] = field(default_factory=dict)
+    _counter: int = 0
+    gate: asyncio.Event | None = None  # when set, start waits on it
+
+    def _model_of(self, service: str) -> str:
+        return service.removeprefix("svc-")
+
+    def run_container(self, model_id: str, *, running: bool = True) -> ContainerInfo:
+        self._counter += 1
+        info = ContainerInfo(
+            id=f"cid-{model_id}-{self._counter}",
+            name=f"proj-svc-{model_id}-1",
+            service=f"svc-{model_id}",
+            status="running" if running else "exited",
+            exit_code=None if running else 1,
+            started_at=datetime.now(UTC),
+            ports={8000: ("0.0.0.0", 9000 + self._counter)},
+            addresses=("172.18.0.2",),
+        )
+        self._containers[info.service] = info
+        return info
+
+    async def start(self, spec: ModelSpec) -> None:
+        self.calls.append(("start", spec.id))
+        others = [
+            c for c in self._containers.values() if c.running and c.service not in spec.services
+        ]
+        if others:
+            self.overlaps.append(f"{spec.id} started while {[c.service for c in others]} up")
+        behaviour = self.behaviours.get(spec.id, Behaviour())
+        if self.gate is not None:
+            await self.gate.wait()
+        await asyncio.sleep(behaviour.start_delay)
+        self._probes[spec.id] = 0
+        self.run_container(spec.id)
+
+    async def stop(self, spec: ModelSpec) -> None:
+        self.calls.append(("stop", spec.id))
+        await asyncio.sleep(0)
+        for service in spec.services:
+            self._containers.pop(service, None)
+
+    async def containers(self, services: frozenset[str] | None = None) -> list[ContainerInfo]:
+        await asyncio.sleep(0)
+        return [c for s, c in self._containers.items() if services is None or s in services]
+
+    async def inspect(self, container_id: str) -> ContainerInfo | None:
+        return next((c for c in self._containers.values() if c.id == container_id), None)
+
+    def upstream_url(self, spec: ModelSpec, engine: ContainerInfo | None) -> str | None:
+        return None if engine is None else f"http://fake/{spec.id}"
+
+    async def probe(self, url: str) -> bool:
+        await asyncio.sleep(0)
+        model_id = url.removeprefix("http://fake/").split("/")[0]
+        container = self._containers.get(f"svc-{model_id}")
+        if container is None or not container.running:
+            return False
+        behaviour = self.behaviours.get(model_id, Behaviour())
+        if behaviour.crash:
+            self.kill(model_id, exit_code=1)
+            return False
+        if behaviour.hang:
+            return False
+        self._probes[model_id] = self._probes.get(model_id, 0) + 1
+        return self._probes[model_id] > behaviour.probes_until_ready
+
+    async def logs_tail(self, container_id: str, lines: int = 40) -> str:
+        return f"last lines of {container_id}\nCUDA out of memory\n"
+
+    def kill(self, model_id: str, exit_code: int = 137) -> ContainerInfo:
+        old = self._containers[f"svc-{model_id}"]
+        dead = ContainerInfo(
+            id=old.id,
+            name=old.name,
+            service=old.service,
+            status="exited",
+            exit_code=exit_code,
+            started_at=old.started_at,
+            ports={},
+            addresses=(),
+        )
+        self._containers[old.service] = dead
+        return dead

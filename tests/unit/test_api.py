@@ -1,0 +1,225 @@
+"""The HTTP API over a switcher driving the fake boundary."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from orchestrator.api import create_app
+from orchestrator.store import Store
+from orchestrator.switcher import Switcher
+from tests.fakes import Behaviour, FakeRuntime, make_snapshot, spec
+
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def runtime() -> FakeRuntime:
+    return FakeRuntime()
+
+
+@pytest.fixture
+async def switcher(tmp_path: Path, runtime: FakeRuntime) -> AsyncIterator[Switcher]:
+    hub = tmp_path / "hub"
+    make_snapshot(hub, "org/a")
+    make_snapshot(hub, "org/b")
+    store = await Store.open(tmp_path / "db.sqlite")
+    made = Switcher(
+        models={"a": spec("a"), "b": spec("b"), "nocache": spec("nocache")},
+        runtime=runtime,
+        store=store,
+        hub_dir=hub,
+        probe_interval=0.05,
+    )
+    await made.start()
+    yield made
+    await made.close()
+    await store.close()
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: ClientFactory, switcher: Switcher, runtime: FakeRuntime
+) -> TestClient[Any, Any]:
+    return await aiohttp_client(create_app(switcher, runtime))
+
+
+async def error_of(response: Any) -> dict[str, Any]:
+    body = await response.json()
+    assert set(body) == {"error"}
+    assert {"code", "message"} <= set(body["error"])
+    return dict(body["error"])
+
+
+class TestSwitchEndpoint:
+    async def test_switch_waits_and_answers_200_with_status(
+        self, client: TestClient[Any, Any]
+    ) -> None:
+        """POST /switch waits for readiness and returns the switch and the new status."""
+        response = await client.post("/switch", json={"model": "a"})
+        assert response.status == 200
+        body = await response.json()
+        assert body["switch"]["outcome"] == "ok"
+        assert body["switch"]["to"] == "a"
+        assert body["status"]["state"] == "ready"
+        assert body["status"]["active"] == "a"
+
+    async def test_seed_field_model_id_is_accepted(self, client: TestClient[Any, Any]) -> None:
+        """The seed's {"model_id": ...} body works like {"model": ...}."""
+        response = await client.post("/switch", json={"model_id": "b"})
+        assert response.status == 200
+        assert (await response.json())["status"]["active"] == "b"
+
+    async def test_no_wait_answers_202_with_where_to_poll(
+        self, client: TestClient[Any, Any]
+    ) -> None:
+        """wait=false answers 202 at once with a Location that later shows the outcome."""
+        response = await client.post("/switch", json={"model": "a", "wait": False})
+        assert response.status == 202
+        location = response.headers["Location"]
+        assert location == (await response.json())["poll"]
+        for _ in range(100):
+            polled = await (await client.get(location)).json()
+            if polled["switch"]["outcome"] == "ok":
+                break
+            await asyncio.sleep(0.02)
+        assert polled["switch"]["outcome"] == "ok"
+
+    async def test_failed_switch_is_502_with_log_tail(
+        self, client: TestClient[Any, Any], runtime: FakeRuntime
+    ) -> None:
+        """A crashing target answers 502 with its log tail and says it rolled back."""
+        await client.post("/switch", json={"model": "a"})
+        runtime.behaviours["b"] = Behaviour(crash=True)
+        response = await client.post("/switch", json={"model": "b"})
+        assert response.status == 502
+        error = await error_of(response)
+        assert error["code"] == "model_exited"
+        assert error["rolled_back"] is True
+        assert "CUDA out of memory" in error["log_tail"]
+        status = await (await client.get("/status")).json()
+        assert status["active"] == "a"
+        assert status["last_switch"]["outcome"] == "failed"
+
+    async def test_stop_unloads(self, client: TestClient[Any, Any]) -> None:
+        """POST /stop leaves the daemon idle and /health failing."""
+        await client.post("/switch", json={"model": "a"})
+        response = await client.post("/stop")
+        assert response.status == 200
+        assert (await response.json())["status"]["state"] == "idle"
+        assert (await client.get("/health")).status == 503
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(
+        ("body", "fragment"),
+        [
+            (b"{not json", "not valid JSON"),
+            (b"[1, 2]", "JSON object"),
+            (b"{}", 'missing "model"'),
+            (b'{"model": 5}', "non-empty string"),
+            (b'{"model": ""}', "non-empty string"),
+            (b'{"model": "a", "model_id": "b"}', "different models"),
+            (b'{"model": "a", "wait": "no"}', '"wait"'),
+        ],
+    )
+    async def test_bad_bodies_are_400(
+        self, client: TestClient[Any, Any], body: bytes, fragment: str
+    ) -> None:
+        """Each malformed body is a 400 whose message says what is wrong."""
+        response = await client.post(
+            "/switch", data=body, headers={"Content-Type": "application/json"}
+        )
+        assert response.status == 400
+        error = await error_of(response)
+        assert error["code"] == "bad_request"
+        assert fragment in error["message"]
+
+    async def test_body_over_64_kib_is_413(self, client: TestClient[Any, Any]) -> None:
+        """A body past 64 KiB is refused with 413 and a JSON error."""
+        response = await client.post("/switch", data=b"x" * (64 * 1024 + 1))
+        assert response.status == 413
+        assert "64 KiB" in (await error_of(response))["message"]
+
+    async def test_unknown_model_is_404(self, client: TestClient[Any, Any]) -> None:
+        """A model id outside the known set is a 404 naming the known ones."""
+        response = await client.post("/switch", json={"model": "a; rm -rf /"})
+        assert response.status == 404
+        assert "known models" in (await error_of(response))["message"]
+
+    async def test_uncached_model_is_409_and_running_model_stays(
+        self, client: TestClient[Any, Any], runtime: FakeRuntime
+    ) -> None:
+        """A cache miss is a 409 naming repo and cache path; the ready model keeps serving."""
+        await client.post("/switch", json={"model": "a"})
+        response = await client.post("/switch", json={"model": "nocache"})
+        assert response.status == 409
+        error = await error_of(response)
+        assert error["repo"] == "org/nocache"
+        assert error["cache_path"].endswith("hub")
+        assert (await client.get("/health")).status == 200
+        assert runtime.calls == [("start", "a")]
+
+    async def test_unknown_route_and_method_are_json(self, client: TestClient[Any, Any]) -> None:
+        """aiohttp's own 404 and 405 come out in the same JSON error shape."""
+        assert (await error_of(await client.get("/nope")))["code"] == "not_found"
+        response = await client.get("/switch")
+        assert response.status == 405
+        await error_of(response)
+
+
+class TestHealth:
+    async def test_health_fails_when_idle_and_passes_when_ready(
+        self, client: TestClient[Any, Any]
+    ) -> None:
+        """/health is 503 with a reason until a model is ready, then 200 pass."""
+        response = await client.get("/health")
+        assert response.status == 503
+        assert response.content_type == "application/health+json"
+        assert (await response.json())["status"] == "fail"
+        await client.post("/switch", json={"model": "a"})
+        response = await client.get("/health")
+        assert response.status == 200
+        assert (await response.json()) == {"status": "pass", "model": "a"}
+
+    async def test_health_for_a_named_model(self, client: TestClient[Any, Any]) -> None:
+        """/health?model= passes only for the ready model and 404s for unknown ones."""
+        await client.post("/switch", json={"model": "a"})
+        assert (await client.get("/health", params={"model": "a"})).status == 200
+        other = await client.get("/health", params={"model": "b"})
+        assert other.status == 503
+        assert "b is not loaded" in (await other.json())["output"]
+        assert (await client.get("/health", params={"model": "zzz"})).status == 404
+
+    async def test_health_fails_during_a_switch(
+        self, client: TestClient[Any, Any], runtime: FakeRuntime
+    ) -> None:
+        """While a switch is under way /health answers 503 at once, not after the switch."""
+        await client.post("/switch", json={"model": "a"})
+        runtime.gate = asyncio.Event()
+        pending = asyncio.ensure_future(client.post("/switch", json={"model": "b"}))
+        await asyncio.sleep(0.05)
+        response = await client.get("/health")
+        assert response.status == 503
+        assert "switch is under way" in (await response.json())["output"]
+        assert (await client.get("/health/live")).status == 200
+        runtime.gate.set()
+        assert (await pending).status == 200
+        assert (await client.get("/health")).status == 200
+
+    async def test_status_lists_every_model(self, client: TestClient[Any, Any]) -> None:
+        """/status names each model with its container, upstream and uptime."""
+        await client.post("/switch", json={"model": "a"})
+        status = await (await client.get("/status")).json()
+        by_id = {m["id"]: m for m in status["models"]}
+        assert set(by_id) == {"a", "b", "nocache"}
+        assert by_id["a"]["active"] is True
+        assert by_id["a"]["upstream"] == "http://fake/a"
+        assert by_id["a"]["display_name"] == "A"
+        assert by_id["b"]["container"] is None
+        assert status["last_switch"]["to"] == "a"

@@ -1,0 +1,321 @@
+"""The switcher's policy against a fake boundary that records every effect."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import ModelExited, ModelNotCached, ModelNotFound, StartTimeout
+from orchestrator.store import Store
+from orchestrator.switcher import (
+    DESIRED_MODEL_KEY,
+    IllegalTransition,
+    ModelDied,
+    State,
+    Status,
+    Switcher,
+)
+from tests.fakes import Behaviour, FakeRuntime, make_snapshot, spec
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "state" / "db.sqlite")
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Path:
+    hub = tmp_path / "hub"
+    for name in ("a", "b", "c"):
+        make_snapshot(hub, f"org/{name}")
+    return hub
+
+
+@pytest.fixture
+def runtime() -> FakeRuntime:
+    return FakeRuntime()
+
+
+def build(runtime: FakeRuntime, store: Store, hub: Path, **kwargs: object) -> Switcher:
+    models = {m: spec(m, timeout=float(kwargs.pop("timeout", 5.0))) for m in ("a", "b", "c")}  # type: ignore[arg-type]
+    models["nocache"] = spec("nocache", repo="org/not-downloaded")
+    return Switcher(
+        models=models, runtime=runtime, store=store, hub_dir=hub, probe_interval=0.05, **kwargs
+    )  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def switcher(runtime: FakeRuntime, store: Store, hub: Path) -> AsyncIterator[Switcher]:
+    made = build(runtime, store, hub)
+    await made.start()
+    yield made
+    await made.close()
+
+
+async def switch(switcher: Switcher, model: str) -> object:
+    op = await switcher.switch_to(model)
+    return await op.future
+
+
+class TestSwitching:
+    async def test_switch_from_idle_makes_model_ready(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """A first switch starts the model and ends ready with its upstream known."""
+        record = await switch(switcher, "a")
+        assert switcher.status.state is State.READY
+        assert switcher.status.active == "a"
+        assert switcher.status.upstream == "http://fake/a"
+        assert switcher.serving
+        assert runtime.calls == [("start", "a")]
+        assert record.outcome == "ok"  # type: ignore[attr-defined]
+
+    async def test_switch_stops_previous_before_starting_next(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """A→B stops A first; B never starts while A is up."""
+        seen: list[tuple[State, str | None]] = []
+        await switch(switcher, "a")
+        switcher.listeners.append(lambda s: seen.append((s.state, s.active)))
+        await switch(switcher, "b")
+        assert runtime.calls == [("start", "a"), ("stop", "a"), ("start", "b")]
+        assert runtime.overlaps == []
+        assert [state for state, _ in seen] == [
+            State.STOPPING,
+            State.IDLE,
+            State.STARTING,
+            State.READY,
+        ]
+        assert switcher.status.active == "b"
+
+    async def test_switch_to_ready_model_is_immediate(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """Asking for the model that is already ready answers at once and touches nothing."""
+        await switch(switcher, "a")
+        op = await switcher.switch_to("a")
+        assert op.future.done()
+        assert op.future.result().outcome == "noop"
+        assert runtime.calls == [("start", "a")]
+
+    async def test_stop_frees_the_gpu(self, switcher: Switcher, runtime: FakeRuntime) -> None:
+        """POST /stop's operation stops the model and leaves the switcher idle."""
+        await switch(switcher, "a")
+        await (await switcher.stop()).future
+        assert switcher.status.state is State.IDLE
+        assert switcher.status.active is None
+        assert runtime.calls[-1] == ("stop", "a")
+        assert not switcher.serving
+
+
+class TestRefusals:
+    async def test_unknown_model_is_not_found(self, switcher: Switcher) -> None:
+        """An unknown id is refused with the list of known ones."""
+        with pytest.raises(ModelNotFound, match="known models: a, b, c"):
+            await switcher.switch_to("zzz")
+
+    async def test_missing_cache_refused_and_running_model_untouched(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """A model whose snapshot is not cached is refused before anything is stopped."""
+        await switch(switcher, "a")
+        with pytest.raises(ModelNotCached) as caught:
+            await switcher.switch_to("nocache")
+        assert caught.value.details["repo"] == "org/not-downloaded"
+        assert runtime.calls == [("start", "a")]
+        assert switcher.status.active == "a" and switcher.serving
+
+
+class TestFailures:
+    async def test_crash_rolls_back_to_previous(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """A target that exits is stopped, its log tail returned, the previous model restored."""
+        await switch(switcher, "a")
+        runtime.behaviours["b"] = Behaviour(crash=True)
+        with pytest.raises(ModelExited) as caught:
+            await switch(switcher, "b")
+        assert caught.value.details["rolled_back"] is True
+        assert "CUDA out of memory" in caught.value.details["log_tail"]
+        assert runtime.calls == [
+            ("start", "a"),
+            ("stop", "a"),
+            ("start", "b"),
+            ("stop", "b"),
+            ("start", "a"),
+        ]
+        assert runtime.overlaps == []
+        assert switcher.status.state is State.READY and switcher.status.active == "a"
+        assert switcher.last_switch is not None and switcher.last_switch.outcome == "failed"
+
+    async def test_timeout_rolls_back(self, runtime: FakeRuntime, store: Store, hub: Path) -> None:
+        """A target that never turns healthy times out, is stopped, and the previous comes back."""
+        made = build(runtime, store, hub, timeout=0.3)
+        await made.start()
+        try:
+            await switch(made, "a")
+            runtime.behaviours["b"] = Behaviour(hang=True)
+            with pytest.raises(StartTimeout) as caught:
+                await switch(made, "b")
+            assert caught.value.details["rolled_back"] is True
+            assert made.status.active == "a"
+            assert ("stop", "b") in runtime.calls
+        finally:
+            await made.close()
+
+    async def test_failure_without_rollback_leaves_failed(
+        self, runtime: FakeRuntime, store: Store, hub: Path
+    ) -> None:
+        """With rollback off, a failed start ends in the failed state with nothing running."""
+        made = build(runtime, store, hub, rollback=False)
+        await made.start()
+        try:
+            await switch(made, "a")
+            runtime.behaviours["b"] = Behaviour(crash=True)
+            with pytest.raises(ModelExited):
+                await switch(made, "b")
+            assert made.status.state is State.FAILED
+            assert made.status.active is None
+            assert await runtime.containers() == []
+        finally:
+            await made.close()
+
+    async def test_model_dying_behind_our_back_fails_health(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """A death report for the ready engine turns the switcher failed and not serving."""
+        await switch(switcher, "a")
+        dead = runtime.kill("a")
+        switcher.notify(ModelDied(dead.id, dead.service, 137))
+        await asyncio.sleep(0.01)
+        assert switcher.status.state is State.FAILED
+        assert "exit code 137" in (switcher.status.reason or "")
+        assert not switcher.serving
+
+    async def test_stale_death_report_is_ignored(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """A die event for a container a switch already replaced changes nothing."""
+        await switch(switcher, "a")
+        old = switcher.status.engine_container
+        await switch(switcher, "b")
+        switcher.notify(ModelDied(old or "", "svc-a", 0))
+        await asyncio.sleep(0.01)
+        assert switcher.status.state is State.READY and switcher.status.active == "b"
+
+    async def test_prober_catches_a_death_without_events(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """With no event stream at all, the probe loop still notices the engine is gone."""
+        await switch(switcher, "a")
+        runtime.kill("a")
+        for _ in range(100):
+            if switcher.status.state is State.FAILED:
+                break
+            await asyncio.sleep(0.02)
+        assert switcher.status.state is State.FAILED
+
+
+class TestConcurrency:
+    async def test_requests_for_the_starting_model_join_it(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """Three requests for one model share one start and one answer."""
+        runtime.gate = asyncio.Event()
+        ops = [await switcher.switch_to("a") for _ in range(3)]
+        assert len({op.id for op in ops}) == 1
+        runtime.gate.set()
+        await ops[0].future
+        assert runtime.calls == [("start", "a")]
+
+    async def test_requests_queue_in_order_and_each_gets_its_answer(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """a, b, c requested together run one after another; never two models up."""
+        results = await asyncio.gather(*(switch(switcher, m) for m in ("a", "b", "c")))
+        assert [r.to_model for r in results] == ["a", "b", "c"]  # type: ignore[attr-defined]
+        assert [c for c in runtime.calls if c[0] == "start"] == [
+            ("start", "a"),
+            ("start", "b"),
+            ("start", "c"),
+        ]
+        assert runtime.overlaps == []
+        assert switcher.status.active == "c"
+
+    async def test_health_fails_as_soon_as_a_switch_is_accepted(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """A queued switch to another model takes the host out of rotation at once."""
+        await switch(switcher, "a")
+        runtime.gate = asyncio.Event()
+        op = await switcher.switch_to("b")
+        assert not switcher.serving
+        runtime.gate.set()
+        await op.future
+        assert switcher.serving
+
+
+class TestReconcile:
+    async def test_running_healthy_model_is_adopted(
+        self, runtime: FakeRuntime, store: Store, hub: Path
+    ) -> None:
+        """A model found running and healthy at start is ready without being restarted."""
+        runtime.run_container("b")
+        runtime.behaviours["b"] = Behaviour(probes_until_ready=0)
+        made = build(runtime, store, hub)
+        await made.start()
+        try:
+            assert made.status.state is State.READY and made.status.active == "b"
+            assert runtime.calls == []
+        finally:
+            await made.close()
+
+    async def test_two_running_models_are_cut_to_the_desired_one(
+        self, runtime: FakeRuntime, store: Store, hub: Path
+    ) -> None:
+        """Finding two models up, the daemon keeps the one last asked for and stops the other."""
+        runtime.run_container("a")
+        runtime.run_container("b")
+        await store.set_value(DESIRED_MODEL_KEY, "b")
+        made = build(runtime, store, hub)
+        await made.start()
+        try:
+            for _ in range(100):
+                if made.status.state is State.READY:
+                    break
+                await asyncio.sleep(0.02)
+            assert made.status.active == "b"
+            assert ("stop", "a") in runtime.calls
+            assert [c.service for c in await runtime.containers()] == ["svc-b"]
+        finally:
+            await made.close()
+
+    async def test_last_requested_model_is_restored(
+        self, runtime: FakeRuntime, store: Store, hub: Path
+    ) -> None:
+        """With nothing running, the model last asked for is started again."""
+        await store.set_value(DESIRED_MODEL_KEY, "c")
+        made = build(runtime, store, hub)
+        await made.start()
+        try:
+            for _ in range(100):
+                if made.status.state is State.READY:
+                    break
+                await asyncio.sleep(0.02)
+            assert made.status.active == "c"
+        finally:
+            await made.close()
+
+
+class TestStateMachine:
+    def test_illegal_transition_raises(self, runtime: FakeRuntime, store: Store, hub: Path) -> None:
+        """Ready cannot jump straight to starting: a switch must stop first."""
+        made = build(runtime, store, hub)
+        made.status = Status(state=State.READY, active="a")
+        with pytest.raises(IllegalTransition):
+            made._enter(State.STARTING)
