@@ -28,11 +28,12 @@ DEFAULT_STARTUP_TIMEOUT = 900.0
 SETTINGS_KEY = "x-orchestrator"
 SETTING_NAMES = ("display_name", "health_path", "startup_timeout", "upstream", "port", "engine")
 
-# Compose's own rule for profile names; compose refuses anything else.
+# The Compose specification's rule for profile names. Compose itself lets others through;
+# holding model ids to it keeps them usable as served names and in URLs.
 _PROFILE_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 
-# Mounting the whole HF home there is what seed 002 replaces; either target means
-# "this service's hub cache", and the container may only have one.
+# A mount of the whole HF home (what seed 002 replaces) or of the hub itself: either is the
+# service's cache mount, to be replaced by the one hub mount.
 _CACHE_TARGETS = frozenset({"/root/.cache/huggingface", HUB_MOUNT})
 
 _OFFLINE_VAR = "HF_HUB_OFFLINE"
@@ -192,30 +193,21 @@ def _could_be_positional_model(token: str, vllm_image: bool) -> bool:
     )
 
 
-def _analyse_command(command: object, model_id: str, where: str, vllm_image: bool) -> _Command:
-    tokens = _command_tokens(command, where)
-    options_from, takes_positional = _launcher(tokens)
-    positional_at: int | None = None
-    if options_from < len(tokens) and takes_positional:
-        # After an explicit `serve` the first word can only be the model.
-        explicit_serve = options_from > 0
-        if _could_be_positional_model(tokens[options_from], vllm_image or explicit_serve):
-            positional_at = options_from
-            options_from += 1
+@dataclass
+class _Options:
+    model_flags: list[tuple[int, int, str]]  # (index, tokens taken, value) of each --model
+    served_name: str | None
+    port: str | None
+    problems: list[str]
 
-    problems: list[str] = []
-    model_flags: list[tuple[int, int, str]] = []  # (index, tokens taken, value)
-    served_name: str | None = None
-    port: str | None = None
-    index = options_from
+
+def _scan_options(tokens: list[str], start: int) -> _Options:
+    options = _Options(model_flags=[], served_name=None, port=None, problems=[])
+    index = start
     while index < len(tokens):
-        token = tokens[index]
-        if not token.startswith("--"):
-            index += 1
-            continue
-        spelled, equals, inline_value = token.partition("=")
+        spelled, equals, inline_value = tokens[index].partition("=")
         # vLLM's parser accepts --served_model_name for --served-model-name.
-        flag = spelled.replace("_", "-")
+        flag = spelled.replace("_", "-") if spelled.startswith("--") else ""
         if flag not in {"--model", "--served-model-name", "--port"}:
             index += 1
             continue
@@ -225,19 +217,33 @@ def _analyse_command(command: object, model_id: str, where: str, vllm_image: boo
             value = tokens[index + 1]
             width = 2
         if not value:
-            problems.append(f"{flag} has no value")
-            index += 1
-            continue
-        if flag == "--model":
-            model_flags.append((index, width, value))
+            options.problems.append(f"{flag} has no value")
+        elif flag == "--model":
+            options.model_flags.append((index, width, value))
         elif flag == "--served-model-name":
-            served_name = served_name or value
+            options.served_name = options.served_name or value
         else:
-            port = value
+            options.port = value
         index += width
+    return options
 
-    if positional_at is None and not model_flags:
-        return _Command(None, None, served_name, port, [], problems)
+
+def _analyse_command(command: object, model_id: str, where: str, vllm_image: bool) -> _Command:
+    tokens = _command_tokens(command, where)
+    options_from, takes_positional = _launcher(tokens)
+    positional_at: int | None = None
+    # After an explicit `serve` the first word can only be the model.
+    if (
+        takes_positional
+        and options_from < len(tokens)
+        and _could_be_positional_model(tokens[options_from], vllm_image or options_from > 0)
+    ):
+        positional_at = options_from
+        options_from += 1
+    options = _scan_options(tokens, options_from)
+    problems = options.problems
+    if positional_at is None and not options.model_flags:
+        return _Command(None, None, options.served_name, options.port, [], problems)
 
     argv = list(tokens)
     notes: list[str] = []
@@ -248,7 +254,8 @@ def _analyse_command(command: object, model_id: str, where: str, vllm_image: boo
         if model_arg != written:
             argv[positional_at] = model_arg
             notes.append(f"positional model {written} → {model_arg}")
-        for flag_at, width, value in model_flags:
+        # `vllm serve` refuses a positional model and --model together.
+        for flag_at, width, value in options.model_flags:
             dropped.update(range(flag_at, flag_at + width))
             notes.append(f"dropped --model {value}: the positional model {model_arg} wins")
             if _normalise_model(value) != model_arg:
@@ -257,7 +264,7 @@ def _analyse_command(command: object, model_id: str, where: str, vllm_image: boo
                     f" kept {model_arg}"
                 )
     else:
-        for flag_at, width, value in model_flags:
+        for flag_at, width, value in options.model_flags:
             rewritten = _normalise_model(value)
             if rewritten != value:
                 if width == 2:
@@ -266,14 +273,15 @@ def _analyse_command(command: object, model_id: str, where: str, vllm_image: boo
                     argv[flag_at] = f"{tokens[flag_at].partition('=')[0]}={rewritten}"
                 notes.append(f"--model {value} → {rewritten}")
         # vLLM's parser keeps the last --model given.
-        model_arg = _normalise_model(model_flags[-1][2])
+        model_arg = _normalise_model(options.model_flags[-1][2])
 
     argv = [token for at, token in enumerate(argv) if at not in dropped]
+    served_name = options.served_name
     if served_name is None:
         served_name = model_id
         argv += ["--served-model-name", model_id]
         notes.append(f"added --served-model-name {model_id}")
-    return _Command(argv, model_arg, served_name, port, notes, problems)
+    return _Command(argv, model_arg, served_name, options.port, notes, problems)
 
 
 def rewrite_command(
@@ -289,7 +297,11 @@ def rewrite_command(
 
 def _describe_volume(entry: object) -> str:
     if isinstance(entry, Mapping):
-        return "{" + ", ".join(f"{key}: {value}" for key, value in entry.items()) + "}"
+        # One line of YAML, so the note shows the entry as the file spells it.
+        text: str = yaml.safe_dump(
+            dict(entry), default_flow_style=True, sort_keys=False, width=10_000
+        )
+        return text.strip()
     return str(entry)
 
 
@@ -443,13 +455,13 @@ def _parse_duration(value: object, where: str) -> float:
 
 def _read_document(source: Path) -> dict[str, Any]:
     try:
-        text = source.read_text(encoding="utf-8")
+        # Loading from the open file makes YAML errors name it along with line and column.
+        with source.open(encoding="utf-8") as stream:
+            document = yaml.load(stream, Loader=_ComposeLoader)
     except OSError as err:
         raise ComposeError(f"cannot read compose file {source}: {err.strerror or err}") from err
     except UnicodeDecodeError as err:
         raise ComposeError(f"compose file {source} is not UTF-8 text: {err}") from err
-    try:
-        document = yaml.load(text, Loader=_ComposeLoader)
     except yaml.YAMLError as err:
         raise ComposeError(f"compose file {source} is not valid YAML: {err}") from err
     if not isinstance(document, dict) or not isinstance(document.get("services"), dict):
@@ -503,42 +515,40 @@ def _choose_engine(
     return (serving or members)[0], []
 
 
-def load_project(
-    compose_file: Path,
-    models_dir: Path,
-    overrides: Mapping[str, Mapping[str, Any]] | None = None,
-) -> ComposeProject:
-    """Read the user's compose file and rewrite every model's services to load offline."""
-    source = compose_file.resolve()
-    original = _read_document(source)
-    hub_dir = models_dir.resolve() / "hub"
+@dataclass
+class _Layout:
+    """Which services belong to which models, as the file declares it."""
 
-    project_name = original.get("name")
-    if project_name is not None and not isinstance(project_name, str):
-        raise ComposeError(f"{source}: name must be a string")
+    shared: list[str]
+    profiles: dict[str, list[str]]  # model service -> its profiles
+    members: dict[str, list[str]]  # model id -> its services, file order
+    declared: dict[str, dict[str, Any]]  # model service -> its x-orchestrator settings
 
-    services: dict[Any, Any] = original["services"]
-    shared: list[str] = []
-    profiles: dict[str, list[str]] = {}
-    members: dict[str, list[str]] = {}
-    declared: dict[str, dict[str, Any]] = {}
+
+def _layout(source: Path, services: Mapping[Any, Any]) -> _Layout:
+    layout = _Layout(shared=[], profiles={}, members={}, declared={})
     for name, service in services.items():
         where = f"{source}: services.{name}"
         if not isinstance(name, str) or not isinstance(service, dict):
             raise ComposeError(f"{where} must be a mapping")
-        profiles[name] = _profiles_of(service, where)
-        if not profiles[name]:
-            shared.append(name)
+        profiles = _profiles_of(service, where)
+        if not profiles:
+            layout.shared.append(name)
             continue
-        for profile in profiles[name]:
-            members.setdefault(profile, []).append(name)
-        declared[name] = _check_settings(
+        layout.profiles[name] = profiles
+        for profile in profiles:
+            layout.members.setdefault(profile, []).append(name)
+        layout.declared[name] = _check_settings(
             service.get(SETTINGS_KEY, {}), f"{where}.{SETTINGS_KEY}", engine_names_service=False
         )
-    profiles = {name: listed for name, listed in profiles.items() if listed}
+    return layout
 
+
+def _configured(
+    source: Path, members: Mapping[str, list[str]], overrides: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
     configured: dict[str, dict[str, Any]] = {}
-    for model_id, raw in (overrides or {}).items():
+    for model_id, raw in overrides.items():
         if model_id not in members:
             raise ComposeError(
                 f"settings for model {model_id!r}: {source} has no profile {model_id!r}"
@@ -547,121 +557,167 @@ def load_project(
         configured[model_id] = _check_settings(
             raw, f"settings for model {model_id!r}", engine_names_service=True
         )
+    return configured
+
+
+def _rewrite_service(
+    service: Mapping[str, Any], command: _Command, runs_vllm: bool, hub_dir: Path, where: str
+) -> tuple[dict[str, Any], list[str]]:
+    # Merged services share nested lists with their anchor; copy before changing them.
+    rewritten = copy.deepcopy(dict(service))
+    notes: list[str] = []
+    if command.argv is not None:
+        rewritten["command"] = command.argv
+        notes += command.notes
+    if runs_vllm:
+        rewritten["volumes"], volume_notes = _rewrite_volumes(
+            rewritten.get("volumes"), hub_dir, f"{where}.volumes"
+        )
+        rewritten["environment"], environment_notes = _rewrite_environment(
+            rewritten.get("environment"), f"{where}.environment"
+        )
+        notes += volume_notes + environment_notes
+    return rewritten, notes
+
+
+def _model_spec(
+    source: Path,
+    model_id: str,
+    layout: _Layout,
+    engine: str,
+    engine_service: Mapping[str, Any],
+    commands: Mapping[str, _Command],
+    configured: Mapping[str, Any],
+) -> tuple[ModelSpec, list[str]]:
+    names = layout.members[model_id]
+    problems = [f"{name}: {problem}" for name in names for problem in commands[name].problems]
+    problems += [
+        f"{name}: {SETTINGS_KEY} is ignored because {engine} is the engine service; move it there"
+        for name in names
+        if name != engine and set(layout.declared[name]) - {"engine"}
+    ]
+    if "image" not in engine_service and "build" not in engine_service:
+        problems.append(f"{engine}: the engine service has no image and no build")
+
+    # The model is what vLLM runs; the engine may be a proxy in front of it.
+    serving = [name for name in [engine, *names] if commands[name].argv is not None]
+    if not serving:
+        problems.append(
+            f"no service of profile {model_id} passes vLLM a model (--model or a positional model)"
+        )
+    model_command = commands[serving[0] if serving else engine]
+    model_arg = model_command.model_arg or ""
+    is_repo = bool(model_arg) and not looks_like_path(model_arg) and is_repo_id(model_arg)
+
+    settings = {**layout.declared[engine], **configured}
+    container_port, port_problem = _container_port(
+        settings.get("port"), commands[engine].port, engine_service.get("ports")
+    )
+    if port_problem:
+        problems.append(f"{engine}: {port_problem}")
+    grace = engine_service.get("stop_grace_period")
+    spec = ModelSpec(
+        id=model_id,
+        display_name=settings.get("display_name", model_id),
+        repo=model_arg if is_repo else None,
+        model_arg=model_arg,
+        served_name=model_command.served_name or model_id,
+        services=tuple(names),
+        engine_service=engine,
+        container_port=container_port,
+        health_path=settings.get("health_path", DEFAULT_HEALTH_PATH),
+        startup_timeout=settings.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT),
+        upstream=settings.get("upstream"),
+        stop_timeout=None
+        if grace is None
+        else _parse_duration(grace, f"{source}: services.{engine}.stop_grace_period"),
+    )
+    return spec, problems
+
+
+def _served_name_collisions(models: Mapping[str, ModelSpec]) -> dict[str, list[str]]:
+    served_by: dict[str, list[str]] = {}
+    for spec in models.values():
+        served_by.setdefault(spec.served_name, []).append(spec.id)
+    collisions: dict[str, list[str]] = {}
+    for spec in models.values():
+        others = [other for other in served_by[spec.served_name] if other != spec.id]
+        if others:
+            collisions[spec.id] = [
+                f"served name {spec.served_name!r} is also used by {', '.join(others)}"
+            ]
+    return collisions
+
+
+def load_project(
+    compose_file: Path,
+    models_dir: Path,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> ComposeProject:
+    """Read the user's compose file and rewrite every model's services to load offline."""
+    source = compose_file.resolve()
+    original = _read_document(source)
+    project_name = original.get("name")
+    if project_name is not None and not isinstance(project_name, str):
+        raise ComposeError(f"{source}: name must be a string")
+    services: dict[Any, Any] = original["services"]
+    layout = _layout(source, services)
+    configured = _configured(source, layout.members, overrides or {})
 
     commands: dict[str, _Command] = {}
-    for name in profiles:
+    for name, profiles in layout.profiles.items():
         image = services[name].get("image")
         commands[name] = _analyse_command(
             services[name].get("command"),
             # A service in several profiles can only carry one served name: its first.
-            profiles[name][0],
+            profiles[0],
             f"{source}: services.{name}.command",
             vllm_image=isinstance(image, str) and "vllm" in image.lower(),
         )
 
-    problems: dict[str, list[str]] = {model_id: [] for model_id in members}
+    problems: dict[str, list[str]] = {}
     engines: dict[str, str] = {}
-    for model_id, names in members.items():
-        engines[model_id], engine_problems = _choose_engine(
-            model_id, names, declared, commands, configured.get(model_id, {}).get("engine")
+    for model_id, names in layout.members.items():
+        engines[model_id], problems[model_id] = _choose_engine(
+            model_id, names, layout.declared, commands, configured.get(model_id, {}).get("engine")
         )
-        problems[model_id] += engine_problems
 
-    # Volumes and environment go where vLLM runs: the engine and any other service
-    # given a model; a sidecar's container has no use for the cache.
-    needs_cache = set(engines.values()) | {n for n, c in commands.items() if c.argv is not None}
+    # Volumes and environment go where vLLM runs: the engine and any other service given
+    # a model; a sidecar's container has no use for the cache.
+    runs_vllm = set(engines.values()) | {n for n, c in commands.items() if c.argv is not None}
+    hub_dir = models_dir.resolve() / "hub"
     rewritten: dict[Any, Any] = dict(services)
     service_notes: dict[str, list[str]] = {}
-    for name in profiles:
-        where = f"{source}: services.{name}"
-        # Merged services share nested lists with their anchor; copy before changing them.
-        service = copy.deepcopy(services[name])
-        notes: list[str] = []
-        if commands[name].argv is not None:
-            service["command"] = commands[name].argv
-            notes += commands[name].notes
-        if name in needs_cache:
-            service["volumes"], volume_notes = _rewrite_volumes(
-                service.get("volumes"), hub_dir, f"{where}.volumes"
-            )
-            service["environment"], environment_notes = _rewrite_environment(
-                service.get("environment"), f"{where}.environment"
-            )
-            notes += volume_notes + environment_notes
-        rewritten[name] = service
-        service_notes[name] = notes
+    for name in layout.profiles:
+        rewritten[name], service_notes[name] = _rewrite_service(
+            services[name], commands[name], name in runs_vllm, hub_dir, f"{source}: services.{name}"
+        )
 
     models: dict[str, ModelSpec] = {}
-    for model_id, names in members.items():
+    for model_id in layout.members:
         engine = engines[model_id]
-        found = problems[model_id]
-        for name in names:
-            found += [f"{name}: {problem}" for problem in commands[name].problems]
-        for name in names:
-            if name != engine and set(declared[name]) - {"engine"}:
-                found.append(
-                    f"{name}: {SETTINGS_KEY} is ignored because {engine} is the engine service;"
-                    " move it there"
-                )
-        engine_service = rewritten[engine]
-        if "image" not in engine_service and "build" not in engine_service:
-            found.append(f"{engine}: the engine service has no image and no build")
-        # The model is what vLLM runs; the engine may be a proxy in front of it.
-        serving = [name for name in [engine, *names] if commands[name].argv is not None]
-        model_command = commands[serving[0] if serving else engine]
-        if not serving:
-            found.append(
-                f"no service of profile {model_id} passes vLLM a model"
-                " (--model or a positional model)"
-            )
-        model_arg = model_command.model_arg or ""
-        is_repo = bool(model_arg) and not looks_like_path(model_arg) and is_repo_id(model_arg)
-
-        settings = {**declared[engine], **configured.get(model_id, {})}
-        container_port, port_problem = _container_port(
-            settings.get("port"), commands[engine].port, engine_service.get("ports")
+        models[model_id], spec_problems = _model_spec(
+            source,
+            model_id,
+            layout,
+            engine,
+            rewritten[engine],
+            commands,
+            configured.get(model_id, {}),
         )
-        if port_problem:
-            found.append(f"{engine}: {port_problem}")
-        grace = engine_service.get("stop_grace_period")
-        models[model_id] = ModelSpec(
-            id=model_id,
-            display_name=settings.get("display_name", model_id),
-            repo=model_arg if is_repo else None,
-            model_arg=model_arg,
-            served_name=model_command.served_name or model_id,
-            services=tuple(names),
-            engine_service=engine,
-            container_port=container_port,
-            health_path=settings.get("health_path", DEFAULT_HEALTH_PATH),
-            startup_timeout=settings.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT),
-            upstream=settings.get("upstream"),
-            stop_timeout=None
-            if grace is None
-            else _parse_duration(grace, f"{source}: services.{engine}.stop_grace_period"),
-        )
+        problems[model_id] += spec_problems
+    for model_id, collisions in _served_name_collisions(models).items():
+        problems[model_id] += collisions
 
-    served_by: dict[str, list[str]] = {}
-    for spec in models.values():
-        served_by.setdefault(spec.served_name, []).append(spec.id)
-    for spec in models.values():
-        others = [other for other in served_by[spec.served_name] if other != spec.id]
-        if others:
-            problems[spec.id].append(
-                f"served name {spec.served_name!r} is also used by {', '.join(others)}"
-            )
-
-    document = dict(original)
-    document["services"] = rewritten
     return ComposeProject(
         source=source,
         name=project_name,
-        document=document,
+        document={**original, "services": rewritten},
         models=models,
-        shared_services=tuple(shared),
+        shared_services=tuple(layout.shared),
         notes={
             model_id: [RewriteNote(name, what) for name in names for what in service_notes[name]]
-            for model_id, names in members.items()
+            for model_id, names in layout.members.items()
         },
         problems=problems,
     )

@@ -202,13 +202,28 @@ class Docker:
     async def up(self, profile: str, services: Sequence[str]) -> None:
         await self.compose("--profile", profile, "up", "--detach", *services, time_limit=600)
 
-    async def stop(self, profile: str, services: Sequence[str], grace: float | None) -> None:
-        """Stop and remove the services' containers, so none lingers holding GPU memory."""
-        args = ["--profile", profile, "stop"]
-        if grace is not None:
-            args += ["--timeout", str(int(grace))]
-        await self.compose(*args, *services, time_limit=(grace or 10) + 120)
-        await self.compose("--profile", profile, "rm", "--force", *services, time_limit=120)
+    async def create(self, profile: str, services: Sequence[str]) -> None:
+        """Create (not start) the services' containers; an existing one is left as it is."""
+        await self.compose(
+            "--profile", profile, "create", "--no-recreate", *services, time_limit=600
+        )
+
+    async def remove(self, profile: str, services: Sequence[str], grace: float | None) -> None:
+        """Stop and remove the services' containers, so none lingers holding GPU memory.
+
+        One ``rm --stop`` rather than ``stop`` then ``rm``: each compose call costs a
+        process start and a project load, and this is on every switch's path. Compose
+        stops each container with its service's stop_grace_period.
+        """
+        await self.compose(
+            "--profile",
+            profile,
+            "rm",
+            "--stop",
+            "--force",
+            *services,
+            time_limit=(grace or 10) + 120,
+        )
 
     # -- inspection (SDK) ---------------------------------------------------------
 

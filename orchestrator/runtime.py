@@ -21,6 +21,7 @@ _ANY_ADDRESS = {"", "0.0.0.0", "::"}
 
 
 class ModelRuntime(Protocol):
+    async def prepare(self, spec: ModelSpec) -> None: ...
     async def start(self, spec: ModelSpec) -> None: ...
     async def stop(self, spec: ModelSpec) -> None: ...
     async def containers(self, services: frozenset[str] | None = None) -> list[ContainerInfo]: ...
@@ -50,11 +51,14 @@ class DockerRuntime:
             )
         return self._session
 
+    async def prepare(self, spec: ModelSpec) -> None:
+        await self.docker.create(spec.id, spec.services)
+
     async def start(self, spec: ModelSpec) -> None:
         await self.docker.up(spec.id, spec.services)
 
     async def stop(self, spec: ModelSpec) -> None:
-        await self.docker.stop(spec.id, spec.services, spec.stop_timeout)
+        await self.docker.remove(spec.id, spec.services, spec.stop_timeout)
         left = [c for c in await self.docker.list_containers(spec.services) if c.running]
         if left:
             names = ", ".join(c.name for c in left)

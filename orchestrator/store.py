@@ -24,11 +24,17 @@ MIGRATIONS: Sequence[str] = (
         finished_at REAL,
         outcome TEXT NOT NULL,
         duration REAL,
+        timings TEXT,
         error TEXT
     );
     CREATE INDEX switches_requested_at ON switches (requested_at);
     CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+)
+
+
+_COLUMNS = (
+    "id, kind, from_model, to_model, requested_at, finished_at, outcome, duration, timings, error"
 )
 
 
@@ -43,6 +49,8 @@ class SwitchRecord:
     outcome: str  # pending, running, ok, noop, rolled_back, failed, refused
     duration: float | None
     error: dict[str, Any] | None
+    # Seconds spent in each phase (stop, up, ready), for people and the benchmark.
+    timings: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,14 +85,13 @@ class Store:
 
     async def save_switch(self, record: SwitchRecord) -> None:
         await self._db.execute(
-            """
-            INSERT INTO switches
-                (id, kind, from_model, to_model, requested_at, finished_at, outcome, duration,
-                 error)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+            f"""
+            INSERT INTO switches ({_COLUMNS})
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (id) DO UPDATE SET
                 from_model = excluded.from_model, finished_at = excluded.finished_at,
-                outcome = excluded.outcome, duration = excluded.duration, error = excluded.error
+                outcome = excluded.outcome, duration = excluded.duration,
+                timings = excluded.timings, error = excluded.error
             """,
             (
                 record.id,
@@ -95,19 +102,22 @@ class Store:
                 record.finished_at,
                 record.outcome,
                 record.duration,
+                json.dumps(record.timings) if record.timings else None,
                 json.dumps(record.error) if record.error is not None else None,
             ),
         )
         await self._db.commit()
 
     async def get_switch(self, switch_id: str) -> SwitchRecord | None:
-        async with self._db.execute("SELECT * FROM switches WHERE id = ?", (switch_id,)) as cursor:
+        async with self._db.execute(
+            f"SELECT {_COLUMNS} FROM switches WHERE id = ?", (switch_id,)
+        ) as cursor:
             row = await cursor.fetchone()
         return _record(row) if row else None
 
     async def recent_switches(self, limit: int = 20) -> list[SwitchRecord]:
         async with self._db.execute(
-            "SELECT * FROM switches ORDER BY requested_at DESC LIMIT ?", (limit,)
+            f"SELECT {_COLUMNS} FROM switches ORDER BY requested_at DESC LIMIT ?", (limit,)
         ) as cursor:
             rows = await cursor.fetchall()
         return [_record(row) for row in rows]
@@ -139,5 +149,6 @@ def _record(row: Sequence[Any]) -> SwitchRecord:
         finished_at=row[5],
         outcome=row[6],
         duration=row[7],
-        error=json.loads(row[8]) if row[8] else None,
+        timings=json.loads(row[8]) if row[8] else None,
+        error=json.loads(row[9]) if row[9] else None,
     )

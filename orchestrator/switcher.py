@@ -436,7 +436,13 @@ class Switcher:
         await asyncio.to_thread(self.preflight, spec)
         previous = status.active if status.state is State.READY else None
         began = self._clock()
-        await self._stop_all(except_model=spec.id, target=spec.id)
+        # Creating the target's containers needs no GPU, so it overlaps the old model's
+        # stop and takes that work off the switch's critical path.
+        preparing = asyncio.create_task(self._prepare(spec))
+        try:
+            await self._stop_all(except_model=spec.id, target=spec.id)
+        finally:
+            await preparing
         op.timings["stop"] = self._clock() - began
         try:
             await self._start(spec, op)
@@ -513,6 +519,13 @@ class Switcher:
                 reason=None,
             )
 
+    async def _prepare(self, spec: ModelSpec) -> None:
+        try:
+            await self.runtime.prepare(spec)
+        except DockerError as err:
+            # Not fatal: ``up`` creates what is missing and reports the real error.
+            log.warning("could not prepare containers", error=err.message)
+
     async def _stop_model(self, spec: ModelSpec) -> None:
         await self.runtime.stop(spec)
         for service in spec.services:
@@ -550,9 +563,16 @@ class Switcher:
             now = self._clock()
             if now >= next_exit_check or engine is None:
                 next_exit_check = now + EXIT_CHECK_INTERVAL
-                engine = self._engine_of(
-                    spec, await self.runtime.containers(frozenset({spec.engine_service}))
-                )
+                # Once the engine is known, one inspect is far cheaper than a listing,
+                # and keeps the thread pool (and the GIL) quiet while probes are served.
+                if engine is None:
+                    engine = self._engine_of(
+                        spec, await self.runtime.containers(frozenset({spec.engine_service}))
+                    )
+                else:
+                    engine = await self.runtime.inspect(engine.id) or replace(
+                        engine, status="removed", exit_code=None
+                    )
                 if engine is not None and not engine.running:
                     tail = await self.runtime.logs_tail(engine.id, LOG_TAIL_LINES)
                     cause = (
@@ -602,6 +622,7 @@ class Switcher:
             outcome=op.outcome,
             duration=duration,
             error=error,
+            timings={k: round(v, 4) for k, v in op.timings.items()} or None,
         )
 
     # -- the watcher -------------------------------------------------------------

@@ -75,6 +75,9 @@ class FakeRuntime:
         self._containers[info.service] = info
         return info
 
+    async def prepare(self, spec: ModelSpec) -> None:
+        await asyncio.sleep(0)
+
     async def start(self, spec: ModelSpec) -> None:
         self.calls.append(("start", spec.id))
         others = [

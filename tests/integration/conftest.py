@@ -7,24 +7,15 @@ run the daemon as a real subprocess on a free port.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
 import pytest
 
 from tests.fakes import make_snapshot
-
-STANDIN_IMAGE = os.environ.get("STANDIN_IMAGE", "model-orchestrator/standin:test")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.rig import STANDIN_IMAGE, Rig
 
 # The user's file as seed 002 found it: cache paths in --model, the models dir mounted at
 # the cache root, offline mode off. The daemon has to fix all of it for the engine to load.
@@ -82,102 +73,6 @@ LOAD_DELAY = 1.0
 BETA_HASH = "0123456789abcdef0123456789abcdef01234567"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Rig:
-    root: Path
-    project: str
-    docker: docker.DockerClient
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    port: int = 0
-
-    @property
-    def compose_file(self) -> Path:
-        return self.root / "docker-compose.yml"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start_daemon(self, *extra: str, wait: float = 30.0) -> subprocess.Popen[bytes]:
-        if not self.port:
-            self.port = free_port()
-        log = open(self.root / f"daemon-{len(self.processes)}.log", "wb")  # noqa: SIM115
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "orchestrator.cli",
-                "serve",
-                "--compose",
-                str(self.compose_file),
-                "--models-dir",
-                str(self.root / "models"),
-                "--state-dir",
-                str(self.root / "state"),
-                "--project-name",
-                self.project,
-                "--port",
-                str(self.port),
-                *extra,
-            ],
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self.processes.append(process)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"daemon exited: {self.daemon_log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return process
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"daemon did not listen: {self.daemon_log()}")
-
-    def daemon_log(self) -> str:
-        logs = sorted(self.root.glob("daemon-*.log"))
-        return logs[-1].read_text()[-4000:] if logs else ""
-
-    def stop_daemons(self, sig: int = signal.SIGTERM) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(sig)
-                try:
-                    process.wait(15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-        self.processes.clear()
-
-    def containers(self, *, running_only: bool = True) -> list[docker.models.containers.Container]:
-        return list(
-            self.docker.containers.list(
-                all=not running_only,
-                filters={"label": [f"com.docker.compose.project={self.project}"]},
-            )
-        )
-
-    def model_containers(self) -> list[str]:
-        """Services of running model containers (the shared service is not a model)."""
-        return sorted(
-            c.labels["com.docker.compose.service"]
-            for c in self.containers()
-            if c.labels.get("com.docker.compose.service") != "shared"
-        )
-
-    def clean(self) -> None:
-        for container in self.containers(running_only=False):
-            container.remove(force=True)
-
-
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[docker.DockerClient]:
     try:
@@ -214,9 +109,4 @@ def rig(rig_root: Path, docker_client: docker.DockerClient) -> Iterator[Rig]:
     try:
         yield made
     finally:
-        made.stop_daemons(signal.SIGKILL)
         made.clean()
-        for network in docker_client.networks.list(
-            filters={"label": [f"com.docker.compose.project={made.project}"]}
-        ):
-            network.remove()

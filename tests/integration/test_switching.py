@@ -12,7 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.integration.conftest import LOAD_DELAY, Rig
+from tests.integration.conftest import LOAD_DELAY
+from tests.rig import Rig
 
 pytestmark = pytest.mark.integration
 

@@ -74,8 +74,8 @@ def one_model(
     others: dict[str, Any] | None = None,
     image: str = "vllm/vllm-openai:v0.11.0",
 ) -> str:
-    """A file with model service `m` in profile `p`, plus `keys` on it and `others` beside it."""
-    services = {"m": {"image": image, "profiles": ["p"], "command": command, **(keys or {})}}
+    """A file with model service `m` in profile `tiny`, plus `keys` on it and `others` beside it."""
+    services = {"m": {"image": image, "profiles": ["tiny"], "command": command, **(keys or {})}}
     return yaml.safe_dump({"services": {**services, **(others or {})}}, sort_keys=False)
 
 
@@ -148,7 +148,7 @@ class TestModelArgument:
         services:
           m:
             image: vllm/vllm-openai:v0.11.0
-            profiles: [p]
+            profiles: [tiny]
             command: >
               --model {CACHE_PATH}
               --chat-template '/templates/my chat.jinja'
@@ -160,69 +160,69 @@ class TestModelArgument:
             "--chat-template",
             "/templates/my chat.jinja",
             "--served-model-name",
-            "p",
+            "tiny",
         ]
 
     def test_list_command(self) -> None:
         """A list command is taken token by token."""
-        argv, notes = rewrite_command(["--model", CACHE_PATH, "--port", "8000"], "p")
-        assert argv == ["--model", "Qwen/Qwen3-4B", "--port", "8000", "--served-model-name", "p"]
-        assert notes == [f"--model {CACHE_PATH} → Qwen/Qwen3-4B", "added --served-model-name p"]
+        argv, notes = rewrite_command(["--model", CACHE_PATH, "--port", "8000"], "tiny")
+        assert argv == ["--model", "Qwen/Qwen3-4B", "--port", "8000", "--served-model-name", "tiny"]
+        assert notes == [f"--model {CACHE_PATH} → Qwen/Qwen3-4B", "added --served-model-name tiny"]
 
     def test_model_equals_form(self) -> None:
         """--model=X keeps its one-token spelling."""
-        argv, notes = rewrite_command([f"--model={CACHE_PATH}"], "p")
-        assert argv == ["--model=Qwen/Qwen3-4B", "--served-model-name", "p"]
+        argv, notes = rewrite_command([f"--model={CACHE_PATH}"], "tiny")
+        assert argv == ["--model=Qwen/Qwen3-4B", "--served-model-name", "tiny"]
         assert notes[0] == f"--model {CACHE_PATH} → Qwen/Qwen3-4B"
 
     def test_positional_model(self) -> None:
         """A first token that is not an option is the model."""
-        argv, notes = rewrite_command([CACHE_PATH, "--port", "8000"], "p")
-        assert argv == ["Qwen/Qwen3-4B", "--port", "8000", "--served-model-name", "p"]
+        argv, notes = rewrite_command([CACHE_PATH, "--port", "8000"], "tiny")
+        assert argv == ["Qwen/Qwen3-4B", "--port", "8000", "--served-model-name", "tiny"]
         assert notes[0] == f"positional model {CACHE_PATH} → Qwen/Qwen3-4B"
 
     def test_positional_repo_id_unchanged(self) -> None:
         """`command: ["Qwen/Qwen3-4B", "--port", "8000"]` only gains a served name."""
-        argv, notes = rewrite_command(["Qwen/Qwen3-4B", "--port", "8000"], "p")
-        assert argv == ["Qwen/Qwen3-4B", "--port", "8000", "--served-model-name", "p"]
-        assert notes == ["added --served-model-name p"]
+        argv, notes = rewrite_command(["Qwen/Qwen3-4B", "--port", "8000"], "tiny")
+        assert argv == ["Qwen/Qwen3-4B", "--port", "8000", "--served-model-name", "tiny"]
+        assert notes == ["added --served-model-name tiny"]
 
     @pytest.mark.parametrize("prefix", [["vllm", "serve"], ["serve"]])
     def test_serve_prefix(self, prefix: list[str]) -> None:
         """A leading `vllm serve` or `serve` is kept and the model after it is found."""
-        argv, _ = rewrite_command([*prefix, SNAPSHOT_PATH, "--dtype", "auto"], "p")
-        assert argv == [*prefix, "Qwen/Qwen3-4B", "--dtype", "auto", "--served-model-name", "p"]
+        argv, _ = rewrite_command([*prefix, SNAPSHOT_PATH, "--dtype", "auto"], "tiny")
+        assert argv == [*prefix, "Qwen/Qwen3-4B", "--dtype", "auto", "--served-model-name", "tiny"]
 
     def test_api_server_module_takes_no_positional(self) -> None:
         """After `python3 -m vllm.entrypoints.openai.api_server` only --model names the model."""
         launcher = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
-        argv, _ = rewrite_command([*launcher, "--model", CACHE_PATH], "p")
-        assert argv == [*launcher, "--model", "Qwen/Qwen3-4B", "--served-model-name", "p"]
+        argv, _ = rewrite_command([*launcher, "--model", CACHE_PATH], "tiny")
+        assert argv == [*launcher, "--model", "Qwen/Qwen3-4B", "--served-model-name", "tiny"]
 
     def test_snapshot_path(self) -> None:
         """A snapshots/<hash> path becomes the repo id, revision dropped."""
-        argv, _ = rewrite_command(["--model", SNAPSHOT_PATH], "p")
-        assert argv == ["--model", "Qwen/Qwen3-4B", "--served-model-name", "p"]
+        argv, _ = rewrite_command(["--model", SNAPSHOT_PATH], "tiny")
+        assert argv == ["--model", "Qwen/Qwen3-4B", "--served-model-name", "tiny"]
 
     def test_models_folder_path_without_snapshot(self) -> None:
         """A models--Org--Name folder path becomes the repo id."""
-        argv, _ = rewrite_command(["--model", f"{HUB_TARGET}/models--Org--x"], "p")
-        assert argv == ["--model", "Org/x", "--served-model-name", "p"]
+        argv, _ = rewrite_command(["--model", f"{HUB_TARGET}/models--Org--x"], "tiny")
+        assert argv == ["--model", "Org/x", "--served-model-name", "tiny"]
 
     def test_local_checkpoint_kept(self, tmp_path: Path) -> None:
         """A path outside any cache is a local checkpoint: kept, and the spec has no repo."""
         project = load(tmp_path, one_model(["--model", "/data/checkpoints/run1"]))
         assert service(project, "m")["command"][:2] == ["--model", "/data/checkpoints/run1"]
-        spec = project.models["p"]
+        spec = project.models["tiny"]
         assert spec.model_arg == "/data/checkpoints/run1"
         assert spec.repo is None
-        assert project.problems["p"] == []
+        assert project.problems["tiny"] == []
 
     def test_repo_id_kept(self) -> None:
         """A repo id is already what offline vLLM wants."""
-        argv, notes = rewrite_command("--model Qwen/Qwen3-4B", "p")
-        assert argv == ["--model", "Qwen/Qwen3-4B", "--served-model-name", "p"]
-        assert notes == ["added --served-model-name p"]
+        argv, notes = rewrite_command("--model Qwen/Qwen3-4B", "tiny")
+        assert argv == ["--model", "Qwen/Qwen3-4B", "--served-model-name", "tiny"]
+        assert notes == ["added --served-model-name tiny"]
 
     def test_both_forms_agreeing(self, tmp_path: Path) -> None:
         """With a positional model and --model for the same repo, --model goes, quietly."""
@@ -231,31 +231,31 @@ class TestModelArgument:
             "serve",
             "Qwen/Qwen3-4B",
             "--served-model-name",
-            "p",
+            "tiny",
         ]
-        assert notes_of(project, "p")[0] == (
+        assert notes_of(project, "tiny")[0] == (
             f"dropped --model {CACHE_PATH}: the positional model Qwen/Qwen3-4B wins"
         )
-        assert project.problems["p"] == []
+        assert project.problems["tiny"] == []
 
     def test_both_forms_disagreeing(self, tmp_path: Path) -> None:
         """Two different models: the positional one is kept and the conflict is a problem."""
         project = load(tmp_path, one_model(["Qwen/Qwen3-4B", "--model=Other/model"]))
-        assert service(project, "m")["command"] == ["Qwen/Qwen3-4B", "--served-model-name", "p"]
-        assert project.problems["p"] == [
+        assert service(project, "m")["command"] == ["Qwen/Qwen3-4B", "--served-model-name", "tiny"]
+        assert project.problems["tiny"] == [
             "m: the command names two models, positional Qwen/Qwen3-4B and --model Other/model;"
             " kept Qwen/Qwen3-4B"
         ]
 
     def test_no_model_argument_left_alone(self) -> None:
         """A command that passes no model is not the daemon's to change."""
-        assert rewrite_command(["--port", "9000"], "p") == (None, [])
-        assert rewrite_command(None, "p") == (None, [])
+        assert rewrite_command(["--port", "9000"], "tiny") == (None, [])
+        assert rewrite_command(None, "tiny") == (None, [])
 
     def test_unsplittable_command(self) -> None:
         """A command with an unbalanced quote is a ComposeError, not a crash."""
         with pytest.raises(ComposeError, match="cannot split"):
-            rewrite_command("--model 'Qwen/Qwen3-4B", "p")
+            rewrite_command("--model 'Qwen/Qwen3-4B", "tiny")
 
     def test_numbers_in_list_command_become_strings(self, tmp_path: Path) -> None:
         """The rewritten command is always a list of strings."""
@@ -266,20 +266,29 @@ class TestModelArgument:
             "--port",
             "8001",
             "--served-model-name",
-            "p",
+            "tiny",
         ]
 
     def test_sidecar_program_is_not_a_model(self, tmp_path: Path) -> None:
         """Outside a vLLM image a first word like `nginx` is a program, not a model."""
-        proxy = {"image": "nginx", "profiles": ["p"], "command": ["nginx", "-g", "daemon off;"]}
+        proxy = {"image": "nginx", "profiles": ["tiny"], "command": ["nginx", "-g", "daemon off;"]}
         project = load(tmp_path, one_model(GPT2, others={"proxy": proxy}))
         assert service(project, "proxy") == proxy
-        assert project.models["p"].engine_service == "m"
+        assert project.models["tiny"].engine_service == "m"
+
+    def test_model_flag_without_value(self, tmp_path: Path) -> None:
+        """A dangling --model is reported rather than guessed at."""
+        project = load(tmp_path, one_model(["--dtype", "auto", "--model"]))
+        assert service(project, "m")["command"] == ["--dtype", "auto", "--model"]
+        assert project.problems["tiny"] == [
+            "m: --model has no value",
+            "no service of profile tiny passes vLLM a model (--model or a positional model)",
+        ]
 
     def test_repo_id_positional_outside_vllm_image(self, tmp_path: Path) -> None:
         """In another image a namespaced repo id in first place still counts as the model."""
         project = load(tmp_path, one_model(["Qwen/Qwen3-4B"], image="registry.local/llm:1"))
-        assert project.models["p"].repo == "Qwen/Qwen3-4B"
+        assert project.models["tiny"].repo == "Qwen/Qwen3-4B"
 
 
 class TestServedName:
@@ -303,8 +312,8 @@ class TestServedName:
         command = [*GPT2, *given]
         project = load(tmp_path, one_model(command))
         assert service(project, "m")["command"] == command
-        assert project.models["p"].served_name == "chat"
-        assert notes_of(project, "p") == [
+        assert project.models["tiny"].served_name == "chat"
+        assert notes_of(project, "tiny") == [
             f"added volume {hub_mount(tmp_path)}",
             "added HF_HUB_OFFLINE=1",
         ]
@@ -312,10 +321,10 @@ class TestServedName:
     def test_collision_is_a_problem(self, tmp_path: Path) -> None:
         """Two models answering to the same served name are both flagged."""
         command = [*GPT2, "--served-model-name", "chat"]
-        other = {"image": "vllm/vllm-openai", "profiles": ["q"], "command": command}
+        other = {"image": "vllm/vllm-openai", "profiles": ["other"], "command": command}
         project = load(tmp_path, one_model(command, others={"n": other}))
-        assert project.problems["p"] == ["served name 'chat' is also used by q"]
-        assert project.problems["q"] == ["served name 'chat' is also used by p"]
+        assert project.problems["tiny"] == ["served name 'chat' is also used by other"]
+        assert project.problems["other"] == ["served name 'chat' is also used by tiny"]
 
 
 class TestVolumes:
@@ -342,25 +351,31 @@ class TestVolumes:
             hub_mount(tmp_path),
             "/etc/localtime:/etc/localtime:ro",
         ]
-        assert f"volume {described} → {hub_mount(tmp_path)}" in notes_of(project, "p")
+        assert f"volume {described} → {hub_mount(tmp_path)}" in notes_of(project, "tiny")
 
     @pytest.mark.parametrize(
-        "volume",
+        ("volume", "described"),
         [
-            "./models:/root/.cache/huggingface:ro",
-            {"type": "bind", "source": "./models/hub", "target": HUB_TARGET, "read_only": True},
+            ("./models:/root/.cache/huggingface:ro", "./models:/root/.cache/huggingface:ro"),
+            (
+                {"type": "bind", "source": "./hub", "target": HUB_TARGET, "read_only": True},
+                f"{{type: bind, source: ./hub, target: {HUB_TARGET}, read_only: true}}",
+            ),
         ],
     )
-    def test_read_only_kept(self, tmp_path: Path, volume: str | dict[str, Any]) -> None:
+    def test_read_only_kept(
+        self, tmp_path: Path, volume: str | dict[str, Any], described: str
+    ) -> None:
         """A read-only cache mount stays read-only."""
         project = load(tmp_path, one_model(GPT2, {"volumes": [volume]}))
         assert service(project, "m")["volumes"] == [hub_mount(tmp_path) + ":ro"]
+        assert f"volume {described} → {hub_mount(tmp_path)}:ro" in notes_of(project, "tiny")
 
     def test_added_when_missing(self, tmp_path: Path) -> None:
         """A model service without a cache mount gets one after its own volumes."""
         project = load(tmp_path, one_model(GPT2, {"volumes": ["./data:/data"]}))
         assert service(project, "m")["volumes"] == ["./data:/data", hub_mount(tmp_path)]
-        assert f"added volume {hub_mount(tmp_path)}" in notes_of(project, "p")
+        assert f"added volume {hub_mount(tmp_path)}" in notes_of(project, "tiny")
 
     def test_added_when_no_volumes(self, tmp_path: Path) -> None:
         """A model service without any volumes gets a volumes list."""
@@ -373,26 +388,26 @@ class TestVolumes:
         project = load(tmp_path, one_model(GPT2, {"volumes": volumes}))
         assert service(project, "m")["volumes"] == [hub_mount(tmp_path)]
         assert f"removed volume ./models/hub:{HUB_TARGET}: {HUB_TARGET} is mounted" in notes_of(
-            project, "p"
+            project, "tiny"
         )
 
     def test_correct_mount_is_not_a_change(self, tmp_path: Path) -> None:
         """A file that already mounts the hub where the daemon would gets no volume note."""
         project = load(tmp_path, one_model(GPT2, {"volumes": [hub_mount(tmp_path)]}))
         assert service(project, "m")["volumes"] == [hub_mount(tmp_path)]
-        assert not any("volume" in note for note in notes_of(project, "p"))
+        assert not any("volume" in note for note in notes_of(project, "tiny"))
 
     def test_sidecar_untouched(self, tmp_path: Path) -> None:
         """A service in the profile that runs no model keeps its volumes and environment."""
         metrics = {
             "image": "prom/prometheus",
-            "profiles": ["p"],
+            "profiles": ["tiny"],
             "volumes": ["./models:/root/.cache/huggingface"],
             "environment": ["HF_HUB_OFFLINE=0"],
         }
         project = load(tmp_path, one_model(GPT2, others={"metrics": metrics}))
         assert service(project, "metrics") == metrics
-        assert project.models["p"].services == ("m", "metrics")
+        assert project.models["tiny"].services == ("m", "metrics")
 
 
 class TestEnvironment:
@@ -429,20 +444,20 @@ class TestEnvironment:
         """HF_HUB_OFFLINE=1 replaces the old entry in place, keeping list or mapping form."""
         project = load(tmp_path, one_model(GPT2, {"environment": environment}))
         assert service(project, "m")["environment"] == expected
-        assert note in notes_of(project, "p")
+        assert note in notes_of(project, "tiny")
 
     def test_added_as_mapping_when_absent(self, tmp_path: Path) -> None:
         """A service without environment gets a mapping with the one variable."""
         project = load(tmp_path, one_model(GPT2))
         assert service(project, "m")["environment"] == {"HF_HUB_OFFLINE": "1"}
-        assert "added HF_HUB_OFFLINE=1" in notes_of(project, "p")
+        assert "added HF_HUB_OFFLINE=1" in notes_of(project, "tiny")
 
     @pytest.mark.parametrize("environment", [["HF_HUB_OFFLINE=1"], {"HF_HUB_OFFLINE": 1}])
     def test_already_offline_is_not_a_change(self, tmp_path: Path, environment: Any) -> None:
         """An environment that already says offline is left as written."""
         project = load(tmp_path, one_model(GPT2, {"environment": environment}))
         assert service(project, "m")["environment"] == environment
-        assert not any("HF_HUB_OFFLINE" in note for note in notes_of(project, "p"))
+        assert not any("HF_HUB_OFFLINE" in note for note in notes_of(project, "tiny"))
 
 
 class TestAnchorsAndMergeKeys:
@@ -507,7 +522,7 @@ class TestPreservation:
     services:
       engine:
         image: vllm/vllm-openai:v0.11.0
-        profiles: [m]
+        profiles: [small]
         command: ["--model", "gpt2"]
         ports: ["127.0.0.1:8001:8000"]
         deploy:
@@ -555,9 +570,9 @@ class TestPreservation:
             k: v for k, v in original.items() if k not in changed
         }
         assert list(rewritten)[: len(original)] == list(original)
-        assert project.models["m"].display_name == "GPT-2"
-        assert project.models["m"].stop_timeout == 90.0
-        assert project.models["m"].container_port == 8000
+        assert project.models["small"].display_name == "GPT-2"
+        assert project.models["small"].stop_timeout == 90.0
+        assert project.models["small"].container_port == 8000
 
     def test_top_level_keys_kept(self, tmp_path: Path) -> None:
         """name, networks, volumes and x- blocks pass through."""
@@ -595,44 +610,51 @@ class TestModelSpec:
     def test_models_and_services_in_file_order(self, tmp_path: Path) -> None:
         """Models are listed by first appearance; a model's services in file order."""
         text = compose(
-            b_engine=vllm(["b"]),
-            a_engine=vllm(["a"]),
-            sidecar={"image": "busybox", "profiles": ["a", "b"]},
+            b_engine=vllm(["beta"]),
+            a_engine=vllm(["alpha"]),
+            sidecar={"image": "busybox", "profiles": ["alpha", "beta"]},
         )
         project = load(tmp_path, text)
-        assert list(project.models) == ["b", "a"]
-        assert project.models["a"].services == ("a_engine", "sidecar")
-        assert project.models["b"].services == ("b_engine", "sidecar")
+        assert list(project.models) == ["beta", "alpha"]
+        assert project.models["alpha"].services == ("a_engine", "sidecar")
+        assert project.models["beta"].services == ("b_engine", "sidecar")
 
     def test_engine_marked_in_x_orchestrator(self, tmp_path: Path) -> None:
         """`engine: true` picks the engine over the first service with a model."""
-        gateway = {"image": "nginx", "profiles": ["m"], "x-orchestrator": {"engine": True}}
-        project = load(tmp_path, compose(server=vllm(["m"]), gateway=gateway))
-        spec = project.models["m"]
+        gateway = {"image": "nginx", "profiles": ["chat"], "x-orchestrator": {"engine": True}}
+        project = load(tmp_path, compose(server=vllm(["chat"]), gateway=gateway))
+        spec = project.models["chat"]
         assert spec.engine_service == "gateway"
         assert spec.repo == "gpt2"
-        assert spec.served_name == "m"
+        assert spec.served_name == "chat"
 
     def test_engine_is_first_service_with_a_model(self, tmp_path: Path) -> None:
         """Without a mark, the first service that passes a model serves."""
-        init = {"image": "busybox", "profiles": ["m"]}
-        project = load(tmp_path, compose(init=init, server=vllm(["m"])))
-        assert project.models["m"].engine_service == "server"
+        init = {"image": "busybox", "profiles": ["chat"]}
+        project = load(tmp_path, compose(init=init, server=vllm(["chat"])))
+        assert project.models["chat"].engine_service == "server"
+
+    def test_engine_false_opts_out(self, tmp_path: Path) -> None:
+        """`engine: false` keeps a service with a model from being chosen as the engine."""
+        helper = vllm(["chat"], **{"x-orchestrator": {"engine": False}})
+        project = load(tmp_path, compose(helper=helper, server=vllm(["chat"])))
+        assert project.models["chat"].engine_service == "server"
+        assert project.problems["chat"] == []
 
     def test_engine_falls_back_to_first_service(self, tmp_path: Path) -> None:
         """With no model argument anywhere the first service is the engine, and that's a problem."""
         text = compose(
-            server={"image": "ghcr.io/some/llm", "profiles": ["m"]},
-            other={"image": "busybox", "profiles": ["m"]},
+            server={"image": "ghcr.io/some/llm", "profiles": ["chat"]},
+            other={"image": "busybox", "profiles": ["chat"]},
         )
         project = load(tmp_path, text)
-        spec = project.models["m"]
+        spec = project.models["chat"]
         assert spec.engine_service == "server"
         assert spec.model_arg == ""
         assert spec.repo is None
-        assert spec.served_name == "m"
-        assert project.problems["m"] == [
-            "no service of profile m passes vLLM a model (--model or a positional model)"
+        assert spec.served_name == "chat"
+        assert project.problems["chat"] == [
+            "no service of profile chat passes vLLM a model (--model or a positional model)"
         ]
 
     def test_overrides_beat_x_orchestrator(self, tmp_path: Path) -> None:
@@ -646,9 +668,9 @@ class TestModelSpec:
         project = load(
             tmp_path,
             one_model(GPT2, {"x-orchestrator": declared}),
-            {"p": {"display_name": "From config", "startup_timeout": 120, "port": 9000}},
+            {"tiny": {"display_name": "From config", "startup_timeout": 120, "port": 9000}},
         )
-        spec = project.models["p"]
+        spec = project.models["tiny"]
         assert spec.display_name == "From config"
         assert spec.health_path == "/ready"
         assert spec.startup_timeout == 120.0
@@ -658,11 +680,11 @@ class TestModelSpec:
 
     def test_override_names_the_engine(self, tmp_path: Path) -> None:
         """The config file's engine setting names the service that serves HTTP."""
-        text = compose(server=vllm(["m"]), gateway={"image": "nginx", "profiles": ["m"]})
-        project = load(tmp_path, text, {"m": {"engine": "gateway"}})
-        assert project.models["m"].engine_service == "gateway"
+        text = compose(server=vllm(["chat"]), gateway={"image": "nginx", "profiles": ["chat"]})
+        project = load(tmp_path, text, {"chat": {"engine": "gateway"}})
+        assert project.models["chat"].engine_service == "gateway"
         with pytest.raises(ComposeError, match="'nowhere' is not one of its services"):
-            load(tmp_path, text, {"m": {"engine": "nowhere"}})
+            load(tmp_path, text, {"chat": {"engine": "nowhere"}})
 
     @pytest.mark.parametrize(
         ("keys", "port"),
@@ -684,13 +706,13 @@ class TestModelSpec:
     def test_port_discovery_order(self, tmp_path: Path, keys: dict[str, Any], port: int) -> None:
         """x-orchestrator port, then --port, then the first ports target, then 8000."""
         project = load(tmp_path, one_model(GPT2, keys))
-        assert project.models["p"].container_port == port
+        assert project.models["tiny"].container_port == port
 
     def test_unreadable_port_is_a_problem(self, tmp_path: Path) -> None:
         """A --port that is not a number falls back to 8000 and says so."""
         project = load(tmp_path, one_model([*GPT2, "--port", "$PORT"]))
-        assert project.models["p"].container_port == DEFAULT_ENGINE_PORT
-        assert project.problems["p"] == ["m: --port $PORT is not a port number"]
+        assert project.models["tiny"].container_port == DEFAULT_ENGINE_PORT
+        assert project.problems["tiny"] == ["m: --port $PORT is not a port number"]
 
     @pytest.mark.parametrize(
         ("grace", "seconds"),
@@ -706,7 +728,7 @@ class TestModelSpec:
     def test_stop_grace_period(self, tmp_path: Path, grace: str | int, seconds: float) -> None:
         """Compose durations and bare seconds become stop_timeout in seconds."""
         project = load(tmp_path, one_model(GPT2, {"stop_grace_period": grace}))
-        assert project.models["p"].stop_timeout == seconds
+        assert project.models["tiny"].stop_timeout == seconds
 
     @pytest.mark.parametrize("grace", ["soon", "30", "1d"])
     def test_bad_stop_grace_period(self, tmp_path: Path, grace: str) -> None:
@@ -718,24 +740,24 @@ class TestModelSpec:
 class TestProblems:
     def test_engine_without_image_or_build(self, tmp_path: Path) -> None:
         """An engine compose cannot start is flagged."""
-        project = load(tmp_path, compose(m={"profiles": ["p"], "command": GPT2}))
-        assert project.problems["p"] == ["m: the engine service has no image and no build"]
+        project = load(tmp_path, compose(m={"profiles": ["tiny"], "command": GPT2}))
+        assert project.problems["tiny"] == ["m: the engine service has no image and no build"]
 
     def test_build_is_enough(self, tmp_path: Path) -> None:
         """An engine built from a Dockerfile needs no image."""
-        project = load(tmp_path, compose(m={"build": ".", "profiles": ["p"], "command": GPT2}))
-        assert project.problems["p"] == []
+        project = load(tmp_path, compose(m={"build": ".", "profiles": ["tiny"], "command": GPT2}))
+        assert project.problems["tiny"] == []
 
     def test_x_orchestrator_on_a_non_engine_is_reported(self, tmp_path: Path) -> None:
         """Settings placed on a sidecar are reported, not silently lost."""
         sidecar = {
             "image": "busybox",
-            "profiles": ["p"],
+            "profiles": ["tiny"],
             "x-orchestrator": {"display_name": "Lost"},
         }
         project = load(tmp_path, one_model(GPT2, others={"sidecar": sidecar}))
-        assert project.models["p"].display_name == "p"
-        assert project.problems["p"] == [
+        assert project.models["tiny"].display_name == "tiny"
+        assert project.problems["tiny"] == [
             "sidecar: x-orchestrator is ignored because m is the engine service; move it there"
         ]
 
@@ -749,8 +771,8 @@ class TestErrors:
 
     def test_unknown_override_key(self, tmp_path: Path) -> None:
         """A misspelt config-file setting names the key and the model."""
-        with pytest.raises(ComposeError, match=r"model 'p'.*unknown setting 'helth_path'"):
-            load(tmp_path, one_model(GPT2), {"p": {"helth_path": "/x"}})
+        with pytest.raises(ComposeError, match=r"model 'tiny'.*unknown setting 'helth_path'"):
+            load(tmp_path, one_model(GPT2), {"tiny": {"helth_path": "/x"}})
 
     def test_unknown_x_orchestrator_key(self, tmp_path: Path) -> None:
         """A misspelt x-orchestrator key names the key and the service."""
@@ -774,7 +796,7 @@ class TestErrors:
     ) -> None:
         """Settings of the wrong type are refused with what was expected."""
         with pytest.raises(ComposeError, match=message):
-            load(tmp_path, one_model(GPT2), {"p": settings})
+            load(tmp_path, one_model(GPT2), {"tiny": settings})
 
     def test_override_for_unknown_model(self, tmp_path: Path) -> None:
         """Config-file settings for a profile the file lacks are an error, not ignored."""
@@ -783,12 +805,12 @@ class TestErrors:
 
     def test_missing_file(self, tmp_path: Path) -> None:
         """An unreadable file is a ComposeError naming the file."""
-        with pytest.raises(ComposeError, match="cannot read compose file .*nope.yml"):
+        with pytest.raises(ComposeError, match=r"cannot read compose file .*nope\.yml"):
             load_project(tmp_path / "nope.yml", tmp_path / "models")
 
     def test_invalid_yaml(self, tmp_path: Path) -> None:
         """A YAML syntax error is a ComposeError with the parser's position."""
-        with pytest.raises(ComposeError, match="is not valid YAML.*line"):
+        with pytest.raises(ComposeError, match=r'(?s)not valid YAML.*docker-compose\.yml", line 2'):
             load(tmp_path, "services: [\n")
 
     @pytest.mark.parametrize("text", ["", "- a\n", "services: [a]\n", "name: x\n"])

@@ -41,12 +41,24 @@ def runtime() -> FakeRuntime:
     return FakeRuntime()
 
 
-def build(runtime: FakeRuntime, store: Store, hub: Path, **kwargs: object) -> Switcher:
-    models = {m: spec(m, timeout=float(kwargs.pop("timeout", 5.0))) for m in ("a", "b", "c")}  # type: ignore[arg-type]
+def build(
+    runtime: FakeRuntime,
+    store: Store,
+    hub: Path,
+    *,
+    timeout: float = 5.0,
+    rollback: bool = True,
+) -> Switcher:
+    models = {m: spec(m, timeout=timeout) for m in ("a", "b", "c")}
     models["nocache"] = spec("nocache", repo="org/not-downloaded")
     return Switcher(
-        models=models, runtime=runtime, store=store, hub_dir=hub, probe_interval=0.05, **kwargs
-    )  # type: ignore[arg-type]
+        models=models,
+        runtime=runtime,
+        store=store,
+        hub_dir=hub,
+        probe_interval=0.05,
+        rollback=rollback,
+    )
 
 
 @pytest.fixture
@@ -237,7 +249,8 @@ class TestConcurrency:
         self, switcher: Switcher, runtime: FakeRuntime
     ) -> None:
         """a, b, c requested together run one after another; never two models up."""
-        results = await asyncio.gather(*(switch(switcher, m) for m in ("a", "b", "c")))
+        ops = [await switcher.switch_to(m) for m in ("a", "b", "c")]
+        results = await asyncio.gather(*(op.future for op in ops))
         assert [r.to_model for r in results] == ["a", "b", "c"]  # type: ignore[attr-defined]
         assert [c for c in runtime.calls if c[0] == "start"] == [
             ("start", "a"),

@@ -1,0 +1,292 @@
+"""Switch benchmark: the daemon's cost per switch, its readiness notice, /health under load.
+
+Runs the real daemon against the stand-in engine (fixed load delay) on this
+machine's Docker engine and prints figures; it asserts nothing. Needs the images
+from scripts/build-images.sh.
+
+    python -m benchmarks.switch [--rounds 6] [--load-delay 2] [--probers 50]
+
+Per switch A→B:
+  overhead  = switch wall time - load delay - A's stop time, where the stop time is
+              docker's: its "kill" event (SIGTERM sent) to its "stop" event (stopped)
+  notice    = daemon's ready time - the engine's "Application startup complete" log line
+/health: 50 concurrent keep-alive probers in a separate process, for the whole of
+one switch; requests per second and latency percentiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import statistics
+import threading
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import aiohttp
+import docker
+
+from tests.fakes import make_snapshot
+from tests.rig import SERVICE_LABEL, STANDIN_IMAGE, Rig
+
+COMPOSE = """
+x-engine: &engine
+  image: {image}
+  ports: ["127.0.0.1::8000"]
+  environment: {{STANDIN_LOAD_DELAY: "{delay}"}}
+  volumes: ["./models/hub:/root/.cache/huggingface/hub"]
+services:
+  engine-alpha:
+    <<: *engine
+    profiles: ["alpha"]
+    command: ["--model", "org/alpha"]
+  engine-beta:
+    <<: *engine
+    profiles: ["beta"]
+    command: ["--model", "org/beta"]
+"""
+
+TARGETS = {
+    "overhead_p50_s": ("<=", 0.5),
+    "notice_p50_ms": ("<=", 100.0),
+    "health_rps": (">=", 3000.0),
+    "health_p99_ms": ("<=", 10.0),  # at a steady 3,000 req/s
+}
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def _parse_docker_time(text: str) -> float:
+    head, _, rest = text.partition(".")
+    digits = "".join(ch for ch in rest if ch.isdigit())[:6]
+    return datetime.fromisoformat(f"{head}.{digits or '0'}+00:00").timestamp()
+
+
+class EventLog:
+    """Docker events of the project with their times, collected in a thread."""
+
+    def __init__(self, client: docker.DockerClient, project: str) -> None:
+        self.events: list[tuple[float, str, str, str]] = []  # time, action, service, container
+        self._stream = client.events(
+            decode=True,
+            filters={"type": "container", "label": [f"com.docker.compose.project={project}"]},
+        )
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        try:
+            for raw in self._stream:
+                attributes = raw.get("Actor", {}).get("Attributes", {})
+                self.events.append(
+                    (
+                        raw["timeNano"] / 1e9,
+                        raw.get("Action", ""),
+                        attributes.get(SERVICE_LABEL, ""),
+                        raw.get("Actor", {}).get("ID", ""),
+                    )
+                )
+        except Exception:
+            return
+
+    def stop_time(self, service: str, after: float) -> tuple[float, float]:
+        """Seconds from the first signal to the process's exit, and to docker's "stopped"."""
+        kill = next(t for t, a, s, _ in self.events if s == service and a == "kill" and t >= after)
+        die = next(t for t, a, s, _ in self.events if s == service and a == "die" and t >= kill)
+        stop = next(t for t, a, s, _ in self.events if s == service and a == "stop" and t >= die)
+        return die - kill, stop - kill
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _probe_worker(url: str, probers: int, rate: float | None, done: Any, out: Any) -> None:
+    """Separate process: keep-alive probers on /health until told the switch is done.
+
+    With no rate they go as fast as they can (the daemon's saturation). With a rate
+    each prober keeps its share of it on a fixed schedule, and latency counts from
+    the scheduled send, so a stall shows instead of being skipped over.
+    """
+
+    async def run() -> tuple[list[float], dict[int, int], float]:
+        latencies: list[float] = []
+        codes: dict[int, int] = {}
+        connector = aiohttp.TCPConnector(limit=probers)
+        began = time.perf_counter()
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def prober(number: int) -> None:
+                interval = probers / rate if rate else 0.0
+                scheduled = time.perf_counter() + interval * number / probers
+                while not done.is_set():
+                    if rate:
+                        await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+                        began, scheduled = scheduled, scheduled + interval
+                    else:
+                        began = time.perf_counter()
+                    async with session.get(url) as response:
+                        await response.read()
+                    latencies.append(time.perf_counter() - began)
+                    codes[response.status] = codes.get(response.status, 0) + 1
+
+            await asyncio.gather(*(prober(n) for n in range(probers)))
+        return latencies, codes, time.perf_counter() - began
+
+    out.put(asyncio.run(run()))
+
+
+async def switch(
+    session: aiohttp.ClientSession, rig: Rig, model: str
+) -> tuple[float, dict[str, Any]]:
+    began = time.perf_counter()
+    async with session.post(f"{rig.url}/switch", json={"model": model}) as response:
+        body = await response.json()
+        if response.status != 200:
+            raise RuntimeError(f"switch to {model} failed: {body}")
+    return time.perf_counter() - began, body
+
+
+def engine_ready_time(rig: Rig, service: str) -> float:
+    (container,) = [c for c in rig.containers() if c.labels[SERVICE_LABEL] == service]
+    for line in container.logs(timestamps=True).decode().splitlines():
+        stamp, _, text = line.partition(" ")
+        if "Application startup complete" in text:
+            return _parse_docker_time(stamp)
+    raise RuntimeError(f"{service} never logged startup complete")
+
+
+async def measure(rig: Rig, rounds: int, load_delay: float, probers: int) -> dict[str, Any]:
+    events = EventLog(rig.docker, rig.project)
+    overheads, notices, walls, stops, exits = [], [], [], [], []
+    phases: dict[str, list[float]] = {}
+    health: dict[str, dict[str, Any]] = {}
+    # The last two switches run under /health load: first as fast as the probers can
+    # go, then at a steady 3,000 requests per second.
+    loads: dict[int, float | None] = {rounds - 2: None, rounds - 1: 3000.0}
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await switch(session, rig, "alpha")
+        current = "alpha"
+        for number in range(rounds):
+            target = "beta" if current == "alpha" else "alpha"
+            began_wall = time.time()
+            queue: Any = None
+            if number in loads:
+                rate = loads[number]
+                queue, done = multiprocessing.Queue(), multiprocessing.Event()
+                worker = multiprocessing.Process(
+                    target=_probe_worker, args=(f"{rig.url}/health", probers, rate, done, queue)
+                )
+                worker.start()
+                await asyncio.sleep(0.3)
+            wall, body = await switch(session, rig, target)
+            if queue is not None:
+                done.set()
+            finished = datetime.fromisoformat(body["switch"]["finished_at"]).timestamp()
+            await asyncio.sleep(0.3)  # let the die event arrive
+            exited, stop = events.stop_time(f"engine-{current}", began_wall)
+            ready = engine_ready_time(rig, f"engine-{target}")
+            for phase, seconds in (body["switch"]["timings"] or {}).items():
+                phases.setdefault(phase, []).append(seconds)
+            walls.append(wall)
+            stops.append(stop)
+            exits.append(exited)
+            overheads.append(wall - load_delay - stop)
+            notices.append(finished - ready)
+            if queue is not None:
+                latencies, codes, span = queue.get()
+                worker.join()
+                health["paced" if rate else "saturated"] = {
+                    "requests": len(latencies),
+                    "seconds": span,
+                    "rps": len(latencies) / span,
+                    "p50_ms": percentile(latencies, 0.5) * 1000,
+                    "p99_ms": percentile(latencies, 0.99) * 1000,
+                    "codes": codes,
+                }
+            current = target
+    events.close()
+    return {
+        "rounds": rounds,
+        "load_delay_s": load_delay,
+        "switch_wall_s": walls,
+        "old_stop_s": stops,
+        "old_exit_s": exits,
+        "overhead_s": overheads,
+        "notice_s": notices,
+        "overhead_p50_s": statistics.median(overheads),
+        "overhead_max_s": max(overheads),
+        "notice_p50_ms": statistics.median(notices) * 1000,
+        "notice_max_ms": max(notices) * 1000,
+        "health": health,
+        "health_rps": health["saturated"]["rps"],
+        "health_p99_ms": health["paced"]["p99_ms"],
+        "probers": probers,
+        "daemon_phases_p50_s": {k: statistics.median(v) for k, v in phases.items()},
+    }
+
+
+def report(figures: dict[str, Any]) -> None:
+    print(f"switch benchmark: {figures['rounds']} switches, load delay {figures['load_delay_s']} s")
+    print(f"  switch wall time     : {', '.join(f'{w:.2f}' for w in figures['switch_wall_s'])} s")
+    print(f"  old model stop time  : {', '.join(f'{s:.3f}' for s in figures['old_stop_s'])} s")
+    print(f"  (of which to exit)   : {', '.join(f'{s:.3f}' for s in figures['old_exit_s'])} s")
+    print(
+        f"  daemon overhead      : p50 {figures['overhead_p50_s']:.3f} s, "
+        f"max {figures['overhead_max_s']:.3f} s"
+    )
+    print(
+        f"  readiness noticed    : p50 {figures['notice_p50_ms']:.0f} ms, "
+        f"max {figures['notice_max_ms']:.0f} ms after the engine's startup line"
+    )
+    for name, load in figures["health"].items():
+        print(
+            f"  /health, {name:9}: {load['rps']:.0f} req/s from {figures['probers']} probers "
+            f"over {load['seconds']:.1f} s of switch, p50 {load['p50_ms']:.2f} ms, "
+            f"p99 {load['p99_ms']:.2f} ms, codes {load['codes']}"
+        )
+    phases = ", ".join(f"{k} {v:.3f}" for k, v in figures["daemon_phases_p50_s"].items())
+    print(f"  daemon phases (p50)  : {phases} s (ready counts from the start of up)")
+    for key, (sign, target) in TARGETS.items():
+        value = figures[key]
+        met = value <= target if sign == "<=" else value >= target
+        print(f"  target {key} {sign} {target:g}: {value:.3f} {'met' if met else 'NOT met'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--load-delay", type=float, default=2.0)
+    parser.add_argument("--probers", type=int, default=50)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    client = docker.from_env()
+    with TemporaryDirectory(prefix="mo-bench-") as folder:
+        root = Path(folder)
+        for name in ("alpha", "beta"):
+            make_snapshot(root / "models" / "hub", f"org/{name}")
+        (root / "docker-compose.yml").write_text(
+            COMPOSE.format(image=STANDIN_IMAGE, delay=args.load_delay)
+        )
+        rig = Rig(root=root, project=f"mo-bench-{uuid.uuid4().hex[:6]}", docker=client)
+        try:
+            rig.start_daemon("--log-level", "warning")
+            figures = asyncio.run(measure(rig, args.rounds, args.load_delay, args.probers))
+        finally:
+            rig.clean()
+    report(figures)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""A compose project in a temporary folder, the daemon as a real process, and a look at Docker.
+
+Shared by the integration tests and the benchmarks, which run the same real pieces.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker
+
+STANDIN_IMAGE = os.environ.get("STANDIN_IMAGE", "model-orchestrator/standin:test")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Rig:
+    root: Path
+    project: str
+    docker: docker.DockerClient
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    port: int = 0
+    shared_services: tuple[str, ...] = ("shared",)
+
+    @property
+    def compose_file(self) -> Path:
+        return self.root / "docker-compose.yml"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start_daemon(self, *extra: str, wait: float = 30.0) -> subprocess.Popen[bytes]:
+        if not self.port:
+            self.port = free_port()
+        log = open(self.root / f"daemon-{len(self.processes)}.log", "wb")  # noqa: SIM115
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "orchestrator.cli",
+                "serve",
+                "--compose",
+                str(self.compose_file),
+                "--models-dir",
+                str(self.root / "models"),
+                "--state-dir",
+                str(self.root / "state"),
+                "--project-name",
+                self.project,
+                "--port",
+                str(self.port),
+                *extra,
+            ],
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.processes.append(process)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"daemon exited: {self.daemon_log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return process
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"daemon did not listen: {self.daemon_log()}")
+
+    def daemon_log(self) -> str:
+        logs = sorted(self.root.glob("daemon-*.log"))
+        return logs[-1].read_text()[-4000:] if logs else ""
+
+    def stop_daemons(self, sig: int = signal.SIGTERM) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(sig)
+                try:
+                    process.wait(15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        self.processes.clear()
+
+    def containers(self, *, running_only: bool = True) -> list[docker.models.containers.Container]:
+        return list(
+            self.docker.containers.list(
+                all=not running_only,
+                filters={"label": [f"{PROJECT_LABEL}={self.project}"]},
+            )
+        )
+
+    def model_containers(self) -> list[str]:
+        """Services of running model containers (the shared service is not a model)."""
+        return sorted(
+            c.labels[SERVICE_LABEL]
+            for c in self.containers()
+            if c.labels.get(SERVICE_LABEL) not in self.shared_services
+        )
+
+    def clean(self) -> None:
+        """Kill the daemons, remove every container and network of the project."""
+        self.stop_daemons(signal.SIGKILL)
+        for container in self.containers(running_only=False):
+            container.remove(force=True)
+        for network in self.docker.networks.list(
+            filters={"label": [f"{PROJECT_LABEL}={self.project}"]}
+        ):
+            network.remove()
