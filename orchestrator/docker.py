@@ -10,6 +10,7 @@ switch id and model bound in the log context.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -254,46 +255,79 @@ class Docker:
             return ""
         return bytes(raw).decode(errors="replace")
 
-    async def events(self) -> AsyncIterator[ContainerEvent]:
-        """Container events of this compose project, as they happen.
-
-        The SDK's event stream blocks, so a thread of its own pumps it: it would
-        otherwise hold one of the few default executor threads forever.
-        """
+    async def subscribe(self, filters: Mapping[str, Any]) -> EventSubscription:
+        """Container events matching ``filters`` from now on; close it when done."""
         client = await self.client()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[ContainerEvent | BaseException] = asyncio.Queue()
-        stream = await self._blocking(
-            client.events,
-            decode=True,
-            filters={"type": "container", "label": [f"{PROJECT_LABEL}={self.project_name}"]},
+        stream = await self._blocking(client.events, decode=True, filters=dict(filters))
+        return EventSubscription(stream, asyncio.get_running_loop())
+
+    async def events(self) -> AsyncIterator[ContainerEvent]:
+        """Container events of this compose project, as they happen."""
+        subscription = await self.subscribe(
+            {"type": "container", "label": [f"{PROJECT_LABEL}={self.project_name}"]}
+        )
+        try:
+            while True:
+                yield await subscription.next()
+        finally:
+            subscription.close()
+
+    async def subscribe_deaths(self, container_ids: Sequence[str]) -> EventSubscription:
+        """Docker reports "die" as soon as a process has exited, about 0.1 s before it
+        has torn the container's network down and calls it stopped."""
+        return await self.subscribe(
+            {"type": "container", "event": ["die"], "container": list(container_ids)}
         )
 
-        def pump() -> None:
-            try:
-                for raw in stream:
-                    actor = raw.get("Actor") or {}
-                    attributes = actor.get("Attributes") or {}
-                    code = attributes.get("exitCode")
-                    event = ContainerEvent(
+
+class EventSubscription:
+    """A docker event stream, pumped by a thread of its own into an asyncio queue.
+
+    The SDK's stream blocks; on the default executor it would hold one of its few
+    threads for as long as it runs.
+    """
+
+    def __init__(self, stream: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._stream = stream
+        self._loop = loop
+        self._queue: asyncio.Queue[ContainerEvent | BaseException] = asyncio.Queue()
+        threading.Thread(target=self._pump, name="docker-events", daemon=True).start()
+
+    def _hand_over(self, item: ContainerEvent | BaseException) -> None:
+        # The loop may be gone by the time a stream we closed finally ends.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _pump(self) -> None:
+        try:
+            for raw in self._stream:
+                actor = raw.get("Actor") or {}
+                attributes = actor.get("Attributes") or {}
+                code = attributes.get("exitCode")
+                self._hand_over(
+                    ContainerEvent(
                         container_id=str(actor.get("ID") or raw.get("id") or ""),
                         service=str(attributes.get(SERVICE_LABEL, "")),
                         action=str(raw.get("Action") or raw.get("status") or ""),
                         exit_code=int(code) if code is not None and code.isdigit() else None,
                     )
-                    loop.call_soon_threadsafe(queue.put_nowait, event)
-            except Exception as err:  # the stream ends with whatever the socket raised
-                loop.call_soon_threadsafe(queue.put_nowait, err)
-            else:
-                loop.call_soon_threadsafe(queue.put_nowait, EOFError("docker event stream ended"))
+                )
+        except Exception as err:  # the stream ends with whatever the socket raised
+            self._hand_over(err)
+        else:
+            self._hand_over(EOFError("docker event stream ended"))
 
-        thread = threading.Thread(target=pump, name="docker-events", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise DockerError(f"docker event stream broke: {item}")
-                yield item
-        finally:
-            stream.close()
+    async def next(self) -> ContainerEvent:
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise DockerError(f"docker event stream broke: {item}")
+        return item
+
+    async def until_all(self, container_ids: Iterable[str]) -> None:
+        """Wait until an event has come for each of the containers."""
+        remaining = set(container_ids)
+        while remaining:
+            remaining.discard((await self.next()).container_id)
+
+    def close(self) -> None:
+        self._stream.close()

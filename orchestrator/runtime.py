@@ -6,7 +6,8 @@ for a fake that records calls, and the integration tests use it against Docker.
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -24,6 +25,7 @@ class ModelRuntime(Protocol):
     async def prepare(self, spec: ModelSpec) -> None: ...
     async def start(self, spec: ModelSpec) -> None: ...
     async def stop(self, spec: ModelSpec) -> None: ...
+    async def settle(self) -> None: ...
     async def containers(self, services: frozenset[str] | None = None) -> list[ContainerInfo]: ...
     async def inspect(self, container_id: str) -> ContainerInfo | None: ...
     def upstream_url(self, spec: ModelSpec, engine: ContainerInfo | None) -> str | None: ...
@@ -36,6 +38,8 @@ class DockerRuntime:
         self.docker = docker
         self.upstream_host = upstream_host
         self._session: aiohttp.ClientSession | None = None
+        # Removals still finishing after their containers exited, with their services.
+        self._removals: dict[asyncio.Task[None], frozenset[str]] = {}
 
     async def close(self) -> None:
         if self._session is not None:
@@ -55,14 +59,49 @@ class DockerRuntime:
         await self.docker.create(spec.id, spec.services)
 
     async def start(self, spec: ModelSpec) -> None:
+        # A service shared with a model still being removed must be gone before it is
+        # started again, or compose would race itself over the same container.
+        overlapping = [t for t, services in self._removals.items() if services & set(spec.services)]
+        if overlapping:
+            await asyncio.gather(*overlapping, return_exceptions=True)
         await self.docker.up(spec.id, spec.services)
 
     async def stop(self, spec: ModelSpec) -> None:
-        await self.docker.remove(spec.id, spec.services, spec.stop_timeout)
+        """Return once every container of the model has exited: its GPU memory is free.
+
+        Docker's own clean-up after the exit (network teardown, removal) takes about
+        as long again; it carries on in the background and ``settle`` collects it.
+        """
+        running = [c for c in await self.docker.list_containers(spec.services) if c.running]
+        # Subscribed before the stop begins, so no death can slip between the two.
+        deaths = await self.docker.subscribe_deaths([c.id for c in running]) if running else None
+        removal = asyncio.create_task(self.docker.remove(spec.id, spec.services, spec.stop_timeout))
+        self._removals[removal] = frozenset(spec.services)
+        if deaths is None:
+            await removal
+            return
+        died = asyncio.ensure_future(deaths.until_all(c.id for c in running))
+        try:
+            waiting: set[asyncio.Future[Any]] = {removal, died}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if died in done and died.exception() is None:
+                return
+        finally:
+            died.cancel()
+            deaths.close()
+        await removal  # compose's error, if that is what finished first
         left = [c for c in await self.docker.list_containers(spec.services) if c.running]
         if left:
             names = ", ".join(c.name for c in left)
             raise DockerError(f"{spec.id}: containers still running after stop: {names}")
+
+    async def settle(self) -> None:
+        """Wait for background removals; raise the first failure."""
+        removals, self._removals = self._removals, {}
+        results = await asyncio.gather(*removals, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def containers(self, services: frozenset[str] | None = None) -> list[ContainerInfo]:
         return await self.docker.list_containers(services)

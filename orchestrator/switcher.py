@@ -400,6 +400,7 @@ class Switcher:
             log.info("switch begins", kind=op.kind, from_model=op.from_model)
             if op.kind == "stop":
                 await self._stop_all()
+                await self.runtime.settle()
                 op.outcome = "ok"
             else:
                 assert op.model is not None
@@ -426,6 +427,12 @@ class Switcher:
             op.future.set_exception(wrapped)
             op.future.exception()
         finally:
+            # After the answer: removals of stopped models may still be finishing, and
+            # the next operation should start from a clean slate.
+            try:
+                await self.runtime.settle()
+            except DockerError as err:
+                log.warning("removing a stopped model's containers failed", error=err.message)
             structlog.contextvars.unbind_contextvars("switch_id", "model")
 
     async def _switch(self, op: Operation, spec: ModelSpec) -> str:

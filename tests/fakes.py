@@ -52,6 +52,7 @@ class FakeRuntime:
     calls: list[tuple[str, str]] = field(default_factory=list)
     # Set whenever a start finds another model's container still up: must stay empty.
     overlaps: list[str] = field(default_factory=list)
+    settles: int = 0
     _containers: dict[str, ContainerInfo] = field(default_factory=dict)
     _probes: dict[str, int] = field(default_factory=dict)
     _counter: int = 0
@@ -97,6 +98,9 @@ class FakeRuntime:
         await asyncio.sleep(0)
         for service in spec.services:
             self._containers.pop(service, None)
+
+    async def settle(self) -> None:
+        self.settles += 1
 
     async def containers(self, services: frozenset[str] | None = None) -> list[ContainerInfo]:
         await asyncio.sleep(0)
