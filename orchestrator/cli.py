@@ -75,6 +75,16 @@ def _project(settings: Settings) -> ComposeProject:
     return load_project(settings.compose_file, settings.models_dir, settings.models)
 
 
+async def _docker(settings: Settings, normalized: Path) -> Docker:
+    """Compose runs our copy with the user's folder as project directory: relative paths hold."""
+    return Docker(
+        compose_file=normalized,
+        project_dir=settings.compose_file.parent,
+        project_name=settings.effective_project_name,
+        compose_cli=await detect_compose_cli(),
+    )
+
+
 async def serve(settings: Settings) -> None:
     project = _project(settings)
     for model_id, problems in project.problems.items():
@@ -83,12 +93,7 @@ async def serve(settings: Settings) -> None:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     normalized = settings.state_dir / NORMALIZED_COMPOSE
     normalized.write_text(render(project))
-    docker = Docker(
-        compose_file=normalized,
-        project_dir=settings.compose_file.parent,
-        project_name=settings.effective_project_name,
-        compose_cli=await detect_compose_cli(),
-    )
+    docker = await _docker(settings, normalized)
     await docker.validate(project.models)
     store = await Store.open(settings.state_dir / DATABASE)
     runtime = DockerRuntime(docker, upstream_host=settings.upstream_host)
@@ -155,12 +160,7 @@ async def check(settings: Settings) -> int:
         normalized = Path(folder) / NORMALIZED_COMPOSE
         normalized.write_text(render(project))
         try:
-            docker = Docker(
-                compose_file=normalized,
-                project_dir=settings.compose_file.parent,
-                project_name=settings.effective_project_name,
-                compose_cli=await detect_compose_cli(),
-            )
+            docker = await _docker(settings, normalized)
             await docker.validate(project.models)
             print("compose: the rewritten file is valid (docker compose config)")
         except OrchestratorError as err:

@@ -173,7 +173,7 @@ class Switcher:
     def switch_under_way(self) -> bool:
         """True while an accepted request will change what runs (queued or running)."""
         status = self.status
-        for op in ([self._current] if self._current else []) + list(self._pending):
+        for op in self.queued():
             if op.kind == "stop" and status.active is not None:
                 return True
             if op.kind == "switch" and not (

@@ -69,6 +69,13 @@ async def switcher(runtime: FakeRuntime, store: Store, hub: Path) -> AsyncIterat
     await made.close()
 
 
+async def until_ready(switcher: Switcher) -> None:
+    for _ in range(100):
+        if switcher.status.state is State.READY:
+            return
+        await asyncio.sleep(0.02)
+
+
 async def switch(switcher: Switcher, model: str) -> object:
     op = await switcher.switch_to(model)
     return await op.future
@@ -298,10 +305,7 @@ class TestReconcile:
         made = build(runtime, store, hub)
         await made.start()
         try:
-            for _ in range(100):
-                if made.status.state is State.READY:
-                    break
-                await asyncio.sleep(0.02)
+            await until_ready(made)
             assert made.status.active == "b"
             assert ("stop", "a") in runtime.calls
             assert [c.service for c in await runtime.containers()] == ["svc-b"]
@@ -316,10 +320,7 @@ class TestReconcile:
         made = build(runtime, store, hub)
         await made.start()
         try:
-            for _ in range(100):
-                if made.status.state is State.READY:
-                    break
-                await asyncio.sleep(0.02)
+            await until_ready(made)
             assert made.status.active == "c"
         finally:
             await made.close()
