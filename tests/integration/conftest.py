@@ -63,6 +63,12 @@ services:
     command: ["--model", "org/alpha"]
     x-orchestrator: {{startup_timeout: 3}}
 
+  engine-noimage:
+    <<: *engine
+    profiles: ["noimage"]
+    image: model-orchestrator/not-built:never
+    command: ["--model", "org/alpha"]
+
   engine-nocache:
     <<: *engine
     profiles: ["nocache"]

@@ -182,6 +182,21 @@ async def test_timeout_is_504_and_rolled_back(rig: Rig, http: aiohttp.ClientSess
     assert await health(http, rig, model="alpha") == 200
 
 
+async def test_missing_image_is_reported_and_rolled_back(
+    rig: Rig, http: aiohttp.ClientSession
+) -> None:
+    """A target whose image cannot be had fails with compose's words; the old model returns."""
+    rig.start_daemon()
+    assert (await switch(http, rig, "alpha"))[0] == 200
+    code, body = await switch(http, rig, "noimage")
+    assert code == 502, body
+    assert body["error"]["code"] == "docker_error"
+    assert "up --detach engine-noimage failed" in body["error"]["message"]
+    assert body["error"]["rolled_back"] is True
+    assert rig.model_containers() == ["engine-alpha"]
+    assert await health(http, rig) == 200
+
+
 async def test_concurrent_switches_are_serialized(rig: Rig, http: aiohttp.ClientSession) -> None:
     """Requests racing each other get their own answers; joins share a switch; never two up."""
     rig.start_daemon()
