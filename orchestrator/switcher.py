@@ -387,8 +387,10 @@ class Switcher:
                 f"its container exited{code}",
             )
         elif notice.healthy != status.healthy:
-            self.status = status.with_changes(healthy=notice.healthy)
-            log.warning("probe", model=status.active, healthy=notice.healthy)
+            reason = (
+                None if notice.healthy else f"{status.active} stopped answering its health check"
+            )
+            self._enter(State.READY, healthy=notice.healthy, reason=reason)
 
     async def _run(self, op: Operation) -> None:
         op.outcome = "running"

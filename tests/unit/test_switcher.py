@@ -227,6 +227,26 @@ class TestFailures:
         await asyncio.sleep(0.01)
         assert switcher.status.state is State.READY and switcher.status.active == "b"
 
+    async def test_hung_engine_turns_unhealthy_then_recovers(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """Three failed probes in a row take the ready model out of service; a pass restores it."""
+        await switch(switcher, "a")
+        runtime.behaviours["a"] = Behaviour(hang=True)
+        for _ in range(100):
+            if not switcher.serving:
+                break
+            await asyncio.sleep(0.02)
+        assert not switcher.serving
+        assert switcher.status.state is State.READY
+        assert "stopped answering" in (switcher.status.reason or "")
+        runtime.behaviours["a"] = Behaviour(probes_until_ready=0)
+        for _ in range(100):
+            if switcher.serving:
+                break
+            await asyncio.sleep(0.02)
+        assert switcher.serving
+
     async def test_prober_catches_a_death_without_events(
         self, switcher: Switcher, runtime: FakeRuntime
     ) -> None:
