@@ -8,6 +8,8 @@
 # at the same paths as on the host: compose hands those paths to the engine, which
 # resolves bind mounts on the host.
 #
+# Set the port with ORCHESTRATOR_PORT (not --port) so the HEALTHCHECK follows it.
+#
 #   docker run -d --network host -v /var/run/docker.sock:/var/run/docker.sock \
 #     -v /srv/llm:/srv/llm model-orchestrator serve --host 0.0.0.0 \
 #     --compose /srv/llm/compose/docker-compose.yml --models-dir /srv/llm/models \
@@ -15,9 +17,12 @@
 ARG BASE_IMAGE=python:3.12-slim
 FROM ${BASE_IMAGE}
 
+# PIP_BREAK_SYSTEM_PACKAGES lets a Debian-python base (e.g. a debootstrap import with
+# python3-pip) install into the system interpreter; python:3.12-slim ignores it.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1
 
 WORKDIR /opt/model-orchestrator
 COPY pyproject.toml README.md ./
