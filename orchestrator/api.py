@@ -8,15 +8,18 @@ error, ours or aiohttp's, leaves through ``error_middleware`` as
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
 
+from .cache import SnapshotVerdict, find_snapshot
 from .errors import BadRequest, OrchestratorError, SwitchNotFound
 from .runtime import ModelRuntime
 from .store import SwitchRecord
@@ -107,7 +110,30 @@ def _model_field(body: dict[str, Any]) -> str:
     return model
 
 
-def render_status(switcher: Switcher, runtime: ModelRuntime) -> dict[str, Any]:
+def render_verdict(verdict: SnapshotVerdict | None) -> dict[str, Any] | None:
+    if verdict is None:
+        return None
+    return {
+        name: str(value) if isinstance(value, Path) else value
+        for name, value in dataclasses.asdict(verdict).items()
+    }
+
+
+async def cache_verdicts(switcher: Switcher) -> dict[str, SnapshotVerdict | None]:
+    """Each model's cache verdict; file-system work, so off the event loop."""
+
+    def verify() -> dict[str, SnapshotVerdict | None]:
+        return {
+            spec.id: find_snapshot(switcher.hub_dir, spec.repo) if spec.repo else None
+            for spec in switcher.models.values()
+        }
+
+    return await asyncio.to_thread(verify)
+
+
+def render_models(
+    switcher: Switcher, runtime: ModelRuntime, verdicts: dict[str, SnapshotVerdict | None]
+) -> list[dict[str, Any]]:
     status = switcher.status
     now = time.time()
     models = []
@@ -142,8 +168,15 @@ def render_status(switcher: Switcher, runtime: ModelRuntime) -> dict[str, Any]:
                 "upstream": upstream,
                 "started_at": _iso(started),
                 "uptime": None if started is None else round(now - started, 1),
+                "cache": render_verdict(verdicts.get(spec.id)),
             }
         )
+    return models
+
+
+async def render_status(switcher: Switcher, runtime: ModelRuntime) -> dict[str, Any]:
+    status = switcher.status
+    models = render_models(switcher, runtime, await cache_verdicts(switcher))
     return {
         "state": str(status.state),
         "active": status.active,
@@ -179,7 +212,7 @@ async def _answer(request: web.Request, op: Operation, wait: bool) -> web.Respon
             {
                 "switch": op.describe(),
                 "poll": location,
-                "status": render_status(switcher, request.app[RUNTIME]),
+                "status": await render_status(switcher, request.app[RUNTIME]),
             },
             status=202,
             headers={"Location": location},
@@ -187,7 +220,10 @@ async def _answer(request: web.Request, op: Operation, wait: bool) -> web.Respon
     # Shielded: a client that hangs up must not cancel a switch others may be waiting on.
     record = await asyncio.shield(op.future)
     return web.json_response(
-        {"switch": render_switch(record), "status": render_status(switcher, request.app[RUNTIME])}
+        {
+            "switch": render_switch(record),
+            "status": await render_status(switcher, request.app[RUNTIME]),
+        }
     )
 
 
@@ -205,7 +241,7 @@ async def post_stop(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return web.json_response(render_status(request.app[SWITCHER], request.app[RUNTIME]))
+    return web.json_response(await render_status(request.app[SWITCHER], request.app[RUNTIME]))
 
 
 async def get_switch(request: web.Request) -> web.Response:
@@ -258,6 +294,20 @@ def _health_reason(switcher: Switcher, wanted: str | None) -> str:
     return "no model is loaded" if status.state is State.IDLE else f"state is {status.state}"
 
 
+async def get_models(request: web.Request) -> web.Response:
+    switcher = request.app[SWITCHER]
+    verdicts = await cache_verdicts(switcher)
+    return web.json_response({"models": render_models(switcher, request.app[RUNTIME], verdicts)})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    switcher = request.app[SWITCHER]
+    model_id = switcher.spec(request.match_info["model_id"]).id
+    verdicts = await cache_verdicts(switcher)
+    models = render_models(switcher, request.app[RUNTIME], verdicts)
+    return web.json_response({"model": next(m for m in models if m["id"] == model_id)})
+
+
 async def get_live(request: web.Request) -> web.Response:
     return web.json_response({"status": "pass"}, content_type=HEALTH_JSON)
 
@@ -271,6 +321,8 @@ def create_app(switcher: Switcher, runtime: ModelRuntime) -> web.Application:
     app.router.add_get("/status", get_status)
     app.router.add_get("/switches", get_switches)
     app.router.add_get("/switches/{switch_id}", get_switch)
+    app.router.add_get("/models", get_models)
+    app.router.add_get("/models/{model_id}", get_model)
     app.router.add_get("/health", get_health)
     app.router.add_get("/health/live", get_live)
     return app

@@ -223,3 +223,22 @@ class TestHealth:
         assert by_id["a"]["display_name"] == "A"
         assert by_id["b"]["container"] is None
         assert status["last_switch"]["to"] == "a"
+
+
+class TestModels:
+    async def test_models_show_their_cache_verdict(self, client: TestClient[Any, Any]) -> None:
+        """GET /models lists every model with its cache verdict and the reason for a miss."""
+        body = await (await client.get("/models")).json()
+        by_id = {m["id"]: m for m in body["models"]}
+        assert by_id["a"]["cache"]["status"] == "present"
+        assert by_id["nocache"]["cache"]["status"] == "missing"
+        assert "org/nocache" in by_id["nocache"]["cache"]["reason"]
+
+    async def test_one_model_and_an_unknown_one(self, client: TestClient[Any, Any]) -> None:
+        """GET /models/{id} shows one model; an unknown id is a 404 in the JSON error shape."""
+        body = await (await client.get("/models/b")).json()
+        assert body["model"]["id"] == "b"
+        assert body["model"]["cache"]["status"] == "present"
+        response = await client.get("/models/zzz")
+        assert response.status == 404
+        assert (await error_of(response))["code"] == "model_not_found"
