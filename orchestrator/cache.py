@@ -7,14 +7,22 @@ before it takes the GPU from the running model, that the weights are really ther
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
-from huggingface_hub.constants import REPO_ID_SEPARATOR, REPO_TYPE_MODEL
+from huggingface_hub.constants import (
+    CONFIG_NAME,
+    REPO_ID_SEPARATOR,
+    REPO_TYPE_MODEL,
+    SAFETENSORS_INDEX_FILE,
+)
 from huggingface_hub.errors import HFValidationError
-from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
 
 # The documented place; the package lists it in a computed __all__ that mypy cannot read.
 from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]
@@ -22,7 +30,10 @@ from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]
 HUB_MOUNT = "/root/.cache/huggingface/hub"
 
 # The file vLLM reads first; a snapshot without it cannot be served.
-_MARKER_FILE = "config.json"
+_MARKER_FILE = CONFIG_NAME
+
+# Any one of these is weights vLLM can load; without an index, one must be there.
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.gguf")
 
 # huggingface_hub names a model's cache folder "models--<namespace>--<name>".
 _MODEL_FOLDER_PREFIX = f"{REPO_TYPE_MODEL}s{REPO_ID_SEPARATOR}"
@@ -73,12 +84,21 @@ def repo_id_from_cache_path(path: str) -> str | None:
     return None
 
 
+VerdictStatus = Literal["present", "incomplete", "missing"]
+
+
 @dataclass(frozen=True)
 class SnapshotVerdict:
+    """Whether one revision of a repo can be served from the cache, and if not, why."""
+
     repo: str
-    status: Literal["present", "missing"]
-    path: Path | None  # the snapshot directory when present
-    reason: str
+    status: VerdictStatus
+    path: Path | None  # the snapshot directory, whenever it exists
+    reason: str  # one line for people: where the model is, or what is wrong and what to do
+    revision: str = "main"
+    commit: str | None = None
+    size_bytes: int = 0  # what the snapshot's files take on disk, each blob counted once
+    problems: tuple[str, ...] = ()  # every finding; the reason leads with the first
 
 
 def _download_hint(repo: str, hub_dir: Path, revision: str) -> str:
@@ -86,29 +106,172 @@ def _download_hint(repo: str, hub_dir: Path, revision: str) -> str:
     return f"run: hf download {repo}{revision_flag} --cache-dir {hub_dir}"
 
 
+def _resolve_commit(repo_dir: Path, revision: str) -> str | None:
+    """The commit a revision names: itself when it is a hash, else what its ref file holds."""
+    if REGEX_COMMIT_HASH.fullmatch(revision):
+        return revision
+    try:
+        return (repo_dir / "refs" / revision).read_text().strip() or None
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Contents:
+    files: frozenset[str]  # paths, relative to the snapshot, that resolve to a real file
+    broken: tuple[str, ...]  # what is wrong with each of the others
+    size_bytes: int
+
+
+def _contents(snapshot: Path) -> _Contents:
+    files: set[str] = set()
+    broken: list[str] = []
+    # Snapshots link several names to one blob when files have the same content.
+    blob_sizes: dict[tuple[int, int], int] = {}
+    for folder, _subfolders, names in os.walk(snapshot):
+        for name in names:
+            path = Path(folder, name)
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                broken.append(f"{path} is a dangling symlink: its blob is gone")
+                continue
+            except OSError as err:
+                broken.append(f"{path} cannot be read: {err.strerror}")
+                continue
+            files.add(path.relative_to(snapshot).as_posix())
+            blob_sizes[(info.st_dev, info.st_ino)] = info.st_size
+    return _Contents(frozenset(files), tuple(sorted(broken)), sum(blob_sizes.values()))
+
+
+def _shards(index: Path) -> set[str]:
+    """The shard files a safetensors index names in its weight map."""
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return {str(shard) for shard in weight_map.values()}
+
+
+def _unfinished_downloads(blobs_dir: Path) -> list[str]:
+    """Partial blobs in a repo's ``blobs/`` whose download never finished.
+
+    huggingface_hub writes a blob as ``<etag>[.<id>].incomplete`` and renames it when done
+    (2.x deletes it when the download fails), so one that is left means a download is under
+    way or its process was killed. Once the blob itself exists, a partial copy is a stray
+    from a killed process that a later download replaced: huggingface_hub never looks at it
+    again, and it must not keep a complete model from being served.
+    """
+    try:
+        names = {entry.name for entry in os.scandir(blobs_dir)}
+    except OSError:
+        return []
+    return sorted(
+        name
+        for name in names
+        if name.endswith(".incomplete") and name.split(".", 1)[0] not in names
+    )
+
+
+def _snapshot_problems(repo_dir: Path, snapshot: Path, contents: _Contents) -> list[str]:
+    """Everything that keeps an existing snapshot from being loaded; stats only, no hashing."""
+    problems: list[str] = []
+    if _MARKER_FILE not in contents.files:
+        problems.append(f"no {_MARKER_FILE} in {snapshot}")
+    if SAFETENSORS_INDEX_FILE in contents.files:
+        try:
+            shards = _shards(snapshot / SAFETENSORS_INDEX_FILE)
+        except (OSError, ValueError, LookupError, TypeError, AttributeError) as err:
+            problems.append(f"{snapshot / SAFETENSORS_INDEX_FILE} cannot be read: {err!r}")
+        else:
+            missing = sorted(shards - contents.files)
+            if missing:
+                problems.append(
+                    f"{len(missing)} of {len(shards)} shards named in {SAFETENSORS_INDEX_FILE}"
+                    f" are missing from {snapshot}: {', '.join(missing)}"
+                )
+    elif not any(
+        fnmatch(PurePosixPath(name).name, pattern)
+        for name in contents.files
+        for pattern in _WEIGHT_PATTERNS
+    ):
+        problems.append(f"no weights file ({', '.join(_WEIGHT_PATTERNS)}) in {snapshot}")
+    problems.extend(contents.broken)
+    problems.extend(
+        f"{repo_dir / 'blobs' / name} is left from an unfinished download"
+        for name in _unfinished_downloads(repo_dir / "blobs")
+    )
+    return problems
+
+
 def find_snapshot(hub_dir: Path, repo: str, revision: str = "main") -> SnapshotVerdict:
-    """Whether ``revision`` of ``repo`` resolves to a snapshot in ``hub_dir`` that vLLM can load."""
+    """Whether ``revision`` of ``repo`` resolves to a snapshot in ``hub_dir`` that vLLM can load.
+
+    ``missing``: no repo folder, no ref for the revision, or no snapshot folder for its
+    commit. ``incomplete``: the snapshot exists but lacks config.json or weights, a shard
+    its index names, or a blob one of its symlinks points to, or a blob of the repo is
+    still being (or was never finished being) downloaded. Only stat calls and the index
+    are read, so the check stays fast on a cache of large models.
+    """
     hub_dir = hub_dir.resolve()
     try:
-        repo_dir = hub_dir / repo_folder_name(repo_id=repo, repo_type=REPO_TYPE_MODEL)
-        cached = try_to_load_from_cache(repo, _MARKER_FILE, cache_dir=hub_dir, revision=revision)
+        validate_repo_id(repo)
     except HFValidationError as err:
-        return SnapshotVerdict(repo, "missing", None, f"{repo} is not a valid repo id: {err}")
+        reason = f"{repo} is not a valid repo id: {err}"
+        return SnapshotVerdict(repo, "missing", None, reason, revision)
+    repo_dir = hub_dir / repo_folder_name(repo_id=repo, repo_type=REPO_TYPE_MODEL)
+    hint = _download_hint(repo, hub_dir, revision)
     at_revision = "" if revision == "main" else f" for revision {revision}"
-    if cached is _CACHED_NO_EXIST:
+    commit = _resolve_commit(repo_dir, revision) if repo_dir.is_dir() else None
+    if commit is None:
+        return SnapshotVerdict(
+            repo,
+            "missing",
+            None,
+            f"{repo} is not in the cache: no snapshot{at_revision} with {_MARKER_FILE}"
+            f" under {repo_dir} ({hint})",
+            revision,
+        )
+    snapshot = repo_dir / "snapshots" / commit
+    if not snapshot.is_dir():
+        ref = "" if commit == revision else f"refs/{revision} points to {commit}, but "
+        return SnapshotVerdict(
+            repo,
+            "missing",
+            None,
+            f"{repo} is not in the cache: {ref}{snapshot} does not exist ({hint})",
+            revision,
+            commit,
+        )
+    contents = _contents(snapshot)
+    if (
+        _MARKER_FILE not in contents.files
+        and try_to_load_from_cache(repo, _MARKER_FILE, cache_dir=hub_dir, revision=commit)
+        is _CACHED_NO_EXIST
+    ):
+        # Downloading again cannot help: the Hub said it has no such file.
         return SnapshotVerdict(
             repo,
             "missing",
             None,
             f"{repo} has no {_MARKER_FILE}{at_revision}: the cache under {repo_dir} records"
             " that the Hub has none, so it is not a model vLLM can serve (check the repo id)",
+            revision,
+            commit,
         )
-    if not isinstance(cached, str):
-        return SnapshotVerdict(
-            repo,
-            "missing",
-            None,
-            f"{repo} is not in the cache: no snapshot{at_revision} with {_MARKER_FILE}"
-            f" under {repo_dir} ({_download_hint(repo, hub_dir, revision)})",
+    problems = tuple(_snapshot_problems(repo_dir, snapshot, contents))
+    if not problems:
+        reason = f"{repo} is in {snapshot}"
+    else:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        reason = (
+            f"{repo} is incomplete in the cache: {problems[0]}{more};"
+            f" download it again to complete it ({hint})"
         )
-    return SnapshotVerdict(repo, "present", Path(cached).parent, f"{repo} is in {repo_dir}")
+    return SnapshotVerdict(
+        repo,
+        "incomplete" if problems else "present",
+        snapshot,
+        reason,
+        revision,
+        commit,
+        contents.size_bytes,
+        problems,
+    )

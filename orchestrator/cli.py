@@ -1,4 +1,7 @@
-"""The ``model-orchestrator`` command: ``serve`` runs the daemon, ``check`` reviews compose."""
+"""The ``model-orchestrator`` command: ``serve`` runs the daemon, ``check`` reviews compose.
+
+``pull`` downloads a model into the hub cache.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,9 @@ import asyncio
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 from aiohttp import web
@@ -21,6 +24,7 @@ from .config import Settings, load_settings
 from .docker import Docker, detect_compose_cli
 from .errors import OrchestratorError
 from .logs import configure_logging
+from .pull import PullError, PullProgress, pull
 from .runtime import DockerRuntime
 from .store import Store
 from .switcher import Switcher
@@ -62,6 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="show what the daemon rewrites and what is wrong; non-zero exit on errors"
     )
     _common_flags(check)
+    pull_parser = commands.add_parser(
+        "pull",
+        help="download a model into <models-dir>/hub; exit 0 once it can be served",
+        description="Download a model into <models-dir>/hub with huggingface_hub, which reads"
+        " HF_TOKEN and HF_ENDPOINT. After an interrupted pull, pulling again fetches only"
+        " the files that are not complete yet.",
+    )
+    pull_parser.add_argument(
+        "target", metavar="REPO_OR_MODEL", help="a model id of the compose file, or a Hub repo id"
+    )
+    pull_parser.add_argument("--revision", help="branch, tag or commit (the default branch)")
+    pull_parser.add_argument("--config", type=Path, help="YAML settings file (ORCHESTRATOR_CONFIG)")
+    pull_parser.add_argument(
+        "--compose",
+        dest="compose_file",
+        help="the user's compose file, where model ids are looked up (compose/docker-compose.yml)",
+    )
+    pull_parser.add_argument(
+        "--models-dir", help="root of the Hugging Face cache; holds hub/ (./models)"
+    )
     return parser
 
 
@@ -170,6 +194,67 @@ async def check(settings: Settings) -> int:
     return 1 if errors else 0
 
 
+def _size(count: float) -> str:
+    units = ("B", "kB", "MB", "GB", "TB")
+    step = 0
+    while count >= 1000 and step < len(units) - 1:
+        count /= 1000
+        step += 1
+    return f"{count:.0f} B" if step == 0 else f"{count:.1f} {units[step]}"
+
+
+def _progress_printer(out: TextIO) -> Callable[[PullProgress], None]:
+    """A bar redrawn in place on a terminal; elsewhere (logs, CI) a line per finished file."""
+    on_terminal = out.isatty()
+    files_shown = -1
+
+    def show(progress: PullProgress) -> None:
+        nonlocal files_shown
+        counts = (
+            f"{progress.files_done}/{progress.files_total} files,"
+            f" {_size(progress.bytes_done)} of {_size(progress.bytes_total)}"
+        )
+        if on_terminal:
+            filled = 30 * progress.bytes_done // progress.bytes_total if progress.bytes_total else 0
+            bar = "#" * filled + "." * (30 - filled)
+            end = "" if progress.state == "downloading" else "\n"
+            print(f"\r[{bar}] {counts}\x1b[K", end=end, file=out, flush=True)
+        elif progress.files_done != files_shown and progress.files_total:
+            files_shown = progress.files_done
+            print(counts, file=out, flush=True)
+
+    return show
+
+
+async def pull_model(settings: Settings, target: str, revision: str | None) -> int:
+    """Download a model of the compose file, or any repo, into the cache; 0 once servable."""
+    repo = target
+    # Profile names, and so model ids, never hold a "/": a target with one is a repo id
+    # and needs no compose file.
+    if "/" not in target and settings.compose_file.is_file():
+        spec = _project(settings).models.get(target)
+        if spec is not None:
+            if spec.repo is None:
+                print(
+                    f"ERROR: model {target} loads {spec.model_arg}, not a Hub repo: nothing to pull"
+                )
+                return 1
+            repo = spec.repo
+    hub = settings.models_dir / "hub"
+    at_revision = f" at {revision}" if revision else ""
+    print(f"pulling {repo}{at_revision} into {hub}", flush=True)
+    try:
+        verdict = await pull(hub, repo, revision=revision, progress=_progress_printer(sys.stdout))
+    except PullError as err:
+        print(f"ERROR: {err.message}")
+        return 1
+    if verdict.status != "present":
+        print(f"ERROR: {verdict.reason}")
+        return 1
+    print(f"present: {verdict.path} ({_size(verdict.size_bytes)})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -178,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             asyncio.run(serve(settings))
             return 0
+        if args.command == "pull":
+            return asyncio.run(pull_model(settings, args.target, args.revision))
         return asyncio.run(check(settings))
     except (OrchestratorError, ComposeError) as err:
         message: Any = err.message if isinstance(err, OrchestratorError) else str(err)

@@ -17,6 +17,7 @@ def make_snapshot(hub: Path, repo: str, revision: str = "abc123") -> Path:
     snapshot = folder / "snapshots" / revision
     snapshot.mkdir(parents=True, exist_ok=True)
     (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"")
     (folder / "refs").mkdir(exist_ok=True)
     (folder / "refs" / "main").write_text(revision)
     return snapshot
