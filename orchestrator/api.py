@@ -20,7 +20,10 @@ import structlog
 from aiohttp import web
 
 from .cache import SnapshotVerdict, find_snapshot
+from .catalog import Catalog
 from .errors import BadRequest, OrchestratorError, SwitchNotFound
+from .pull import PullProgress
+from .registry import ModelEntry
 from .runtime import ModelRuntime
 from .store import SwitchRecord
 from .switcher import Operation, State, Switcher
@@ -32,6 +35,7 @@ HEALTH_JSON = "application/health+json"
 
 SWITCHER: web.AppKey[Switcher] = web.AppKey("switcher", Switcher)
 RUNTIME: web.AppKey[ModelRuntime] = web.AppKey("runtime", object)  # type: ignore[arg-type]
+CATALOG: web.AppKey[Catalog | None] = web.AppKey("catalog", object)  # type: ignore[arg-type]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -119,10 +123,14 @@ def render_verdict(verdict: SnapshotVerdict | None) -> dict[str, Any] | None:
     }
 
 
-async def cache_verdicts(switcher: Switcher) -> dict[str, SnapshotVerdict | None]:
+async def cache_verdicts(
+    switcher: Switcher, catalog: Catalog | None
+) -> dict[str, SnapshotVerdict | None]:
     """Each model's cache verdict; file-system work, so off the event loop."""
 
     def verify() -> dict[str, SnapshotVerdict | None]:
+        if catalog is not None:
+            return {spec.id: catalog.verdict(spec) for spec in switcher.models.values()}
         return {
             spec.id: find_snapshot(switcher.hub_dir, spec.repo) if spec.repo else None
             for spec in switcher.models.values()
@@ -131,8 +139,39 @@ async def cache_verdicts(switcher: Switcher) -> dict[str, SnapshotVerdict | None
     return await asyncio.to_thread(verify)
 
 
+def render_pull(progress: PullProgress | None) -> dict[str, Any] | None:
+    if progress is None:
+        return None
+    body = dataclasses.asdict(progress)
+    body["fraction"] = (
+        round(progress.bytes_done / progress.bytes_total, 4) if progress.bytes_total else None
+    )
+    return body
+
+
+def render_entry(entry: ModelEntry | None) -> dict[str, Any]:
+    """What the registry knows of a model beyond what compose says."""
+    if entry is None:
+        return {"origin": "compose", "enabled": True}
+    return {
+        "origin": entry.origin,
+        "enabled": entry.enabled,
+        "source": {"repo": entry.repo, "path": entry.path} if entry.origin == "registry" else None,
+        "image": entry.image,
+        "engine": entry.engine,
+        "capabilities": entry.capabilities,
+        "defaults": entry.defaults,
+        "metadata": entry.metadata,
+        "created_at": _iso(entry.created_at),
+        "updated_at": _iso(entry.updated_at),
+    }
+
+
 def render_models(
-    switcher: Switcher, runtime: ModelRuntime, verdicts: dict[str, SnapshotVerdict | None]
+    switcher: Switcher,
+    runtime: ModelRuntime,
+    verdicts: dict[str, SnapshotVerdict | None],
+    catalog: Catalog | None = None,
 ) -> list[dict[str, Any]]:
     status = switcher.status
     now = time.time()
@@ -168,15 +207,21 @@ def render_models(
                 "upstream": upstream,
                 "started_at": _iso(started),
                 "uptime": None if started is None else round(now - started, 1),
+                "checkpoint": None if spec.checkpoint is None else str(spec.checkpoint),
                 "cache": render_verdict(verdicts.get(spec.id)),
+                "pull": render_pull(catalog.pulls.get(spec.id)) if catalog else None,
+                **render_entry(catalog.entries.get(spec.id) if catalog else None),
             }
         )
     return models
 
 
-async def render_status(switcher: Switcher, runtime: ModelRuntime) -> dict[str, Any]:
+async def render_status(
+    switcher: Switcher, runtime: ModelRuntime, catalog: Catalog | None = None
+) -> dict[str, Any]:
     status = switcher.status
-    models = render_models(switcher, runtime, await cache_verdicts(switcher))
+    verdicts = await cache_verdicts(switcher, catalog)
+    models = render_models(switcher, runtime, verdicts, catalog)
     return {
         "state": str(status.state),
         "active": status.active,
@@ -190,6 +235,10 @@ async def render_status(switcher: Switcher, runtime: ModelRuntime) -> dict[str, 
         "last_switch": None
         if switcher.last_switch is None
         else render_switch(switcher.last_switch),
+        "pulls": {
+            model_id: render_pull(progress)
+            for model_id, progress in (catalog.pulls.items() if catalog else [])
+        },
     }
 
 
@@ -212,7 +261,7 @@ async def _answer(request: web.Request, op: Operation, wait: bool) -> web.Respon
             {
                 "switch": op.describe(),
                 "poll": location,
-                "status": await render_status(switcher, request.app[RUNTIME]),
+                "status": await render_status(switcher, request.app[RUNTIME], request.app[CATALOG]),
             },
             status=202,
             headers={"Location": location},
@@ -222,7 +271,7 @@ async def _answer(request: web.Request, op: Operation, wait: bool) -> web.Respon
     return web.json_response(
         {
             "switch": render_switch(record),
-            "status": await render_status(switcher, request.app[RUNTIME]),
+            "status": await render_status(switcher, request.app[RUNTIME], request.app[CATALOG]),
         }
     )
 
@@ -241,7 +290,9 @@ async def post_stop(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return web.json_response(await render_status(request.app[SWITCHER], request.app[RUNTIME]))
+    return web.json_response(
+        await render_status(request.app[SWITCHER], request.app[RUNTIME], request.app[CATALOG])
+    )
 
 
 async def get_switch(request: web.Request) -> web.Response:
@@ -294,35 +345,102 @@ def _health_reason(switcher: Switcher, wanted: str | None) -> str:
     return "no model is loaded" if status.state is State.IDLE else f"state is {status.state}"
 
 
+async def _rendered_models(request: web.Request) -> list[dict[str, Any]]:
+    switcher, catalog = request.app[SWITCHER], request.app[CATALOG]
+    verdicts = await cache_verdicts(switcher, catalog)
+    return render_models(switcher, request.app[RUNTIME], verdicts, catalog)
+
+
+async def _rendered_model(request: web.Request, model_id: str) -> dict[str, Any]:
+    request.app[SWITCHER].spec(model_id)  # 404 for an unknown model
+    return next(m for m in await _rendered_models(request) if m["id"] == model_id)
+
+
 async def get_models(request: web.Request) -> web.Response:
-    switcher = request.app[SWITCHER]
-    verdicts = await cache_verdicts(switcher)
-    return web.json_response({"models": render_models(switcher, request.app[RUNTIME], verdicts)})
+    return web.json_response({"models": await _rendered_models(request)})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    switcher = request.app[SWITCHER]
-    model_id = switcher.spec(request.match_info["model_id"]).id
-    verdicts = await cache_verdicts(switcher)
-    models = render_models(switcher, request.app[RUNTIME], verdicts)
-    return web.json_response({"model": next(m for m in models if m["id"] == model_id)})
+    model = await _rendered_model(request, request.match_info["model_id"])
+    return web.json_response({"model": model})
+
+
+def _catalog(request: web.Request) -> Catalog:
+    catalog = request.app[CATALOG]
+    if catalog is None:
+        raise web.HTTPNotFound(text="this daemon runs without a model registry")
+    return catalog
+
+
+async def post_model(request: web.Request) -> web.Response:
+    entry = await _catalog(request).add(await _json_object(request))
+    model = await _rendered_model(request, entry.id)
+    return web.json_response(
+        {"model": model}, status=201, headers={"Location": f"/models/{entry.id}"}
+    )
+
+
+async def patch_model(request: web.Request) -> web.Response:
+    entry = await _catalog(request).update(
+        request.match_info["model_id"], await _json_object(request)
+    )
+    return web.json_response({"model": await _rendered_model(request, entry.id)})
+
+
+async def delete_model(request: web.Request) -> web.Response:
+    model_id = request.match_info["model_id"]
+    await _catalog(request).remove(model_id)
+    return web.json_response({"deleted": model_id})
+
+
+async def post_enable(request: web.Request) -> web.Response:
+    entry = await _catalog(request).set_enabled(request.match_info["model_id"], True)
+    return web.json_response({"model": await _rendered_model(request, entry.id)})
+
+
+async def post_disable(request: web.Request) -> web.Response:
+    entry = await _catalog(request).set_enabled(request.match_info["model_id"], False)
+    return web.json_response({"model": await _rendered_model(request, entry.id)})
+
+
+async def post_pull(request: web.Request) -> web.Response:
+    model_id = request.match_info["model_id"]
+    body = await _json_object(request)
+    revision = body.get("revision")
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise BadRequest('"revision" must be a non-empty string', field="revision")
+    progress = _catalog(request).start_pull(model_id, revision)
+    return web.json_response(
+        {"pull": render_pull(progress), "poll": f"/models/{model_id}"},
+        status=202,
+        headers={"Location": f"/models/{model_id}"},
+    )
 
 
 async def get_live(request: web.Request) -> web.Response:
     return web.json_response({"status": "pass"}, content_type=HEALTH_JSON)
 
 
-def create_app(switcher: Switcher, runtime: ModelRuntime) -> web.Application:
+def create_app(
+    switcher: Switcher, runtime: ModelRuntime, catalog: Catalog | None = None
+) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
     app[SWITCHER] = switcher
     app[RUNTIME] = runtime
+    app[CATALOG] = catalog
     app.router.add_post("/switch", post_switch)
     app.router.add_post("/stop", post_stop)
     app.router.add_get("/status", get_status)
     app.router.add_get("/switches", get_switches)
     app.router.add_get("/switches/{switch_id}", get_switch)
     app.router.add_get("/models", get_models)
+    app.router.add_post("/models", post_model)
     app.router.add_get("/models/{model_id}", get_model)
+    app.router.add_patch("/models/{model_id}", patch_model)
+    app.router.add_delete("/models/{model_id}", delete_model)
+    app.router.add_post("/models/{model_id}/enable", post_enable)
+    app.router.add_post("/models/{model_id}/disable", post_disable)
+    app.router.add_post("/models/{model_id}/pull", post_pull)
     app.router.add_get("/health", get_health)
     app.router.add_get("/health/live", get_live)
     return app

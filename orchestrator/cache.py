@@ -170,8 +170,8 @@ def _unfinished_downloads(blobs_dir: Path) -> list[str]:
     )
 
 
-def _snapshot_problems(repo_dir: Path, snapshot: Path, contents: _Contents) -> list[str]:
-    """Everything that keeps an existing snapshot from being loaded; stats only, no hashing."""
+def _folder_problems(snapshot: Path, contents: _Contents) -> list[str]:
+    """What keeps a model folder from loading: no config, missing shards, broken links."""
     problems: list[str] = []
     if _MARKER_FILE not in contents.files:
         problems.append(f"no {_MARKER_FILE} in {snapshot}")
@@ -194,6 +194,12 @@ def _snapshot_problems(repo_dir: Path, snapshot: Path, contents: _Contents) -> l
     ):
         problems.append(f"no weights file ({', '.join(_WEIGHT_PATTERNS)}) in {snapshot}")
     problems.extend(contents.broken)
+    return problems
+
+
+def _snapshot_problems(repo_dir: Path, snapshot: Path, contents: _Contents) -> list[str]:
+    """Everything that keeps an existing snapshot from being loaded; stats only, no hashing."""
+    problems = _folder_problems(snapshot, contents)
     problems.extend(
         f"{repo_dir / 'blobs' / name} is left from an unfinished download"
         for name in _unfinished_downloads(repo_dir / "blobs")
@@ -272,6 +278,35 @@ def find_snapshot(hub_dir: Path, repo: str, revision: str = "main") -> SnapshotV
         reason,
         revision,
         commit,
+        contents.size_bytes,
+        problems,
+    )
+
+
+def verify_local_model(folder: Path) -> SnapshotVerdict:
+    """The same verdict for a model folder outside the cache, such as a training checkpoint."""
+    if not folder.is_dir():
+        return SnapshotVerdict(
+            str(folder),
+            "missing",
+            None,
+            f"{folder} is not a folder on this host: check the path given for the model",
+            revision="local",
+        )
+    contents = _contents(folder)
+    problems = tuple(_folder_problems(folder, contents))
+    if not problems:
+        reason = f"{folder} holds a complete model"
+    else:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        reason = f"{folder} is not a complete model: {problems[0]}{more}"
+    return SnapshotVerdict(
+        str(folder),
+        "incomplete" if problems else "present",
+        folder,
+        reason,
+        "local",
+        None,
         contents.size_bytes,
         problems,
     )

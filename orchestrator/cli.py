@@ -7,31 +7,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import quote
 
 import structlog
 from aiohttp import web
 
 from .api import create_app
-from .cache import find_snapshot
+from .cache import find_snapshot, looks_like_path
+from .catalog import NORMALIZED_COMPOSE, Catalog, CatalogPaths
+from .client import DEFAULT_URL, DaemonRefused, DaemonUnavailable, call, format_models
 from .compose import ComposeError, ComposeProject, load_project, render
 from .config import Settings, load_settings
 from .docker import Docker, detect_compose_cli
 from .errors import OrchestratorError
 from .logs import configure_logging
 from .pull import PullError, PullProgress, pull
+from .registry import EngineDefaults
 from .runtime import DockerRuntime
 from .store import Store
 from .switcher import Switcher
 
 log = structlog.get_logger(__name__)
 
-NORMALIZED_COMPOSE = "compose.yml"
 DATABASE = "orchestrator.db"
 
 
@@ -86,7 +90,100 @@ def build_parser() -> argparse.ArgumentParser:
     pull_parser.add_argument(
         "--models-dir", help="root of the Hugging Face cache; holds hub/ (./models)"
     )
+    _models_parser(commands)
     return parser
+
+
+def _models_parser(commands: Any) -> None:
+    models = commands.add_parser(
+        "models",
+        help="list and change the running daemon's models (through its HTTP API)",
+    )
+    models.add_argument(
+        "--url",
+        default=os.environ.get("ORCHESTRATOR_URL", DEFAULT_URL),
+        help=f"the daemon's address (ORCHESTRATOR_URL, else {DEFAULT_URL})",
+    )
+    actions = models.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="every model, its state and cache verdict")
+    listing.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    add = actions.add_parser(
+        "add", help="register a Hub repo or a local model folder as a new model"
+    )
+    add.add_argument("source", help="a Hub repo id (org/name) or an absolute folder path")
+    add.add_argument("--id", dest="model_id", help="the model's id (default: a readable one)")
+    add.add_argument("--name", dest="display_name", help="display name")
+    add.add_argument("--image", help="engine image (the daemon's engine_image by default)")
+    add.add_argument("--gpu-memory-utilization", type=float)
+    add.add_argument("--max-model-len", type=int)
+    add.add_argument("--tensor-parallel-size", type=int)
+    add.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"])
+    add.add_argument("--trust-remote-code", action="store_true", default=None)
+    add.add_argument("--context-length", type=int)
+    add.add_argument("--max-output-tokens", type=int)
+    add.add_argument("--vision", action="store_true", default=None)
+    add.add_argument("--tools", action="store_true", default=None)
+    add.add_argument("--disabled", action="store_true", help="add it disabled")
+    for action, text in (
+        ("rm", "remove a model added at run time"),
+        ("enable", "allow switching to a model"),
+        ("disable", "refuse switches to a model"),
+    ):
+        actions.add_parser(action, help=text).add_argument("model_id", metavar="ID")
+
+
+def _add_body(args: argparse.Namespace) -> dict[str, Any]:
+    source = args.source
+    body: dict[str, Any] = (
+        {"path": str(Path(source).expanduser().absolute())}
+        if looks_like_path(source)
+        else {"repo": source}
+    )
+    if args.model_id:
+        body["id"] = args.model_id
+    for name in ("display_name", "image"):
+        if getattr(args, name):
+            body[name] = getattr(args, name)
+    engine_names = (
+        "gpu_memory_utilization",
+        "max_model_len",
+        "tensor_parallel_size",
+        "dtype",
+        "trust_remote_code",
+    )
+    engine = {n: getattr(args, n) for n in engine_names if getattr(args, n) is not None}
+    capability_names = ("context_length", "max_output_tokens", "vision", "tools")
+    capabilities = {n: getattr(args, n) for n in capability_names if getattr(args, n) is not None}
+    if engine:
+        body["engine"] = engine
+    if capabilities:
+        body["capabilities"] = capabilities
+    if args.disabled:
+        body["enabled"] = False
+    return body
+
+
+async def models_command(args: argparse.Namespace) -> int:
+    """One registry action against the running daemon; prints what it did."""
+    url = args.url
+    try:
+        if args.action == "list":
+            listing = await call(url, "GET", "/models")
+            status = await call(url, "GET", "/status")
+            print(format_models(listing.get("models", []), status, args.format))
+        elif args.action == "add":
+            added = (await call(url, "POST", "/models", _add_body(args)))["model"]
+            print(f"added {added['id']} ({added['display_name']})")
+        elif args.action == "rm":
+            await call(url, "DELETE", f"/models/{quote(args.model_id, safe='')}")
+            print(f"removed {args.model_id}")
+        else:
+            await call(url, "POST", f"/models/{quote(args.model_id, safe='')}/{args.action}")
+            print(f"{args.action}d {args.model_id}")
+    except (DaemonUnavailable, DaemonRefused) as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -110,19 +207,24 @@ async def _docker(settings: Settings, normalized: Path) -> Docker:
 
 
 async def serve(settings: Settings) -> None:
-    project = _project(settings)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    store = await Store.open(settings.state_dir / DATABASE)
+    catalog = Catalog(
+        paths=CatalogPaths(settings.compose_file, settings.models_dir, settings.state_dir),
+        store=store,
+        overrides=settings.models,
+        engine_defaults=EngineDefaults(image=settings.engine_image, gpus=settings.engine_gpus),
+    )
+    project = await catalog.load()
     for model_id, problems in project.problems.items():
         for problem in problems:
             log.warning("compose problem", model=model_id, problem=problem)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    normalized = settings.state_dir / NORMALIZED_COMPOSE
-    normalized.write_text(render(project))
+    normalized = catalog.paths.normalized
     docker = await _docker(settings, normalized)
     await docker.validate(project.models)
-    store = await Store.open(settings.state_dir / DATABASE)
     runtime = DockerRuntime(docker, upstream_host=settings.upstream_host)
     switcher = Switcher(
-        models=project.models,
+        models=catalog.specs(),
         runtime=runtime,
         store=store,
         hub_dir=settings.models_dir / "hub",
@@ -131,7 +233,12 @@ async def serve(settings: Settings) -> None:
         probe_interval=settings.probe_interval,
         probe_failures=settings.probe_failures,
     )
-    runner = web.AppRunner(create_app(switcher, runtime), access_log=None)
+    catalog.connect(
+        validate=lambda candidate, profiles: docker.validate(profiles, compose_file=candidate),
+        on_change=switcher.set_models,
+        in_use=switcher.involves,
+    )
+    runner = web.AppRunner(create_app(switcher, runtime, catalog), access_log=None)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -152,6 +259,7 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down; the running model is left running")
     finally:
         await runner.cleanup()
+        await catalog.close()
         await switcher.close()
         await runtime.close()
         await store.close()
@@ -257,6 +365,8 @@ async def pull_model(settings: Settings, target: str, revision: str | None) -> i
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "models":
+        return asyncio.run(models_command(args))
     try:
         settings = _settings(args)
         configure_logging(settings.log_level)

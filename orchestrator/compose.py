@@ -26,7 +26,15 @@ DEFAULT_HEALTH_PATH = "/health"
 DEFAULT_STARTUP_TIMEOUT = 900.0
 
 SETTINGS_KEY = "x-orchestrator"
-SETTING_NAMES = ("display_name", "health_path", "startup_timeout", "upstream", "port", "engine")
+SETTING_NAMES = (
+    "display_name",
+    "health_path",
+    "startup_timeout",
+    "upstream",
+    "port",
+    "engine",
+    "checkpoint",
+)
 
 # The Compose specification's rule for profile names. Compose itself lets others through;
 # holding model ids to it keeps them usable as served names and in URLs.
@@ -85,6 +93,8 @@ class ModelSpec:
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
     upstream: str | None = None
     stop_timeout: float | None = None
+    # A local model folder on the host, mounted into the engine: checked before a switch.
+    checkpoint: Path | None = None
 
 
 @dataclass
@@ -408,6 +418,8 @@ def _check_settings(raw: object, where: str, engine_names_service: bool) -> dict
             isinstance(value, str) and value.startswith(("http://", "https://"))
         ):
             raise ComposeError(f"{where}: upstream must be an http:// or https:// URL")
+        if key == "checkpoint" and not (isinstance(value, str) and value.startswith("/")):
+            raise ComposeError(f"{where}: checkpoint must be an absolute host path")
         if key == "port" and not (isinstance(value, int) and is_number and 0 < value < 65536):
             raise ComposeError(f"{where}: port must be a port number")
         if key == "engine":
@@ -453,7 +465,7 @@ def _parse_duration(value: object, where: str) -> float:
 # --- the project -------------------------------------------------------------------
 
 
-def _read_document(source: Path) -> dict[str, Any]:
+def read_document(source: Path) -> dict[str, Any]:
     try:
         # Loading from the open file makes YAML errors name it along with line and column.
         with source.open(encoding="utf-8") as stream:
@@ -628,6 +640,7 @@ def _model_spec(
         health_path=settings.get("health_path", DEFAULT_HEALTH_PATH),
         startup_timeout=settings.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT),
         upstream=settings.get("upstream"),
+        checkpoint=Path(settings["checkpoint"]) if "checkpoint" in settings else None,
         stop_timeout=None
         if grace is None
         else _parse_duration(grace, f"{source}: services.{engine}.stop_grace_period"),
@@ -649,18 +662,49 @@ def _served_name_collisions(models: Mapping[str, ModelSpec]) -> dict[str, list[s
     return collisions
 
 
+def _merge_added(
+    source: Path, services: dict[Any, Any], added: Mapping[str, Any] | None
+) -> dict[Any, Any]:
+    """The user's services followed by those of models added at run time."""
+    if not added:
+        return services
+    user_profiles = {
+        profile
+        for service in services.values()
+        if isinstance(service, dict)
+        for profile in (service.get("profiles") or [])
+    }
+    merged = dict(services)
+    for name, service in added.items():
+        if name in services:
+            raise ComposeError(f"{source} already has a service {name!r}")
+        clash = user_profiles & set(service.get("profiles") or [])
+        if clash:
+            raise ComposeError(f"{source} already has a profile {sorted(clash)[0]!r}")
+        merged[name] = service
+    return merged
+
+
 def load_project(
     compose_file: Path,
     models_dir: Path,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    added_services: Mapping[str, Any] | None = None,
+    document: Mapping[str, Any] | None = None,
 ) -> ComposeProject:
-    """Read the user's compose file and rewrite every model's services to load offline."""
+    """Read the user's compose file and rewrite every model's services to load offline.
+
+    ``added_services`` are the models added at run time, rendered by the registry as a
+    user would write them: they are rewritten and run like the user's own. ``document`` is
+    the user's file as read before, so that a registry change does not pick up edits the
+    daemon was not restarted for.
+    """
     source = compose_file.resolve()
-    original = _read_document(source)
+    original = dict(document) if document is not None else read_document(source)
     project_name = original.get("name")
     if project_name is not None and not isinstance(project_name, str):
         raise ComposeError(f"{source}: name must be a string")
-    services: dict[Any, Any] = original["services"]
+    services = _merge_added(source, original["services"], added_services)
     layout = _layout(source, services)
     configured = _configured(source, layout.members, overrides or {})
 

@@ -40,6 +40,11 @@ class Settings:
     probe_interval: float = 2.0
     # Consecutive failed probes before a ready model counts as unhealthy.
     probe_failures: int = 3
+    # What models added through the API run with unless they name their own image.
+    engine_image: str = "vllm/vllm-openai:v0.11.0"
+    # GPUs reserved for such a model: "all", a count, or "none" on a host without the
+    # NVIDIA container runtime.
+    engine_gpus: str = "all"
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def resolved(self) -> Settings:
@@ -89,6 +94,8 @@ _FIELD_TYPES: dict[str, type] = {
     "log_level": str,
     "probe_interval": float,
     "probe_failures": int,
+    "engine_image": str,
+    "engine_gpus": str,
 }
 
 # The file may use the flags' spelling too (compose rather than compose_file).
@@ -167,5 +174,8 @@ def load_settings(
     for name, value in flags.items():
         if value is not None:
             values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
+    gpus = str(values.get("engine_gpus", "all"))
+    if gpus not in {"all", "none"} and not (gpus.isdigit() and int(gpus) > 0):
+        raise ConfigError(f'engine_gpus must be "all", "none" or a number of GPUs, got {gpus!r}')
     known = {f.name for f in fields(Settings)}
     return Settings(**{k: v for k, v in values.items() if k in known}).resolved()

@@ -155,7 +155,9 @@ class Docker:
             self._client = await self._blocking(docker.from_env)
         return self._client
 
-    async def compose(self, *args: str, time_limit: float | None = None) -> str:
+    async def compose(
+        self, *args: str, time_limit: float | None = None, compose_file: Path | None = None
+    ) -> str:
         argv = [
             *self.compose_cli,
             "--project-name",
@@ -163,7 +165,7 @@ class Docker:
             "--project-directory",
             str(self.project_dir),
             "--file",
-            str(self.compose_file),
+            str(compose_file or self.compose_file),
             *args,
         ]
         log.debug("compose", argv=argv[len(self.compose_cli) :])
@@ -194,11 +196,12 @@ class Docker:
 
     # -- lifecycle (compose CLI) ----------------------------------------------
 
-    async def validate(self, profiles: Iterable[str]) -> None:
+    async def validate(self, profiles: Iterable[str], compose_file: Path | None = None) -> None:
+        """Let compose check the file (ours, or a candidate) with every model's profile on."""
         args: list[str] = []
         for profile in profiles:
             args += ["--profile", profile]
-        await self.compose(*args, "config", "--quiet", time_limit=60)
+        await self.compose(*args, "config", "--quiet", time_limit=60, compose_file=compose_file)
 
     async def up(self, profile: str, services: Sequence[str]) -> None:
         await self.compose("--profile", profile, "up", "--detach", *services, time_limit=600)

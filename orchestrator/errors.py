@@ -39,6 +39,18 @@ class ModelNotCached(OrchestratorError):
     code = "model_not_cached"
 
 
+class ModelDisabled(OrchestratorError):
+    status = 409
+    code = "model_disabled"
+
+
+class Conflict(OrchestratorError):
+    """The request is valid but the model's current state forbids it; the message says why."""
+
+    status = 409
+    code = "conflict"
+
+
 class SwitchNotFound(OrchestratorError):
     status = 404
     code = "switch_not_found"

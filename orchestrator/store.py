@@ -30,6 +30,17 @@ MIGRATIONS: Sequence[str] = (
     CREATE INDEX switches_requested_at ON switches (requested_at);
     CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # The model registry: models added at run time, and what the user changed about
+    # compose-declared ones (enabled, display name, capabilities).
+    """
+    CREATE TABLE models (
+        id TEXT PRIMARY KEY,
+        origin TEXT NOT NULL,
+        entry TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 )
 
 
@@ -121,6 +132,32 @@ class Store:
         ) as cursor:
             rows = await cursor.fetchall()
         return [_record(row) for row in rows]
+
+    async def model_entries(self) -> list[dict[str, Any]]:
+        """Every stored registry entry, oldest first, as the JSON it was saved as."""
+        async with self._db.execute("SELECT entry FROM models ORDER BY created_at, id") as cursor:
+            rows = await cursor.fetchall()
+        return [dict(json.loads(row[0])) for row in rows]
+
+    async def save_model_entry(
+        self,
+        model_id: str,
+        origin: str,
+        entry: dict[str, Any],
+        created_at: float,
+        updated_at: float,
+    ) -> None:
+        await self._db.execute(
+            "INSERT INTO models (id, origin, entry, created_at, updated_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET origin = excluded.origin, entry = excluded.entry,"
+            " updated_at = excluded.updated_at",
+            (model_id, origin, json.dumps(entry), created_at, updated_at),
+        )
+        await self._db.commit()
+
+    async def delete_model_entry(self, model_id: str) -> None:
+        await self._db.execute("DELETE FROM models WHERE id = ?", (model_id,))
+        await self._db.commit()
 
     async def get_value(self, key: str) -> str | None:
         async with self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)) as cursor:

@@ -26,11 +26,12 @@ from typing import Any, Literal
 
 import structlog
 
-from .cache import find_snapshot
+from .cache import find_snapshot, verify_local_model
 from .compose import ModelSpec
 from .docker import ContainerEvent, ContainerInfo
 from .errors import (
     DockerError,
+    ModelDisabled,
     ModelExited,
     ModelNotCached,
     ModelNotFound,
@@ -164,6 +165,8 @@ class Switcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._failed_probes = 0
         self._service_model = {s: m.id for m in self.models.values() for s in m.services}
+        # Models that may not be switched to; the registry keeps this current.
+        self.disabled: frozenset[str] = frozenset()
         # Called with each new status; /events and metrics hang off this.
         self.listeners: list[Callable[[Status], None]] = []
 
@@ -197,8 +200,37 @@ class Switcher:
                 f"unknown model {model_id!r}; known models: {known}", model=model_id
             ) from None
 
+    def set_models(
+        self, models: Mapping[str, ModelSpec], disabled: frozenset[str] = frozenset()
+    ) -> None:
+        """Replace the known models (the registry added, changed or removed one).
+
+        Specs are immutable and a switch holds its own, so one under way is unaffected;
+        the registry refuses to remove or disable a model that is active or queued.
+        """
+        self.models = dict(models)
+        self.disabled = disabled
+        self._service_model = {s: m.id for m in self.models.values() for s in m.services}
+
+    def involves(self, model_id: str) -> bool:
+        """Whether the model is loaded, being started, or waiting in the queue."""
+        status = self.status
+        return model_id in {status.active, status.target} or any(
+            model_id in {op.model, op.from_model} for op in self.queued()
+        )
+
     def preflight(self, spec: ModelSpec) -> None:
-        """Refuse, before the GPU is touched, a model whose weights are not in the cache."""
+        """Refuse, before the GPU is touched, a model whose weights are not all on disk."""
+        if spec.id in self.disabled:
+            raise ModelDisabled(
+                f"model {spec.id} is disabled; enable it with POST /models/{spec.id}/enable",
+                model=spec.id,
+            )
+        if spec.checkpoint is not None:
+            verdict = verify_local_model(spec.checkpoint)
+            if verdict.status != "present":
+                raise ModelNotCached(verdict.reason, model=spec.id, path=str(spec.checkpoint))
+            return
         if spec.repo is None:
             return
         verdict = find_snapshot(self.hub_dir, spec.repo)

@@ -57,17 +57,25 @@ class FakeRuntime:
     _containers: dict[str, ContainerInfo] = field(default_factory=dict)
     _probes: dict[str, int] = field(default_factory=dict)
     _counter: int = 0
+    _services: dict[str, str] = field(default_factory=dict)  # model -> its engine service
     gate: asyncio.Event | None = None  # when set, start waits on it
 
     def _model_of(self, service: str) -> str:
         return service.removeprefix("svc-")
 
-    def run_container(self, model_id: str, *, running: bool = True) -> ContainerInfo:
+    def _service(self, model_id: str) -> str:
+        return self._services.get(model_id, f"svc-{model_id}")
+
+    def run_container(
+        self, model_id: str, *, running: bool = True, service: str | None = None
+    ) -> ContainerInfo:
         self._counter += 1
+        if service is not None:
+            self._services[model_id] = service
         info = ContainerInfo(
             id=f"cid-{model_id}-{self._counter}",
-            name=f"proj-svc-{model_id}-1",
-            service=f"svc-{model_id}",
+            name=f"proj-{self._service(model_id)}-1",
+            service=self._service(model_id),
             status="running" if running else "exited",
             exit_code=None if running else 1,
             started_at=datetime.now(UTC),
@@ -92,7 +100,7 @@ class FakeRuntime:
             await self.gate.wait()
         await asyncio.sleep(behaviour.start_delay)
         self._probes[spec.id] = 0
-        self.run_container(spec.id)
+        self.run_container(spec.id, service=spec.engine_service)
 
     async def stop(self, spec: ModelSpec) -> None:
         self.calls.append(("stop", spec.id))
@@ -116,7 +124,7 @@ class FakeRuntime:
     async def probe(self, url: str) -> bool:
         await asyncio.sleep(0)
         model_id = url.removeprefix("http://fake/").split("/")[0]
-        container = self._containers.get(f"svc-{model_id}")
+        container = self._containers.get(self._service(model_id))
         if container is None or not container.running:
             return False
         behaviour = self.behaviours.get(model_id, Behaviour())
@@ -132,7 +140,7 @@ class FakeRuntime:
         return f"last lines of {container_id}\nCUDA out of memory\n"
 
     def kill(self, model_id: str, exit_code: int = 137) -> ContainerInfo:
-        old = self._containers[f"svc-{model_id}"]
+        old = self._containers[self._service(model_id)]
         dead = ContainerInfo(
             id=old.id,
             name=old.name,

@@ -45,7 +45,9 @@ class Rig:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start_daemon(self, *extra: str, wait: float = 30.0) -> subprocess.Popen[bytes]:
+    def start_daemon(
+        self, *extra: str, wait: float = 30.0, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         if not self.port:
             self.port = free_port()
         log = open(self.root / f"daemon-{len(self.processes)}.log", "wb")  # noqa: SIM115
@@ -68,6 +70,7 @@ class Rig:
                 *extra,
             ],
             cwd=REPO_ROOT,
+            env={**os.environ, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
         )

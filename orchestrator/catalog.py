@@ -1,0 +1,379 @@
+"""The daemon's models: those the compose file declares plus those added at run time.
+
+The catalog is the one owner of the registry. Each change is applied whole or not at
+all: the new set of models is rendered, rewritten like the user's file, written to a
+candidate copy that ``docker compose config`` must accept, and only then saved to the
+database, moved over the normalized compose file and handed to the switcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+
+from .cache import SnapshotVerdict, find_snapshot, verify_local_model
+from .compose import (
+    ComposeError,
+    ComposeProject,
+    ModelSpec,
+    load_project,
+    read_document,
+    render,
+)
+from .errors import BadRequest, Conflict, ModelNotFound, OrchestratorError
+from .naming import identify
+from .pull import PullProgress, pull
+from .registry import (
+    COMPOSE_EDITABLE,
+    REGISTRY_EDITABLE,
+    EngineDefaults,
+    ModelEntry,
+    apply_changes,
+    check_fields,
+    render_document,
+    validate_model_id,
+    validate_source,
+)
+from .store import Store
+
+log = structlog.get_logger(__name__)
+
+NORMALIZED_COMPOSE = "compose.yml"
+REGISTRY_COMPOSE = "registry-compose.yml"
+
+# Checks a candidate normalized compose file with the given profiles enabled.
+Validator = Callable[[Path, Iterable[str]], Awaitable[None]]
+ModelsChanged = Callable[[Mapping[str, ModelSpec], frozenset[str]], None]
+
+
+@dataclass(frozen=True)
+class CatalogPaths:
+    compose_file: Path
+    models_dir: Path
+    state_dir: Path
+
+    @property
+    def hub_dir(self) -> Path:
+        return self.models_dir / "hub"
+
+    @property
+    def normalized(self) -> Path:
+        return self.state_dir / NORMALIZED_COMPOSE
+
+
+class Catalog:
+    def __init__(
+        self,
+        *,
+        paths: CatalogPaths,
+        store: Store,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        engine_defaults: EngineDefaults | None = None,
+        hub_endpoint: str | None = None,
+    ) -> None:
+        self.paths = paths
+        self.store = store
+        self.overrides = dict(overrides or {})
+        self.engine_defaults = engine_defaults or EngineDefaults()
+        # None: huggingface_hub's own (HF_ENDPOINT, else the public Hub).
+        self.hub_endpoint = hub_endpoint
+        self.entries: dict[str, ModelEntry] = {}
+        self.project: ComposeProject | None = None
+        self.pulls: dict[str, PullProgress] = {}
+        self._pull_tasks: dict[str, asyncio.Task[None]] = {}
+        self._lock = asyncio.Lock()
+        self._validate: Validator | None = None
+        self._listeners: list[ModelsChanged] = []
+        self._in_use: Callable[[str], bool] = lambda _model_id: False
+        self._user_document: dict[str, Any] = {}
+
+    # -- start-up ------------------------------------------------------------------
+
+    async def load(self) -> ComposeProject:
+        """Read the stored registry and write the normalized compose file the daemon runs.
+
+        A stored model that no longer fits (its id is now a profile of the user's file)
+        is left out with a warning rather than keeping the daemon from starting.
+        """
+        stored = [ModelEntry.from_json(raw) for raw in await self.store.model_entries()]
+        self._user_document = read_document(self.paths.compose_file.resolve())
+        user_project = self._build({})
+        entries = self._with_compose_defaults(user_project, {})
+        for entry in stored:
+            if entry.origin == "compose" and entry.id in user_project.models:
+                entries[entry.id] = entry
+            elif entry.origin == "registry":
+                if entry.id in user_project.models:
+                    log.warning(
+                        "stored model hidden by a compose profile of the same id", model=entry.id
+                    )
+                    continue
+                entries[entry.id] = entry
+        project = self._build(entries)
+        self.entries = self._with_compose_defaults(project, entries)
+        self._install(project)
+        return project
+
+    def connect(
+        self,
+        *,
+        validate: Validator | None,
+        on_change: ModelsChanged,
+        in_use: Callable[[str], bool],
+    ) -> None:
+        """Wire the catalog to Docker (for validation) and to whoever runs the models."""
+        self._validate = validate
+        self._in_use = in_use
+        self._listeners.append(on_change)
+        on_change(self.specs(), self.disabled())
+
+    # -- reading ---------------------------------------------------------------------
+
+    def specs(self) -> dict[str, ModelSpec]:
+        assert self.project is not None, "load() first"
+        specs = {}
+        for model_id, spec in self.project.models.items():
+            entry = self.entries.get(model_id)
+            name = entry.display_name if entry and entry.display_name else spec.display_name
+            specs[model_id] = replace(spec, display_name=name)
+        return specs
+
+    def disabled(self) -> frozenset[str]:
+        return frozenset(e.id for e in self.entries.values() if not e.enabled)
+
+    def entry(self, model_id: str) -> ModelEntry:
+        try:
+            return self.entries[model_id]
+        except KeyError:
+            known = ", ".join(sorted(self.entries)) or "none"
+            raise ModelNotFound(
+                f"unknown model {model_id!r}; known models: {known}", model=model_id
+            ) from None
+
+    def verdict(self, spec: ModelSpec) -> SnapshotVerdict | None:
+        """Whether the model's weights are on disk; file-system work, call it off the loop."""
+        if spec.checkpoint is not None:
+            return verify_local_model(spec.checkpoint)
+        if spec.repo is not None:
+            return find_snapshot(self.paths.hub_dir, spec.repo)
+        return None
+
+    # -- changes ---------------------------------------------------------------------
+
+    async def add(self, body: Mapping[str, Any]) -> ModelEntry:
+        check_fields(
+            body,
+            REGISTRY_EDITABLE | {"id", "repo", "path"},
+            "when adding a model",
+        )
+        repo, path = validate_source(body)
+        metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else None
+        identity = identify(repo or str(path), metadata=metadata)
+        model_id = validate_model_id(body["id"]) if "id" in body else identity.id
+        entry = ModelEntry(
+            id=model_id,
+            origin="registry",
+            display_name=None,
+            repo=repo,
+            path=path,
+        )
+        entry = apply_changes(entry, body)
+        if entry.display_name is None:
+            entry = replace(entry, display_name=identity.display_name)
+        if path is not None:
+            entry = replace(entry, metadata={**entry.metadata, "model_path": path})
+        async with self._lock:
+            if model_id in self.entries:
+                raise BadRequest(
+                    f'id: a model with id {model_id!r} exists already; give another "id"',
+                    field="id",
+                )
+            self._refuse_duplicate_name(entry)
+            entries = {**self.entries, model_id: entry}
+            await self._commit(entries, changed=entry)
+        log.info("model added", model=model_id, repo=repo, path=path)
+        return entry
+
+    async def update(self, model_id: str, body: Mapping[str, Any]) -> ModelEntry:
+        async with self._lock:
+            current = self.entry(model_id)
+            allowed = COMPOSE_EDITABLE if current.origin == "compose" else REGISTRY_EDITABLE
+            what = (
+                "on a model declared in the compose file (edit that file instead)"
+                if current.origin == "compose"
+                else "on a model"
+            )
+            check_fields(body, allowed, what)
+            changed = apply_changes(current, body)
+            if changed.enabled is False and self._in_use(model_id):
+                raise self._refusal_in_use(model_id, "disable")
+            self._refuse_duplicate_name(changed)
+            await self._commit({**self.entries, model_id: changed}, changed=changed)
+        log.info("model updated", model=model_id, fields=sorted(body))
+        return changed
+
+    async def set_enabled(self, model_id: str, enabled: bool) -> ModelEntry:
+        return await self.update(model_id, {"enabled": enabled})
+
+    async def remove(self, model_id: str) -> None:
+        async with self._lock:
+            current = self.entry(model_id)
+            if current.origin == "compose":
+                raise Conflict(
+                    f"model {model_id} is declared in {self.paths.compose_file}; remove its"
+                    " profile there, or disable it with POST /models/{id}/disable".replace(
+                        "{id}", model_id
+                    ),
+                    model=model_id,
+                )
+            if self._in_use(model_id):
+                raise self._refusal_in_use(model_id, "remove")
+            entries = {k: v for k, v in self.entries.items() if k != model_id}
+            await self._commit(entries, removed=model_id)
+        log.info("model removed", model=model_id)
+
+    # -- pulls -------------------------------------------------------------------------
+
+    def start_pull(self, model_id: str, revision: str | None = None) -> PullProgress:
+        """Download the model's repo in the background; progress shows in ``pulls``."""
+        spec = self.specs().get(model_id)
+        if spec is None:
+            self.entry(model_id)  # raises 404
+            raise ModelNotFound(f"unknown model {model_id!r}", model=model_id)
+        if spec.repo is None:
+            raise Conflict(
+                f"model {model_id} loads {spec.model_arg}, not a Hub repo: nothing to pull",
+                model=model_id,
+            )
+        running = self._pull_tasks.get(model_id)
+        if running is not None and not running.done():
+            return self.pulls[model_id]
+        progress = PullProgress(spec.repo, revision or "main", 0, 0, 0, 0, "downloading")
+        self.pulls[model_id] = progress
+
+        def record(update: PullProgress) -> None:
+            self.pulls[model_id] = update
+
+        async def download() -> None:
+            with contextlib.suppress(OrchestratorError):
+                await pull(
+                    self.paths.hub_dir,
+                    spec.repo or "",
+                    revision=revision,
+                    progress=record,
+                    endpoint=self.hub_endpoint,
+                )
+
+        self._pull_tasks[model_id] = asyncio.create_task(download(), name=f"pull-{model_id}")
+        return progress
+
+    async def close(self) -> None:
+        for task in self._pull_tasks.values():
+            task.cancel()
+        for task in self._pull_tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _refusal_in_use(self, model_id: str, action: str) -> Conflict:
+        return Conflict(
+            f"cannot {action} model {model_id}: it is loaded, starting or queued; switch to"
+            " another model or POST /stop first",
+            model=model_id,
+        )
+
+    def _refuse_duplicate_name(self, entry: ModelEntry) -> None:
+        if entry.display_name is None:
+            return
+        for other in self.entries.values():
+            if other.id != entry.id and (other.display_name or other.id) == entry.display_name:
+                raise BadRequest(
+                    f"display_name: {entry.display_name!r} is already the name of model"
+                    f" {other.id}; choose another",
+                    field="display_name",
+                )
+
+    def _build(self, entries: Mapping[str, ModelEntry]) -> ComposeProject:
+        added = render_document(entries, self.paths.hub_dir.resolve(), self.engine_defaults)
+        return load_project(
+            self.paths.compose_file,
+            self.paths.models_dir,
+            self.overrides,
+            added["services"],
+            self._user_document,
+        )
+
+    @staticmethod
+    def _with_compose_defaults(
+        project: ComposeProject, entries: Mapping[str, ModelEntry]
+    ) -> dict[str, ModelEntry]:
+        merged = {
+            model_id: entries.get(model_id) or ModelEntry(id=model_id, origin="compose")
+            for model_id in project.models
+        }
+        return merged
+
+    def _install(self, project: ComposeProject) -> None:
+        self.paths.state_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self.paths.normalized, render(project))
+        added = render_document(self.entries, self.paths.hub_dir.resolve(), self.engine_defaults)
+        _write_atomically(
+            self.paths.state_dir / REGISTRY_COMPOSE,
+            "# Rendered by model-orchestrator from its registry; edits are overwritten.\n"
+            + yaml.safe_dump(added, sort_keys=False),
+        )
+        self.project = project
+        specs, disabled = self.specs(), self.disabled()
+        for listener in self._listeners:
+            listener(specs, disabled)
+
+    async def _commit(
+        self,
+        entries: dict[str, ModelEntry],
+        *,
+        changed: ModelEntry | None = None,
+        removed: str | None = None,
+    ) -> None:
+        try:
+            project = self._build(entries)
+        except ComposeError as err:
+            raise BadRequest(f"the model does not fit the compose project: {err}") from err
+        if self._validate is not None:
+            candidate = self.paths.state_dir / (NORMALIZED_COMPOSE + ".candidate")
+            candidate.write_text(render(project))
+            try:
+                await self._validate(candidate, project.models)
+            except OrchestratorError as err:
+                raise BadRequest(
+                    f"docker compose refused the model's service: {err.message}"
+                ) from err
+            finally:
+                candidate.unlink(missing_ok=True)
+        if changed is not None:
+            await self.store.save_model_entry(
+                changed.id,
+                changed.origin,
+                changed.to_json(),
+                changed.created_at,
+                changed.updated_at,
+            )
+        if removed is not None:
+            await self.store.delete_model_entry(removed)
+        self.entries = entries
+        self._install(project)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """A compose call that is reading the file sees the old one or the new one, never half."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
