@@ -29,7 +29,7 @@ from .docker import Docker, detect_compose_cli
 from .errors import OrchestratorError
 from .logs import configure_logging
 from .pull import PullError, PullProgress, pull
-from .registry import EngineDefaults
+from .registry import EngineDefaults, ModelEntry
 from .runtime import DockerRuntime
 from .store import Store
 from .switcher import Switcher
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         "target", metavar="REPO_OR_MODEL", help="a model id of the compose file, or a Hub repo id"
     )
     pull_parser.add_argument("--revision", help="branch, tag or commit (the default branch)")
+    pull_parser.add_argument(
+        "--state-dir", help="the daemon's state dir, where models added at run time are (./.state)"
+    )
     pull_parser.add_argument("--config", type=Path, help="YAML settings file (ORCHESTRATOR_CONFIG)")
     pull_parser.add_argument(
         "--compose",
@@ -334,20 +337,35 @@ def _progress_printer(out: TextIO) -> Callable[[PullProgress], None]:
     return show
 
 
-async def pull_model(settings: Settings, target: str, revision: str | None) -> int:
-    """Download a model of the compose file, or any repo, into the cache; 0 once servable."""
-    repo = target
-    # Profile names, and so model ids, never hold a "/": a target with one is a repo id
-    # and needs no compose file.
-    if "/" not in target and settings.compose_file.is_file():
-        spec = _project(settings).models.get(target)
+async def _model_source(settings: Settings, model_id: str) -> tuple[str | None, str | None]:
+    """What a model id loads: (repo, None), (None, what it loads instead), or not a model."""
+    if settings.compose_file.is_file():
+        spec = _project(settings).models.get(model_id)
         if spec is not None:
-            if spec.repo is None:
-                print(
-                    f"ERROR: model {target} loads {spec.model_arg}, not a Hub repo: nothing to pull"
-                )
-                return 1
-            repo = spec.repo
+            return spec.repo, None if spec.repo else spec.model_arg
+    database = settings.state_dir / DATABASE
+    if database.is_file():
+        store = await Store.open(database)
+        try:
+            for raw in await store.model_entries():
+                entry = ModelEntry.from_json(raw)
+                if entry.id == model_id:
+                    return entry.repo, entry.path
+        finally:
+            await store.close()
+    return None, None
+
+
+async def pull_model(settings: Settings, target: str, revision: str | None) -> int:
+    """Download a model of the compose file or the registry, or any repo; 0 once servable."""
+    repo = target
+    # Profile names, and so model ids, never hold a "/": a target with one is a repo id.
+    if "/" not in target:
+        model_repo, other = await _model_source(settings, target)
+        if other is not None:
+            print(f"ERROR: model {target} loads {other}, not a Hub repo: nothing to pull")
+            return 1
+        repo = model_repo or target
     hub = settings.models_dir / "hub"
     at_revision = f" at {revision}" if revision else ""
     print(f"pulling {repo}{at_revision} into {hub}", flush=True)

@@ -7,6 +7,7 @@ would come too late: the tests pass ``endpoint=`` to ``pull``, which hands it to
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -30,6 +31,8 @@ from orchestrator.pull import (
     RepoNotOnHub,
     pull,
 )
+from orchestrator.registry import ModelEntry
+from orchestrator.store import Store
 from tests.hubserver import FakeHub, etag
 
 REPO = "org/tiny"
@@ -273,3 +276,39 @@ def test_cli_pulls_a_model_of_the_compose_file(hub: FakeHub, tmp_path: Path) -> 
     )
     assert missing.returncode == 1
     assert missing.stdout.splitlines()[-1].startswith(f"ERROR: org/nope was not found on {hub.url}")
+
+
+async def test_cli_pulls_a_model_added_to_the_registry(hub: FakeHub, tmp_path: Path) -> None:
+    """`pull <id>` of a model added at run time finds its repo in the daemon's database."""
+    compose = tmp_path / "docker-compose.yml"
+    compose.write_text("services:\n  other:\n    image: x\n")
+    store = await Store.open(tmp_path / "state" / "orchestrator.db")
+    for entry in (
+        ModelEntry(id="added", origin="registry", repo=REPO),
+        ModelEntry(id="local", origin="registry", path="/srv/train/run"),
+    ):
+        await store.save_model_entry(
+            entry.id, entry.origin, entry.to_json(), entry.created_at, entry.updated_at
+        )
+    await store.close()
+    env = {**os.environ, "HF_ENDPOINT": hub.url}
+    env.pop("HF_TOKEN", None)
+    flags = ["--compose", str(compose), "--models-dir", str(tmp_path / "models")]
+    flags += ["--state-dir", str(tmp_path / "state")]
+
+    def run(target: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "pull", target, *flags],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    done = await asyncio.to_thread(run, "added")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[0].startswith(f"pulling {REPO} into")
+    refused = await asyncio.to_thread(run, "local")
+    assert refused.returncode == 1
+    assert "loads /srv/train/run, not a Hub repo" in refused.stdout
