@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,14 @@ from aiohttp import web
 from .cache import SnapshotVerdict, find_snapshot
 from .catalog import Catalog
 from .errors import BadRequest, OrchestratorError, SwitchNotFound
+from .gateway import (
+    MAX_V1_BODY,
+    Gateway,
+    check_key,
+    error_response,
+    is_gateway_path,
+    needs_key,
+)
 from .pull import PullProgress
 from .registry import ModelEntry
 from .runtime import ModelRuntime
@@ -36,6 +44,7 @@ HEALTH_JSON = "application/health+json"
 SWITCHER: web.AppKey[Switcher] = web.AppKey("switcher", Switcher)
 RUNTIME: web.AppKey[ModelRuntime] = web.AppKey("runtime", object)  # type: ignore[arg-type]
 CATALOG: web.AppKey[Catalog | None] = web.AppKey("catalog", object)  # type: ignore[arg-type]
+GATEWAY: web.AppKey[Gateway | None] = web.AppKey("gateway", object)  # type: ignore[arg-type]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -53,32 +62,38 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except OrchestratorError as err:
         if err.status >= 500:
             log.warning("request failed", path=request.path, code=err.code, error=err.message)
-        return web.json_response(err.to_body(), status=err.status)
+        return error_response(request, err)
     except web.HTTPException as err:
         if err.status < 400:
             raise
         code = (err.reason or "error").lower().replace(" ", "_")
         message = err.text if err.text and not err.text.startswith(f"{err.status}:") else err.reason
         if err.status == 413:
-            message = f"request body is larger than {MAX_BODY // 1024} KiB"
-        return web.json_response(
-            {"error": {"code": code, "message": message}},
-            status=err.status,
-            headers={k: v for k, v in err.headers.items() if k.lower() == "allow"},
-        )
+            limit = MAX_V1_BODY if is_gateway_path(request.path) else MAX_BODY
+            message = f"request body is larger than {limit // 1024} KiB"
+        translated = OrchestratorError(message)
+        translated.status, translated.code = err.status, code
+        response = error_response(request, translated)
+        response.headers.update({k: v for k, v in err.headers.items() if k.lower() == "allow"})
+        return response
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled error", path=request.path)
-        return web.json_response(
-            {
-                "error": {
-                    "code": "internal_error",
-                    "message": "internal error; see the daemon's log",
-                }
-            },
-            status=500,
-        )
+        return error_response(request, OrchestratorError("internal error; see the daemon's log"))
+
+
+def auth_middleware(keys: Sequence[str]) -> Any:
+    """Requests that change something, and every /v1 request, need one of ``keys``."""
+    encoded = [key.encode() for key in keys]
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if encoded and needs_key(request):
+            check_key(request, encoded)
+        return await handler(request)
+
+    return check
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
@@ -216,9 +231,8 @@ def render_models(
     return models
 
 
-async def render_status(
-    switcher: Switcher, runtime: ModelRuntime, catalog: Catalog | None = None
-) -> dict[str, Any]:
+async def render_status(app: web.Application) -> dict[str, Any]:
+    switcher, runtime, catalog, gateway = app[SWITCHER], app[RUNTIME], app[CATALOG], app[GATEWAY]
     status = switcher.status
     verdicts = await cache_verdicts(switcher, catalog)
     models = render_models(switcher, runtime, verdicts, catalog)
@@ -239,6 +253,20 @@ async def render_status(
             model_id: render_pull(progress)
             for model_id, progress in (catalog.pulls.items() if catalog else [])
         },
+        "gateway": None if gateway is None else render_traffic(gateway),
+    }
+
+
+def render_traffic(gateway: Gateway) -> dict[str, Any]:
+    traffic = gateway.traffic
+    waiting: dict[str, int] = {}
+    for waiter in traffic.waiting:
+        waiting[waiter.model] = waiting.get(waiter.model, 0) + 1
+    return {
+        "in_flight": dict(traffic.inflight),
+        "waiting": waiting,
+        "swaps_requested": traffic.swaps_requested,
+        "auto_switch": traffic.auto_switch,
     }
 
 
@@ -254,14 +282,13 @@ def render_switch(record: SwitchRecord) -> dict[str, Any]:
 
 
 async def _answer(request: web.Request, op: Operation, wait: bool) -> web.Response:
-    switcher = request.app[SWITCHER]
     if not wait and not op.future.done():
         location = f"/switches/{op.id}"
         return web.json_response(
             {
                 "switch": op.describe(),
                 "poll": location,
-                "status": await render_status(switcher, request.app[RUNTIME], request.app[CATALOG]),
+                "status": await render_status(request.app),
             },
             status=202,
             headers={"Location": location},
@@ -271,7 +298,7 @@ async def _answer(request: web.Request, op: Operation, wait: bool) -> web.Respon
     return web.json_response(
         {
             "switch": render_switch(record),
-            "status": await render_status(switcher, request.app[RUNTIME], request.app[CATALOG]),
+            "status": await render_status(request.app),
         }
     )
 
@@ -290,9 +317,7 @@ async def post_stop(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return web.json_response(
-        await render_status(request.app[SWITCHER], request.app[RUNTIME], request.app[CATALOG])
-    )
+    return web.json_response(await render_status(request.app))
 
 
 async def get_switch(request: web.Request) -> web.Response:
@@ -421,13 +446,40 @@ async def get_live(request: web.Request) -> web.Response:
     return web.json_response({"status": "pass"}, content_type=HEALTH_JSON)
 
 
+async def get_v1_models(request: web.Request) -> web.Response:
+    gateway = _gateway(request)
+    catalog = request.app[CATALOG]
+    lengths: dict[str, int | None] = {}
+    if catalog is not None:
+        lengths = {i: e.capabilities.get("context_length") for i, e in catalog.entries.items()}
+    return web.json_response(gateway.list_models(lengths))
+
+
+async def proxy_v1(request: web.Request) -> web.StreamResponse:
+    return await _gateway(request).forward(request)
+
+
+def _gateway(request: web.Request) -> Gateway:
+    gateway = request.app[GATEWAY]
+    if gateway is None:
+        raise web.HTTPNotFound(text="this daemon runs without the /v1 gateway")
+    return gateway
+
+
 def create_app(
-    switcher: Switcher, runtime: ModelRuntime, catalog: Catalog | None = None
+    switcher: Switcher,
+    runtime: ModelRuntime,
+    catalog: Catalog | None = None,
+    gateway: Gateway | None = None,
+    api_keys: Sequence[str] = (),
 ) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
+    app = web.Application(
+        client_max_size=MAX_BODY, middlewares=[error_middleware, auth_middleware(api_keys)]
+    )
     app[SWITCHER] = switcher
     app[RUNTIME] = runtime
     app[CATALOG] = catalog
+    app[GATEWAY] = gateway
     app.router.add_post("/switch", post_switch)
     app.router.add_post("/stop", post_stop)
     app.router.add_get("/status", get_status)
@@ -443,4 +495,6 @@ def create_app(
     app.router.add_post("/models/{model_id}/pull", post_pull)
     app.router.add_get("/health", get_health)
     app.router.add_get("/health/live", get_live)
+    app.router.add_get("/v1/models", get_v1_models)
+    app.router.add_route("*", "/v1/{tail:.*}", proxy_v1)
     return app

@@ -27,12 +27,14 @@ from .compose import ComposeError, ComposeProject, load_project, render
 from .config import Settings, load_settings
 from .docker import Docker, detect_compose_cli
 from .errors import OrchestratorError
+from .gateway import Gateway
 from .logs import configure_logging
 from .pull import PullError, PullProgress, pull
 from .registry import EngineDefaults, ModelEntry
 from .runtime import DockerRuntime
 from .store import Store
 from .switcher import Switcher
+from .traffic import Traffic
 
 log = structlog.get_logger(__name__)
 
@@ -235,19 +237,32 @@ async def serve(settings: Settings) -> None:
         restore_on_start=settings.restore_on_start,
         probe_interval=settings.probe_interval,
         probe_failures=settings.probe_failures,
+        preload=settings.preload,
     )
+    traffic = Traffic(
+        switcher,
+        auto_switch=settings.auto_switch,
+        max_queue=settings.max_queue,
+        drain_timeout=settings.drain_timeout,
+        default_ttl=settings.ttl,
+    )
+    gateway = Gateway(switcher, traffic, aliases=settings.aliases)
     catalog.connect(
         validate=lambda candidate, profiles: docker.validate(profiles, compose_file=candidate),
         on_change=switcher.set_models,
         in_use=switcher.involves,
     )
-    runner = web.AppRunner(create_app(switcher, runtime, catalog), access_log=None)
+    app = create_app(switcher, runtime, catalog, gateway, settings.api_keys)
+    # Cancelling the handler of a client that hung up is what cancels its request to
+    # the engine and frees its place in the queue.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     try:
         await switcher.start(docker.events)
+        traffic.start()
         await runner.setup()
         await web.TCPSite(runner, settings.host, settings.port).start()
         log.info(
@@ -262,6 +277,8 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down; the running model is left running")
     finally:
         await runner.cleanup()
+        await gateway.close()
+        await traffic.close()
         await catalog.close()
         await switcher.close()
         await runtime.close()

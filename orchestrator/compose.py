@@ -34,6 +34,9 @@ SETTING_NAMES = (
     "port",
     "engine",
     "checkpoint",
+    "ttl",
+    "max_concurrency",
+    "aliases",
 )
 
 # The Compose specification's rule for profile names. Compose itself lets others through;
@@ -95,6 +98,9 @@ class ModelSpec:
     stop_timeout: float | None = None
     # A local model folder on the host, mounted into the engine: checked before a switch.
     checkpoint: Path | None = None
+    ttl: float | None = None  # seconds idle before the gateway unloads it; None: the default
+    max_concurrency: int | None = None  # requests forwarded at once; more wait their turn
+    aliases: tuple[str, ...] = ()  # other names /v1 requests may use for it
 
 
 @dataclass
@@ -418,6 +424,16 @@ def _check_settings(raw: object, where: str, engine_names_service: bool) -> dict
             isinstance(value, str) and value.startswith(("http://", "https://"))
         ):
             raise ComposeError(f"{where}: upstream must be an http:// or https:// URL")
+        if key == "ttl":
+            if not (is_number and value >= 0):
+                raise ComposeError(f"{where}: ttl must be a number of seconds (0: never)")
+            value = float(value)
+        if key == "max_concurrency" and not (isinstance(value, int) and is_number and value > 0):
+            raise ComposeError(f"{where}: max_concurrency must be a whole number above 0")
+        if key == "aliases":
+            if not (isinstance(value, list) and all(isinstance(a, str) and a for a in value)):
+                raise ComposeError(f"{where}: aliases must be a list of names")
+            value = tuple(value)
         if key == "checkpoint" and not (isinstance(value, str) and value.startswith("/")):
             raise ComposeError(f"{where}: checkpoint must be an absolute host path")
         if key == "port" and not (isinstance(value, int) and is_number and 0 < value < 65536):
@@ -641,6 +657,9 @@ def _model_spec(
         startup_timeout=settings.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT),
         upstream=settings.get("upstream"),
         checkpoint=Path(settings["checkpoint"]) if "checkpoint" in settings else None,
+        ttl=settings.get("ttl"),
+        max_concurrency=settings.get("max_concurrency"),
+        aliases=settings.get("aliases", ()),
         stop_timeout=None
         if grace is None
         else _parse_duration(grace, f"{source}: services.{engine}.stop_grace_period"),

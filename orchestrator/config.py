@@ -45,6 +45,20 @@ class Settings:
     # GPUs reserved for such a model: "all", a count, or "none" on a host without the
     # NVIDIA container runtime.
     engine_gpus: str = "all"
+    # The /v1 gateway: switch to the model a request names when another one is loaded.
+    auto_switch: bool = True
+    # How long a switch waits for requests in flight on the old model before stopping it.
+    drain_timeout: float = 60.0
+    # Seconds without requests before a model is unloaded; 0 keeps it loaded.
+    ttl: float = 0.0
+    # A model to load at start when none is running (before the last requested one).
+    preload: str | None = None
+    # Requests that may wait for one model; past that the gateway answers 429.
+    max_queue: int = 64
+    # When set, /switch, /stop, every change and /v1 need one of these keys.
+    api_keys: tuple[str, ...] = ()
+    # Other names /v1 requests may use for a model: {alias: model id}.
+    aliases: Mapping[str, str] = field(default_factory=dict)
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def resolved(self) -> Settings:
@@ -96,6 +110,12 @@ _FIELD_TYPES: dict[str, type] = {
     "probe_failures": int,
     "engine_image": str,
     "engine_gpus": str,
+    "auto_switch": bool,
+    "drain_timeout": float,
+    "ttl": float,
+    "preload": str,
+    "max_queue": int,
+    "api_keys": tuple,
 }
 
 # The file may use the flags' spelling too (compose rather than compose_file).
@@ -116,6 +136,12 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             raise ValueError(value)
         if kind is int and isinstance(value, bool):
             raise ValueError(value)
+        if kind is tuple:
+            # A YAML list, or a comma-separated variable or flag.
+            items = value.split(",") if isinstance(value, str) else list(value)
+            if not all(isinstance(item, str) for item in items):
+                raise ValueError(value)
+            return tuple(item.strip() for item in items if item.strip())
         return kind(value)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{origin}: {name} must be {kind.__name__}, got {value!r}") from err
@@ -137,6 +163,13 @@ def _from_file(path: Path) -> dict[str, Any]:
             if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
                 raise ConfigError(f"config file {path}: models must map model ids to settings")
             values["models"] = value
+            continue
+        if name == "aliases":
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            ):
+                raise ConfigError(f"config file {path}: aliases must map names to model ids")
+            values["aliases"] = value
             continue
         if name not in _FIELD_TYPES:
             known = ", ".join(sorted(_FIELD_TYPES))
@@ -174,6 +207,11 @@ def load_settings(
     for name, value in flags.items():
         if value is not None:
             values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
+    for name in ("drain_timeout", "ttl"):
+        if values.get(name, 0) < 0:
+            raise ConfigError(f"{name} must be 0 or more seconds")
+    if values.get("max_queue", 1) < 1:
+        raise ConfigError("max_queue must be at least 1")
     gpus = str(values.get("engine_gpus", "all"))
     if gpus not in {"all", "none"} and not (gpus.isdigit() and int(gpus) > 0):
         raise ConfigError(f'engine_gpus must be "all", "none" or a number of GPUs, got {gpus!r}')

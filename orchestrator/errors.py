@@ -18,6 +18,10 @@ class OrchestratorError(Exception):
         self.message = message
         self.details = details
 
+    def headers(self) -> dict[str, str]:
+        """Response headers the error calls for; most need none."""
+        return {}
+
     def to_body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
         error.update(self.details)
@@ -49,6 +53,36 @@ class Conflict(OrchestratorError):
 
     status = 409
     code = "conflict"
+
+
+class Unauthorized(OrchestratorError):
+    status = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(OrchestratorError):
+    status = 403
+    code = "forbidden"
+
+
+class TooBusy(OrchestratorError):
+    """The model's queue is full; the client should come back after ``retry_after`` s."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.details.get("retry_after", 1))}
+
+
+class UpstreamError(OrchestratorError):
+    """The model's engine could not be reached or broke off its answer."""
+
+    status = 502
+    code = "upstream_error"
 
 
 class SwitchNotFound(OrchestratorError):

@@ -18,7 +18,7 @@ import contextlib
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -142,6 +142,7 @@ class Switcher:
         restore_on_start: bool = True,
         probe_interval: float = 2.0,
         probe_failures: int = 3,
+        preload: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.models = dict(models)
@@ -152,7 +153,10 @@ class Switcher:
         self.restore_on_start = restore_on_start
         self.probe_interval = probe_interval
         self.probe_failures = probe_failures
+        self.preload = preload
         self._clock = clock
+        # Waits for the requests in flight on a model before it is stopped (the gateway's).
+        self.drain: Callable[[str], Awaitable[int]] | None = None
         self.status = Status()
         self.last_switch: SwitchRecord | None = None
         # What the watcher last saw of each service's container; read by /status.
@@ -360,6 +364,8 @@ class Switcher:
             # which stops every other model first and waits for this one's health.
             model_id = desired if desired in running else sorted(running)[0]
             self._enqueue(Operation(kind="switch", model=model_id))
+        elif self.preload in self.models:
+            self._enqueue(Operation(kind="switch", model=self.preload))
         elif desired in self.models and self.restore_on_start:
             self._enqueue(Operation(kind="switch", model=desired))
 
@@ -433,6 +439,7 @@ class Switcher:
             await self.store.save_switch(self._record(op))
             log.info("switch begins", kind=op.kind, from_model=op.from_model)
             if op.kind == "stop":
+                await self._drain(op)
                 await self._stop_all()
                 await self.runtime.settle()
                 op.outcome = "ok"
@@ -476,6 +483,7 @@ class Switcher:
         # Re-checked here: the cache may have changed while the request waited its turn.
         await asyncio.to_thread(self.preflight, spec)
         previous = status.active if status.state is State.READY else None
+        await self._drain(op)
         began = self._clock()
         # Creating the target's containers needs no GPU, so it overlaps the old model's
         # stop and takes that work off the switch's critical path.
@@ -491,6 +499,18 @@ class Switcher:
         except (ModelExited, StartTimeout, DockerError) as err:
             await self._after_failed_start(spec, previous, err)
             raise
+
+    async def _drain(self, op: Operation) -> None:
+        """Let the ready model finish the requests it is answering, within the drain bound."""
+        status = self.status
+        if self.drain is None or status.state is not State.READY or status.active is None:
+            return
+        began = self._clock()
+        self._enter(State.READY, reason=f"finishing requests on {status.active} before a switch")
+        cut_off = await self.drain(status.active)
+        op.timings["drain"] = self._clock() - began
+        if cut_off:
+            op.timings["cut_off"] = cut_off
 
     async def _after_failed_start(
         self, spec: ModelSpec, previous: str | None, err: OrchestratorError

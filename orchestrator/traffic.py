@@ -1,0 +1,258 @@
+"""Who may send a request to a model now, and which model the GPU should hold next.
+
+Every gateway request takes a lease on its model before it is forwarded. A lease is
+granted only while that model is ready and no switch is accepted, so a switch can
+drain the model it replaces: it waits (bounded) for the leases already out, while new
+requests for the old model queue behind it.
+
+Requests that cannot be served yet wait here. ``_dispatch`` is the one place that
+grants leases and asks the switcher for a swap. It never awaits, so it runs as a whole
+between two steps of the loop and nothing can change under it. The policy it applies
+is ``choose_next``: the loaded model's waiting requests are served first, then models
+in the order of their first waiting request, so the GPU swaps as rarely as possible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from .errors import OrchestratorError, TooBusy
+from .switcher import State, Status, Switcher
+
+log = structlog.get_logger(__name__)
+
+# How often idle models are checked against their ttl.
+TTL_CHECK_INTERVAL = 0.5
+
+
+@dataclass(eq=False)
+class Waiter:
+    model: str
+    arrival: float
+    future: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+def choose_next(
+    loaded: str | None,
+    waiting: Sequence[tuple[str, float]],
+    now: float,
+    patience: float,
+) -> str | None:
+    """The model to switch to for the waiting requests, or None to keep the loaded one.
+
+    ``waiting`` holds (model, arrival) in arrival order. The loaded model keeps the GPU
+    while it has requests waiting, unless another model's oldest request has waited
+    longer than ``patience``: a busy model must not starve the others.
+    """
+    others = [(model, arrival) for model, arrival in waiting if model != loaded]
+    if not others:
+        return None
+    first_model, first_arrival = others[0]
+    loaded_busy = loaded is not None and any(model == loaded for model, _ in waiting)
+    if loaded_busy and now - first_arrival < patience:
+        return None
+    return first_model
+
+
+class Traffic:
+    def __init__(
+        self,
+        switcher: Switcher,
+        *,
+        auto_switch: bool = True,
+        max_queue: int = 64,
+        drain_timeout: float = 60.0,
+        default_ttl: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.switcher = switcher
+        self.auto_switch = auto_switch
+        self.max_queue = max_queue
+        self.drain_timeout = drain_timeout
+        self.default_ttl = default_ttl
+        self._clock = clock
+        self.inflight: Counter[str] = Counter()
+        self.waiting: list[Waiter] = []
+        # When each model last had a request start or end; ttl counts from here.
+        self.last_activity: dict[str, float] = {}
+        self.swaps_requested = 0
+        self._switching: str | None = None
+        self._idle: dict[str, asyncio.Event] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        switcher.listeners.append(self._on_status)
+        switcher.drain = self.drain
+
+    # -- what the gateway uses ---------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lease(self, model_id: str) -> AsyncIterator[str]:
+        """Wait until ``model_id`` may be sent a request; yields its upstream URL.
+
+        Leaving the block, however it is left (a finished response, a client that hung
+        up, an error), returns the lease, which may let a switch go ahead.
+        """
+        queued = sum(1 for w in self.waiting if w.model == model_id)
+        if queued >= self.max_queue:
+            loaded = self.admissible() == model_id
+            raise TooBusy(
+                f"{queued} requests for {model_id} are already waiting; try again shortly",
+                retry_after=1 if loaded else 10,
+                model=model_id,
+            )
+        waiter = Waiter(model_id, self._clock())
+        self.waiting.append(waiter)
+        try:
+            self._dispatch()
+            await waiter.future
+        except BaseException:
+            if waiter in self.waiting:
+                self.waiting.remove(waiter)
+            if (
+                waiter.future.done()
+                and not waiter.future.cancelled()
+                and not (waiter.future.exception())
+            ):
+                self._release(model_id)  # granted just as we were cancelled
+            raise
+        upstream = self.switcher.status.upstream or ""
+        try:
+            yield upstream
+        finally:
+            self._release(model_id)
+
+    # -- what the switcher uses ------------------------------------------------------------
+
+    async def drain(self, model_id: str) -> int:
+        """Wait, at most ``drain_timeout``, for the model's requests in flight to finish.
+
+        Called by the switcher before it stops a model; no new lease is granted for it
+        meanwhile, because a switch is under way. Returns how many were cut off.
+        """
+        if not self.inflight[model_id]:
+            return 0
+        log.info("draining", model=model_id, in_flight=self.inflight[model_id])
+        idle = self._idle.setdefault(model_id, asyncio.Event())
+        idle.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(idle.wait(), self.drain_timeout)
+        left = self.inflight[model_id]
+        if left:
+            log.warning("drain timed out", model=model_id, cut_off=left)
+        return left
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._ttl_loop(), name="traffic-ttl"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def admissible(self) -> str | None:
+        """The model that may take new requests: ready, with no switch accepted."""
+        status = self.switcher.status
+        if status.state is not State.READY or self.switcher.switch_under_way:
+            return None
+        return status.active
+
+    def _has_slot(self, model_id: str) -> bool:
+        spec = self.switcher.models.get(model_id)
+        limit = spec.max_concurrency if spec is not None else None
+        return not limit or self.inflight[model_id] < limit
+
+    def _release(self, model_id: str) -> None:
+        self.inflight[model_id] -= 1
+        self.last_activity[model_id] = self._clock()
+        if self.inflight[model_id] <= 0:
+            del self.inflight[model_id]
+            idle = self._idle.get(model_id)
+            if idle is not None:
+                idle.set()
+        self._dispatch()
+
+    def _on_status(self, _status: Status) -> None:
+        # Status changes are announced from inside the switcher's transition; let it
+        # finish before acting on the new state.
+        asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self.waiting = [w for w in self.waiting if not w.future.done()]
+        ready = self.admissible()
+        if ready is not None:
+            for waiter in [w for w in self.waiting if w.model == ready]:
+                if not self._has_slot(ready):
+                    break
+                self.inflight[ready] += 1
+                self.last_activity[ready] = self._clock()
+                waiter.future.set_result(None)
+                self.waiting.remove(waiter)
+        if not self.auto_switch or not self.waiting or self._switching is not None:
+            return
+        if self.switcher.queued():
+            return  # the switch already accepted decides what runs next
+        target = choose_next(
+            ready,
+            [(w.model, w.arrival) for w in self.waiting],
+            self._clock(),
+            self.drain_timeout,
+        )
+        if target is not None:
+            self._switching = target
+            self.swaps_requested += 1
+            task = asyncio.create_task(self._switch_for_waiters(target), name=f"gw-{target}")
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks.remove)
+
+    async def _switch_for_waiters(self, model_id: str) -> None:
+        try:
+            op = await self.switcher.switch_to(model_id)
+            self._switching = None
+            await asyncio.shield(op.future)
+        except OrchestratorError as err:
+            # The requests that were waiting for this model get the switch's answer; those
+            # that come later try again.
+            for waiter in [w for w in self.waiting if w.model == model_id]:
+                if not waiter.future.done():
+                    waiter.future.set_exception(err)
+        finally:
+            self._switching = None
+            self._dispatch()
+
+    def ttl_of(self, model_id: str) -> float:
+        spec = self.switcher.models.get(model_id)
+        if spec is not None and spec.ttl is not None:
+            return spec.ttl
+        return self.default_ttl
+
+    async def _ttl_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TTL_CHECK_INTERVAL)
+            status = self.switcher.status
+            model = status.active
+            if model is None or self.admissible() != model:
+                continue
+            ttl = self.ttl_of(model)
+            if ttl <= 0 or self.inflight[model] or any(w.model == model for w in self.waiting):
+                continue
+            # A model loaded by /switch and never used counts from when it became ready.
+            ready_for = time.time() - status.since
+            idle_for = min(self._clock() - self.last_activity.get(model, -1e18), ready_for)
+            if idle_for >= ttl:
+                log.info("idle unload", model=model, idle_for=round(idle_for, 1), ttl=ttl)
+                await self.switcher.stop()
