@@ -17,6 +17,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -278,6 +279,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def version_string(self) -> str:
         return "uvicorn"
+
+    def setup(self) -> None:
+        super().setup()
+        # uvicorn (and so vLLM) sends with TCP_NODELAY. Without it, a body written after
+        # its headers waits for the peer's delayed ACK: 40 ms on a kept-alive connection.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     # ---- logging
 
