@@ -345,6 +345,21 @@ class TestReconcile:
         finally:
             await made.close()
 
+    async def test_preload_wins_over_the_last_requested_model(
+        self, runtime: FakeRuntime, store: Store, hub: Path
+    ) -> None:
+        """A configured preload model is loaded at start when nothing runs."""
+        await store.set_value(DESIRED_MODEL_KEY, "c")
+        made = build(runtime, store, hub)
+        made.preload = "b"
+        await made.start()
+        try:
+            await until_ready(made)
+            assert made.status.active == "b"
+            assert runtime.calls == [("start", "b")]
+        finally:
+            await made.close()
+
 
 class TestStateMachine:
     def test_illegal_transition_raises(self, runtime: FakeRuntime, store: Store, hub: Path) -> None:
