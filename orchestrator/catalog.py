@@ -43,6 +43,7 @@ from .registry import (
     validate_source,
 )
 from .store import Store
+from .switcher import cancel_all
 
 log = structlog.get_logger(__name__)
 
@@ -276,11 +277,7 @@ class Catalog:
         return progress
 
     async def close(self) -> None:
-        for task in self._pull_tasks.values():
-            task.cancel()
-        for task in self._pull_tasks.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(list(self._pull_tasks.values()))
 
     # -- internals -----------------------------------------------------------------------
 

@@ -80,21 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         " the files that are not complete yet.",
     )
     pull_parser.add_argument(
-        "target", metavar="REPO_OR_MODEL", help="a model id of the compose file, or a Hub repo id"
+        "target",
+        metavar="REPO_OR_MODEL",
+        help="a model id (of the compose file or the registry), or a Hub repo id",
     )
     pull_parser.add_argument("--revision", help="branch, tag or commit (the default branch)")
-    pull_parser.add_argument(
-        "--state-dir", help="the daemon's state dir, where models added at run time are (./.state)"
-    )
-    pull_parser.add_argument("--config", type=Path, help="YAML settings file (ORCHESTRATOR_CONFIG)")
-    pull_parser.add_argument(
-        "--compose",
-        dest="compose_file",
-        help="the user's compose file, where model ids are looked up (compose/docker-compose.yml)",
-    )
-    pull_parser.add_argument(
-        "--models-dir", help="root of the Hugging Face cache; holds hub/ (./models)"
-    )
+    _common_flags(pull_parser)
     _models_parser(commands)
     return parser
 

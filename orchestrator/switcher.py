@@ -73,6 +73,16 @@ class IllegalTransition(RuntimeError):
     pass
 
 
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel background tasks and wait until each has ended, whatever it raised."""
+    for task in tasks:
+        task.cancel()
+    for task in list(tasks):
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    tasks.clear()
+
+
 @dataclass(frozen=True)
 class Status:
     """A snapshot: readers get a consistent view without asking the worker."""
@@ -316,12 +326,7 @@ class Switcher:
 
     async def close(self) -> None:
         """Stop our tasks; the running model is left running for the next daemon to adopt."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         for op in [*self._pending, *([self._current] if self._current else [])]:
             if not op.future.done():
                 op.future.set_exception(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from .errors import OrchestratorError, TooBusy
-from .switcher import State, Status, Switcher
+from .switcher import State, Status, Switcher, cancel_all
 
 log = structlog.get_logger(__name__)
 
@@ -155,12 +155,7 @@ class Traffic:
         self._tasks.append(asyncio.create_task(self._ttl_loop(), name="traffic-ttl"))
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
+        await cancel_all(self._tasks)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -217,7 +212,11 @@ class Traffic:
             self.swaps_requested += 1
             task = asyncio.create_task(self._switch_for_waiters(target), name=f"gw-{target}")
             self._tasks.append(task)
-            task.add_done_callback(self._tasks.remove)
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
 
     async def _switch_for_waiters(self, model_id: str) -> None:
         try:
