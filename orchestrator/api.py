@@ -21,7 +21,8 @@ from aiohttp import web
 
 from .cache import SnapshotVerdict, find_snapshot
 from .catalog import Catalog
-from .errors import BadRequest, OrchestratorError, SwitchNotFound
+from .errors import BadRequest, ContainerNotFound, OrchestratorError, SwitchNotFound
+from .events import EventHub
 from .gateway import (
     MAX_V1_BODY,
     Gateway,
@@ -30,11 +31,13 @@ from .gateway import (
     is_gateway_path,
     needs_key,
 )
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .pull import PullProgress
 from .registry import ModelEntry
 from .runtime import ModelRuntime
 from .store import SwitchRecord
-from .switcher import Operation, State, Switcher
+from .switcher import Operation, State, Status, Switcher
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +48,13 @@ SWITCHER: web.AppKey[Switcher] = web.AppKey("switcher", Switcher)
 RUNTIME: web.AppKey[ModelRuntime] = web.AppKey("runtime", object)  # type: ignore[arg-type]
 CATALOG: web.AppKey[Catalog | None] = web.AppKey("catalog", object)  # type: ignore[arg-type]
 GATEWAY: web.AppKey[Gateway | None] = web.AppKey("gateway", object)  # type: ignore[arg-type]
+EVENTS: web.AppKey[EventHub] = web.AppKey("events", EventHub)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+
+WEB_DIR = Path(__file__).parent / "web"
+SSE_HEARTBEAT = 15.0
+DEFAULT_LOG_TAIL = 100
+MAX_LOG_TAIL = 10_000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -466,6 +476,115 @@ def _gateway(request: web.Request) -> Gateway:
     return gateway
 
 
+# --- live views: metrics, events, logs, the dashboard ------------------------------------
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def _event_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx in front must not hold events back
+        }
+    )
+    await response.prepare(request)
+    return response
+
+
+def _sse(event: str, data: Any, event_id: int | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    """Every state change as a server-sent event, starting with the current status."""
+    hub = request.app[EVENTS]
+    async with hub.subscribe() as queue:
+        response = await _event_stream(request)
+        await response.write(_sse("status", await render_status(request.app)))
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), SSE_HEARTBEAT)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            await response.write(_sse(event.kind, event.to_json(), event.id))
+
+
+def _tail_parameter(request: web.Request) -> int:
+    raw = request.query.get("tail", str(DEFAULT_LOG_TAIL))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LOG_TAIL:
+        raise BadRequest(f"tail must be a whole number from 1 to {MAX_LOG_TAIL}", field="tail")
+    return int(raw)
+
+
+def _follow_parameter(request: web.Request) -> bool:
+    raw = request.query.get("follow", "false").lower()
+    if raw not in {"1", "true", "yes", "0", "false", "no"}:
+        raise BadRequest("follow must be true or false", field="follow")
+    return raw in {"1", "true", "yes"}
+
+
+async def get_model_logs(request: web.Request) -> web.StreamResponse:
+    """The model's engine log: the last lines, or (follow) those and every new one as SSE."""
+    switcher, runtime = request.app[SWITCHER], request.app[RUNTIME]
+    spec = switcher.spec(request.match_info["model_id"])
+    tail, follow = _tail_parameter(request), _follow_parameter(request)
+    engine = switcher.containers.get(spec.engine_service)
+    if not follow:
+        text = await runtime.logs_tail(engine.id, tail) if engine is not None else ""
+        return web.json_response(
+            {
+                "model": spec.id,
+                "container": None if engine is None else engine.name,
+                "lines": text.splitlines(),
+            }
+        )
+    if engine is None:
+        raise ContainerNotFound(
+            f"model {spec.id} has no container yet; follow its log once a switch has started it",
+            model=spec.id,
+        )
+    response = await _event_stream(request)
+    await response.write(_sse("container", {"model": spec.id, "container": engine.name}))
+    async for line in runtime.follow_logs(engine.id, tail):
+        await response.write(_sse("log", line))
+    await response.write(_sse("end", {"model": spec.id}))
+    return response
+
+
+async def get_dashboard(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB_DIR / "index.html")
+
+
+def _publish_to(events: EventHub, switcher: Switcher, catalog: Catalog | None) -> None:
+    """Everything the dashboard and /events watch flows into the hub from here."""
+
+    def on_status(status: Status) -> None:
+        events.publish(
+            "state",
+            state=str(status.state),
+            active=status.active,
+            target=status.target,
+            reason=status.reason,
+            serving=switcher.serving,
+        )
+
+    switcher.listeners.append(on_status)
+    switcher.event_listeners.append(lambda kind, data: events.publish(kind, **data))
+    if catalog is not None:
+        catalog.pull_listeners.append(
+            lambda model, progress: events.publish(
+                "pull", model=model, **(render_pull(progress) or {})
+            )
+        )
+
+
 def create_app(
     switcher: Switcher,
     runtime: ModelRuntime,
@@ -480,6 +599,11 @@ def create_app(
     app[RUNTIME] = runtime
     app[CATALOG] = catalog
     app[GATEWAY] = gateway
+    app[EVENTS] = EventHub()
+    _publish_to(app[EVENTS], switcher, catalog)
+    app[METRICS] = Metrics(switcher)
+    if gateway is not None:
+        gateway.observers.append(app[METRICS].observe_request)
     app.router.add_post("/switch", post_switch)
     app.router.add_post("/stop", post_stop)
     app.router.add_get("/status", get_status)
@@ -495,6 +619,11 @@ def create_app(
     app.router.add_post("/models/{model_id}/pull", post_pull)
     app.router.add_get("/health", get_health)
     app.router.add_get("/health/live", get_live)
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/events", get_events)
+    app.router.add_get("/models/{model_id}/logs", get_model_logs)
+    app.router.add_get("/", get_dashboard)
+    app.router.add_static("/ui/", WEB_DIR, name="ui")
     app.router.add_get("/v1/models", get_v1_models)
     app.router.add_route("*", "/v1/{tail:.*}", proxy_v1)
     return app

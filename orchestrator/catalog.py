@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +48,7 @@ from .switcher import cancel_all
 
 log = structlog.get_logger(__name__)
 
+PULL_REPORT_INTERVAL = 0.25
 NORMALIZED_COMPOSE = "compose.yml"
 REGISTRY_COMPOSE = "registry-compose.yml"
 
@@ -94,6 +96,7 @@ class Catalog:
         self._validate: Validator | None = None
         self._listeners: list[ModelsChanged] = []
         self._in_use: Callable[[str], bool] = lambda _model_id: False
+        self.pull_listeners: list[Callable[[str, PullProgress], None]] = []
         self._user_document: dict[str, Any] = {}
 
     # -- start-up ------------------------------------------------------------------
@@ -260,8 +263,16 @@ class Catalog:
         progress = PullProgress(spec.repo, revision or "main", 0, 0, 0, 0, "downloading")
         self.pulls[model_id] = progress
 
+        announced = [0.0]
+
         def record(update: PullProgress) -> None:
             self.pulls[model_id] = update
+            # Downloads report every few kilobytes; listeners hear at most 4 a second.
+            now = time.monotonic()
+            if update.state != "downloading" or now - announced[0] >= PULL_REPORT_INTERVAL:
+                announced[0] = now
+                for listener in self.pull_listeners:
+                    listener(model_id, update)
 
         async def download() -> None:
             with contextlib.suppress(OrchestratorError):

@@ -258,6 +258,41 @@ class Docker:
             return ""
         return bytes(raw).decode(errors="replace")
 
+    async def follow_logs(self, container_id: str, tail: int) -> AsyncIterator[str]:
+        """The container's last ``tail`` lines, then each new line as it is written."""
+        client = await self.client()
+        try:
+            stream = await self._blocking(
+                client.api.logs, container_id, stream=True, follow=True, tail=tail
+            )
+        except docker.errors.NotFound:
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        def pump() -> None:
+            try:
+                for chunk in stream:
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            except Exception as err:  # the stream ends with whatever the socket raised
+                log.debug("log stream ended", error=str(err))
+            finally:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        threading.Thread(target=pump, name="docker-logs", daemon=True).start()
+        pending = b""
+        try:
+            while (chunk := await queue.get()) is not None:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    yield line.decode(errors="replace")
+            if pending:
+                yield pending.decode(errors="replace")
+        finally:
+            stream.close()
+
     async def subscribe(self, filters: Mapping[str, Any]) -> EventSubscription:
         """Container events matching ``filters`` from now on; close it when done."""
         client = await self.client()

@@ -85,6 +85,11 @@ class UpstreamError(OrchestratorError):
     code = "upstream_error"
 
 
+class ContainerNotFound(OrchestratorError):
+    status = 404
+    code = "container_not_found"
+
+
 class SwitchNotFound(OrchestratorError):
     status = 404
     code = "switch_not_found"

@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -84,6 +84,8 @@ class Gateway:
         self.traffic = traffic
         self.aliases = dict(aliases or {})
         self._session: aiohttp.ClientSession | None = None
+        # Told of every forwarded request: (model, status code, seconds).
+        self.observers: list[Callable[[str, int, float], None]] = []
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -142,6 +144,25 @@ class Gateway:
         if model_name is None:
             raise BadRequest('the request names no model: set "model"', param="model")
         model_id = self.resolve(model_name)
+        began = time.monotonic()
+        code = 500
+        try:
+            response = await self._serve(request, model_id, body, payload)
+            code = response.status
+            return response
+        except OrchestratorError as err:
+            code = err.status
+            raise
+        except asyncio.CancelledError:
+            code = 499  # the client closed the connection first (nginx's convention)
+            raise
+        finally:
+            for observe in self.observers:
+                observe(model_id, code, time.monotonic() - began)
+
+    async def _serve(
+        self, request: web.Request, model_id: str, body: bytes, payload: dict[str, Any] | None
+    ) -> web.StreamResponse:
         spec = self.switcher.spec(model_id)
         if self.traffic.admissible() != model_id:
             # Refused now (unknown, disabled, not on disk) rather than after waiting.

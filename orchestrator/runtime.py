@@ -7,6 +7,7 @@ for a fake that records calls, and the integration tests use it against Docker.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import aiohttp
@@ -31,6 +32,7 @@ class ModelRuntime(Protocol):
     def upstream_url(self, spec: ModelSpec, engine: ContainerInfo | None) -> str | None: ...
     async def probe(self, url: str) -> bool: ...
     async def logs_tail(self, container_id: str, lines: int = 40) -> str: ...
+    def follow_logs(self, container_id: str, tail: int) -> AsyncIterator[str]: ...
 
 
 class DockerRuntime:
@@ -135,3 +137,6 @@ class DockerRuntime:
 
     async def logs_tail(self, container_id: str, lines: int = 40) -> str:
         return await self.docker.logs_tail(container_id, lines)
+
+    def follow_logs(self, container_id: str, tail: int) -> AsyncIterator[str]:
+        return self.docker.follow_logs(container_id, tail)

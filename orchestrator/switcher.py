@@ -183,6 +183,9 @@ class Switcher:
         self.disabled: frozenset[str] = frozenset()
         # Called with each new status; /events and metrics hang off this.
         self.listeners: list[Callable[[Status], None]] = []
+        # Called with each discrete happening (switch requested or finished, rollback,
+        # death): /events, metrics.
+        self.event_listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     # -- what callers use ------------------------------------------------------
 
@@ -307,7 +310,25 @@ class Switcher:
         self._pending.append(op)
         self._remember(op)
         self._wakeup.set()
+        self._emit("switch_requested", switch_id=op.id, operation=op.kind, model=op.model)
         return op
+
+    def _emit(self, event: str, **data: Any) -> None:
+        for listener in self.event_listeners:
+            listener(event, data)
+
+    def _finished(self, record: SwitchRecord) -> None:
+        self.last_switch = record
+        self._emit(
+            "switch_finished",
+            switch_id=record.id,
+            operation=record.kind,
+            from_model=record.from_model,
+            to_model=record.to_model,
+            outcome=record.outcome,
+            duration=record.duration,
+            error=record.error,
+        )
 
     def _remember(self, op: Operation) -> None:
         self._recent[op.id] = op
@@ -420,6 +441,7 @@ class Switcher:
             return
         if isinstance(notice, ModelDied):
             code = "" if notice.exit_code is None else f" with exit code {notice.exit_code}"
+            self._emit("model_died", model=status.active, exit_code=notice.exit_code)
             self._enter(
                 State.FAILED,
                 active=None,
@@ -452,7 +474,7 @@ class Switcher:
                 assert op.model is not None
                 op.outcome = await self._switch(op, self.models[op.model])
             record = self._record(op, finished=True)
-            self.last_switch = record
+            self._finished(record)
             await self.store.save_switch(record)
             log.info("switch ends", outcome=op.outcome, duration=record.duration, **op.timings)
             op.future.set_result(record)
@@ -461,7 +483,7 @@ class Switcher:
                 op.outcome = "refused" if isinstance(err, ModelNotCached) else "failed"
             err.details.setdefault("switch_id", op.id)
             record = self._record(op, finished=True, error=err.to_body()["error"])
-            self.last_switch = record
+            self._finished(record)
             await self.store.save_switch(record)
             log.error("switch fails", outcome=op.outcome, error=err.message)
             op.future.set_exception(err)
@@ -551,6 +573,7 @@ class Switcher:
                 await self._stop_model(previous_spec)
             return
         err.details["rolled_back"] = True
+        self._emit("rolled_back", failed_model=spec.id, model=previous, error=err.message)
         err.details["active"] = previous
         err.message += f"; rolled back to {previous}"
 

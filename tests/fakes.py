@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -138,6 +139,15 @@ class FakeRuntime:
 
     async def logs_tail(self, container_id: str, lines: int = 40) -> str:
         return f"last lines of {container_id}\nCUDA out of memory\n"
+
+    async def follow_logs(self, container_id: str, tail: int) -> AsyncIterator[str]:
+        for number in range(tail):
+            yield f"{container_id} line {number}"
+        # Follows until the container stops running, as docker's stream does.
+        for _ in range(10_000):
+            if container_id not in {c.id for c in self._containers.values() if c.running}:
+                return
+            await asyncio.sleep(0.05)
 
     def kill(self, model_id: str, exit_code: int = 137) -> ContainerInfo:
         old = self._containers[self._service(model_id)]

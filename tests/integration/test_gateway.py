@@ -66,6 +66,12 @@ async def test_chat_request_switches_on_demand(rig: Rig, http: aiohttp.ClientSes
     assert "org/not-downloaded" in uncached.value.message
     assert rig.model_containers() == ["engine-beta"]
 
+    async with http.get(f"{rig.url}/metrics") as response:
+        metrics = await response.text()
+    assert 'orchestrator_gateway_requests_total{code="200",model="alpha"} 1.0' in metrics
+    assert 'orchestrator_gateway_requests_total{code="409",model="nocache"} 1.0' in metrics
+    assert 'orchestrator_gateway_request_duration_seconds_count{model="beta"} 1.0' in metrics
+
 
 async def test_stream_under_way_completes_before_the_swap(
     rig: Rig, http: aiohttp.ClientSession

@@ -1,0 +1,181 @@
+"""What people and tools watch: /metrics, /events, model logs, the dashboard's files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from orchestrator.api import create_app
+from orchestrator.store import Store
+from orchestrator.switcher import Switcher
+from tests.fakes import Behaviour, FakeRuntime, make_snapshot, spec
+
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def runtime() -> FakeRuntime:
+    return FakeRuntime()
+
+
+@pytest.fixture
+async def switcher(tmp_path: Path, runtime: FakeRuntime) -> AsyncIterator[Switcher]:
+    hub = tmp_path / "hub"
+    make_snapshot(hub, "org/a")
+    make_snapshot(hub, "org/b")
+    store = await Store.open(tmp_path / "db.sqlite")
+    made = Switcher(
+        models={"a": spec("a"), "b": spec("b")},
+        runtime=runtime,
+        store=store,
+        hub_dir=hub,
+        probe_interval=0.05,
+    )
+    await made.start()
+    yield made
+    await made.close()
+    await store.close()
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: ClientFactory, switcher: Switcher, runtime: FakeRuntime
+) -> TestClient[Any, Any]:
+    return await aiohttp_client(create_app(switcher, runtime))
+
+
+def metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def read_events(response: Any, until: Callable[[str, dict[str, Any]], bool]) -> list[Any]:
+    """Server-sent events as (event, data) until one matches, within a few seconds."""
+    seen: list[tuple[str, dict[str, Any]]] = []
+    event = ""
+    async with asyncio.timeout(5):
+        async for raw in response.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                seen.append((event, data))
+                if until(event, data):
+                    return seen
+    return seen
+
+
+class TestMetrics:
+    async def test_switches_state_and_health_age(self, client: TestClient[Any, Any]) -> None:
+        """Counters follow switches; gauges describe the present at scrape time."""
+        before = await (await client.get("/metrics")).text()
+        assert metric(before, 'orchestrator_state{state="idle"}') == 1.0
+        assert metric(before, "orchestrator_serving") == 0.0
+        assert (metric(before, "orchestrator_seconds_since_health_pass") or 0) >= 0
+        assert (await client.post("/switch", json={"model": "a"})).status == 200
+        response = await client.get("/metrics")
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = await response.text()
+        assert metric(text, 'orchestrator_switches_total{operation="switch",outcome="ok"}') == 1
+        count = 'orchestrator_switch_duration_seconds_count{operation="switch",outcome="ok"}'
+        assert metric(text, count) == 1
+        assert metric(text, 'orchestrator_state{state="ready"}') == 1.0
+        assert metric(text, 'orchestrator_active_model{model="a"}') == 1.0
+        assert metric(text, 'orchestrator_active_model{model="b"}') == 0.0
+        assert metric(text, "orchestrator_seconds_since_health_pass") == 0.0
+
+    async def test_failed_switch_counts_as_failed(
+        self, client: TestClient[Any, Any], runtime: FakeRuntime
+    ) -> None:
+        """A crash is counted under its outcome, and health age grows while nothing serves."""
+        await client.post("/switch", json={"model": "a"})
+        runtime.behaviours["b"] = Behaviour(crash=True)
+        assert (await client.post("/switch", json={"model": "b"})).status == 502
+        await client.post("/stop", json={})
+        await asyncio.sleep(0.2)
+        text = await (await client.get("/metrics")).text()
+        assert metric(text, 'orchestrator_switches_total{operation="switch",outcome="failed"}') == 1
+        assert (metric(text, "orchestrator_seconds_since_health_pass") or 0) >= 0.2
+
+
+class TestEvents:
+    async def test_a_switch_as_events(self, client: TestClient[Any, Any]) -> None:
+        """/events starts with the status, then tells the switch step by step."""
+        async with client.get("/events") as response:
+            assert response.headers["Content-Type"] == "text/event-stream"
+            first = await read_events(response, lambda event, _data: event == "status")
+            assert first[0][1]["state"] == "idle"
+            switching = asyncio.create_task(client.post("/switch", json={"model": "b"}))
+            seen = await read_events(response, lambda event, _data: event == "switch_finished")
+            await switching
+        kinds = [event for event, _ in seen]
+        assert kinds[0] == "switch_requested"
+        states = [data["state"] for event, data in seen if event == "state"]
+        assert states == ["starting", "ready"]
+        finished = seen[-1][1]
+        assert (finished["to_model"], finished["outcome"]) == ("b", "ok")
+        ids = [data["id"] for _, data in seen]
+        assert ids == sorted(ids)
+
+    async def test_death_is_an_event(
+        self, client: TestClient[Any, Any], runtime: FakeRuntime, switcher: Switcher
+    ) -> None:
+        """A model dying behind the daemon's back is announced."""
+        await client.post("/switch", json={"model": "a"})
+        async with client.get("/events") as response:
+            await read_events(response, lambda event, _data: event == "status")
+            runtime.kill("a")
+            seen = await read_events(response, lambda event, _data: event == "model_died")
+        assert seen[-1][1]["model"] == "a"
+
+
+class TestLogs:
+    async def test_tail_and_follow(
+        self, client: TestClient[Any, Any], runtime: FakeRuntime
+    ) -> None:
+        """The last lines as JSON; follow streams them and ends when the engine stops."""
+        await client.post("/switch", json={"model": "a"})
+        body = await (await client.get("/models/a/logs", params={"tail": "5"})).json()
+        assert body["model"] == "a" and body["container"].endswith("svc-a-1")
+        assert body["lines"][-1] == "CUDA out of memory"
+        async with client.get("/models/a/logs", params={"follow": "true", "tail": "3"}) as response:
+            assert response.headers["Content-Type"] == "text/event-stream"
+            lines = await read_events(
+                response, lambda event, _data: event == "log" and _data.endswith("2")
+            )
+            runtime.kill("a")
+            rest = await read_events(response, lambda event, _data: event == "end")
+        assert [data for event, data in lines if event == "log"][-1].endswith("line 2")
+        assert rest[-1][0] == "end"
+
+    async def test_bad_requests(self, client: TestClient[Any, Any]) -> None:
+        """Unknown models, bad tails and following a model with no container are refused."""
+        assert (await client.get("/models/zz/logs")).status == 404
+        response = await client.get("/models/a/logs", params={"tail": "0"})
+        assert response.status == 400
+        assert (await response.json())["error"]["field"] == "tail"
+        assert (await client.get("/models/a/logs", params={"follow": "maybe"})).status == 400
+        response = await client.get("/models/b/logs", params={"follow": "1"})
+        assert response.status == 404
+        assert "no container" in (await response.json())["error"]["message"]
+        body = await (await client.get("/models/b/logs")).json()
+        assert body == {"model": "b", "container": None, "lines": []}
+
+
+async def test_dashboard_files_are_served(client: TestClient[Any, Any]) -> None:
+    """/ is the dashboard; its script and style come from the package."""
+    page = await client.get("/")
+    assert page.status == 200 and "text/html" in page.headers["Content-Type"]
+    html = await page.text()
+    assert "/ui/app.js" in html and "/ui/style.css" in html
+    for asset in ("/ui/app.js", "/ui/style.css"):
+        assert (await client.get(asset)).status == 200
