@@ -195,7 +195,7 @@ def validate_model_id(value: Any) -> str:
 
 def validate_image(value: Any) -> str:
     image = _string("image", value)
-    if any(ch.isspace() for ch in image):
+    if any(ch.isspace() for ch in image) or not image.isprintable():
         raise _refuse("image", "must be an image reference without spaces")
     return image
 
@@ -209,12 +209,15 @@ def validate_source(body: Mapping[str, Any]) -> tuple[str | None, str | None]:
         if not isinstance(repo, str) or looks_like_path(repo) or not is_repo_id(repo):
             raise _refuse("repo", "must be a Hub repo id such as Qwen/Qwen3-4B-Instruct-2507")
         return repo, None
-    if not isinstance(path, str) or not path.startswith(("/", "~")):
+    if not isinstance(path, str) or not path.startswith(("/", "~/")):
         raise _refuse("path", "must be an absolute path to a model folder on this host")
-    if any(ch in path for ch in ":,\n") or len(path) > 4096:
+    if any(ch in path for ch in ":,") or not path.isprintable() or len(path) > 4096:
         # Compose's short volume syntax splits on ":"; such a folder cannot be mounted.
-        raise _refuse("path", "must not contain ':', ',' or a line break")
-    return None, str(Path(path).expanduser())
+        raise _refuse("path", "must not contain ':', ',' or control characters")
+    try:
+        return None, str(Path(path).expanduser())
+    except RuntimeError as err:  # no home directory to expand "~" to
+        raise _refuse("path", f"cannot be expanded: {err}") from err
 
 
 def check_fields(body: Mapping[str, Any], allowed: frozenset[str], what: str) -> None:

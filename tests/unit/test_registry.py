@@ -259,6 +259,9 @@ class TestAdding:
             ({"repo": "/root/.cache/huggingface/x"}, "repo"),
             ({"repo": "not a repo"}, "repo"),
             ({"path": "relative/folder"}, "path"),
+            ({"path": "~nobody-here/x"}, "path"),
+            ({"path": "/srv/a:b"}, "path"),
+            ({"path": "/srv/\u0014x"}, "path"),
         ],
     )
     async def test_bad_sources_are_400(
