@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from .cache import SnapshotVerdict, find_snapshot
 from .catalog import Catalog
-from .errors import BadRequest, ContainerNotFound, OrchestratorError, SwitchNotFound
+from .errors import AssetNotFound, BadRequest, ContainerNotFound, OrchestratorError, SwitchNotFound
 from .events import EventHub
 from .gateway import (
     MAX_V1_BODY,
@@ -33,6 +34,7 @@ from .gateway import (
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .openapi import openapi_document
 from .pull import PullProgress
 from .registry import ModelEntry
 from .runtime import ModelRuntime
@@ -52,6 +54,7 @@ EVENTS: web.AppKey[EventHub] = web.AppKey("events", EventHub)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 
 WEB_DIR = Path(__file__).parent / "web"
+DASHBOARD_ASSETS = frozenset(p.name for p in WEB_DIR.iterdir() if p.is_file())
 SSE_HEARTBEAT = 15.0
 DEFAULT_LOG_TAIL = 100
 MAX_LOG_TAIL = 10_000
@@ -518,7 +521,8 @@ async def get_events(request: web.Request) -> web.StreamResponse:
 
 def _tail_parameter(request: web.Request) -> int:
     raw = request.query.get("tail", str(DEFAULT_LOG_TAIL))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LOG_TAIL:
+    # str.isdigit() accepts "²", which int() then refuses.
+    if not re.fullmatch(r"[0-9]{1,7}", raw) or not 1 <= int(raw) <= MAX_LOG_TAIL:
         raise BadRequest(f"tail must be a whole number from 1 to {MAX_LOG_TAIL}", field="tail")
     return int(raw)
 
@@ -558,8 +562,21 @@ async def get_model_logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def get_openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
 async def get_dashboard(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_DIR / "index.html")
+
+
+async def get_dashboard_asset(request: web.Request) -> web.FileResponse:
+    # Only the files shipped with the package, by name: aiohttp's static route answers a
+    # missing file with a plain-text 404 from inside FileResponse, past the error middleware.
+    filename = request.match_info["filename"]
+    if filename not in DASHBOARD_ASSETS:
+        raise AssetNotFound(f"no dashboard file named {filename!r}; the dashboard is at /")
+    return web.FileResponse(WEB_DIR / filename)
 
 
 def _publish_to(events: EventHub, switcher: Switcher, catalog: Catalog | None) -> None:
@@ -622,8 +639,9 @@ def create_app(
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/events", get_events)
     app.router.add_get("/models/{model_id}/logs", get_model_logs)
+    app.router.add_get("/openapi.json", get_openapi)
     app.router.add_get("/", get_dashboard)
-    app.router.add_static("/ui/", WEB_DIR, name="ui")
+    app.router.add_get("/ui/{filename}", get_dashboard_asset)
     app.router.add_get("/v1/models", get_v1_models)
     app.router.add_route("*", "/v1/{tail:.*}", proxy_v1)
     return app

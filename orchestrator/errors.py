@@ -95,6 +95,11 @@ class SwitchNotFound(OrchestratorError):
     code = "switch_not_found"
 
 
+class AssetNotFound(OrchestratorError):
+    status = 404
+    code = "not_found"
+
+
 class ModelExited(OrchestratorError):
     """The model's container exited before it became healthy."""
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from orchestrator.catalog import Catalog, CatalogPaths
 from orchestrator.compose import ModelSpec
 from orchestrator.docker import ContainerInfo
+from orchestrator.registry import EngineDefaults
+from orchestrator.store import Store
+from orchestrator.switcher import Switcher
 
 
 def make_snapshot(hub: Path, repo: str, revision: str = "abc123") -> Path:
@@ -22,6 +27,67 @@ def make_snapshot(hub: Path, repo: str, revision: str = "abc123") -> Path:
     (folder / "refs").mkdir(exist_ok=True)
     (folder / "refs" / "main").write_text(revision)
     return snapshot
+
+
+@asynccontextmanager
+async def running_switcher(
+    root: Path, runtime: FakeRuntime, models: Mapping[str, ModelSpec]
+) -> AsyncIterator[Switcher]:
+    """A started switcher over ``runtime``, every model's repo cached except "nocache"."""
+    hub = root / "hub"
+    for model in models.values():
+        if model.id != "nocache":
+            make_snapshot(hub, model.repo)
+    store = await Store.open(root / "db.sqlite")
+    made = Switcher(
+        models=dict(models), runtime=runtime, store=store, hub_dir=hub, probe_interval=0.05
+    )
+    await made.start()
+    try:
+        yield made
+    finally:
+        await made.close()
+        await store.close()
+
+
+@dataclass
+class WiredCore:
+    """The store, catalog and switcher wired as serve() wires them, under ``root``.
+
+    ``root`` holds docker-compose.yml, models/hub and state/.
+    """
+
+    store: Store
+    catalog: Catalog
+    switcher: Switcher
+
+    @classmethod
+    async def open(
+        cls, root: Path, runtime: FakeRuntime, hub_endpoint: str | None = None
+    ) -> WiredCore:
+        store = await Store.open(root / "state" / "db.sqlite")
+        catalog = Catalog(
+            paths=CatalogPaths(root / "docker-compose.yml", root / "models", root / "state"),
+            store=store,
+            engine_defaults=EngineDefaults(image="standin:test", gpus="none"),
+            hub_endpoint=hub_endpoint,
+        )
+        await catalog.load()
+        switcher = Switcher(
+            models=catalog.specs(),
+            runtime=runtime,
+            store=store,
+            hub_dir=root / "models" / "hub",
+            probe_interval=0.05,
+        )
+        catalog.connect(validate=None, on_change=switcher.set_models, in_use=switcher.involves)
+        await switcher.start()
+        return cls(store, catalog, switcher)
+
+    async def close(self) -> None:
+        await self.catalog.close()
+        await self.switcher.close()
+        await self.store.close()
 
 
 def spec(model_id: str, *, repo: str | None = None, timeout: float = 5.0) -> ModelSpec:

@@ -12,9 +12,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from orchestrator.api import create_app
-from orchestrator.store import Store
 from orchestrator.switcher import Switcher
-from tests.fakes import Behaviour, FakeRuntime, make_snapshot, spec
+from tests.fakes import Behaviour, FakeRuntime, running_switcher, spec
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -26,21 +25,8 @@ def runtime() -> FakeRuntime:
 
 @pytest.fixture
 async def switcher(tmp_path: Path, runtime: FakeRuntime) -> AsyncIterator[Switcher]:
-    hub = tmp_path / "hub"
-    make_snapshot(hub, "org/a")
-    make_snapshot(hub, "org/b")
-    store = await Store.open(tmp_path / "db.sqlite")
-    made = Switcher(
-        models={"a": spec("a"), "b": spec("b")},
-        runtime=runtime,
-        store=store,
-        hub_dir=hub,
-        probe_interval=0.05,
-    )
-    await made.start()
-    yield made
-    await made.close()
-    await store.close()
+    async with running_switcher(tmp_path, runtime, {"a": spec("a"), "b": spec("b")}) as made:
+        yield made
 
 
 @pytest.fixture

@@ -15,12 +15,9 @@ import yaml
 from aiohttp.test_utils import TestClient
 
 from orchestrator.api import create_app
-from orchestrator.catalog import REGISTRY_COMPOSE, Catalog, CatalogPaths
+from orchestrator.catalog import REGISTRY_COMPOSE, Catalog
 from orchestrator.errors import BadRequest, DockerError
-from orchestrator.registry import EngineDefaults
-from orchestrator.store import Store
-from orchestrator.switcher import Switcher
-from tests.fakes import FakeRuntime, make_snapshot
+from tests.fakes import FakeRuntime, WiredCore, make_snapshot
 from tests.hubserver import FakeHub
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -47,33 +44,16 @@ class Daemon:
         self.runtime = FakeRuntime()
 
     async def open(self) -> Catalog:
-        self.store = await Store.open(self.root / "state" / "db.sqlite")
-        self.catalog = Catalog(
-            paths=CatalogPaths(
-                self.root / "docker-compose.yml", self.root / "models", self.root / "state"
-            ),
-            store=self.store,
-            engine_defaults=EngineDefaults(image="standin:test", gpus="none"),
-            hub_endpoint=self.hub_endpoint,
+        self.core = await WiredCore.open(self.root, self.runtime, self.hub_endpoint)
+        self.store, self.catalog, self.switcher = (
+            self.core.store,
+            self.core.catalog,
+            self.core.switcher,
         )
-        await self.catalog.load()
-        self.switcher = Switcher(
-            models=self.catalog.specs(),
-            runtime=self.runtime,
-            store=self.store,
-            hub_dir=self.root / "models" / "hub",
-            probe_interval=0.05,
-        )
-        self.catalog.connect(
-            validate=None, on_change=self.switcher.set_models, in_use=self.switcher.involves
-        )
-        await self.switcher.start()
         return self.catalog
 
     async def close(self) -> None:
-        await self.catalog.close()
-        await self.switcher.close()
-        await self.store.close()
+        await self.core.close()
 
 
 @pytest.fixture

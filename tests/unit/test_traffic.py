@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import ModelExited, TooBusy
-from orchestrator.store import Store
 from orchestrator.switcher import State, Switcher
 from orchestrator.traffic import Traffic, choose_next
-from tests.fakes import Behaviour, FakeRuntime, make_snapshot, spec
+from tests.fakes import Behaviour, FakeRuntime, running_switcher, spec
 
 
 class TestChooseNext:
@@ -43,25 +42,16 @@ def runtime() -> FakeRuntime:
 
 @pytest.fixture
 async def switcher(tmp_path: Path, runtime: FakeRuntime) -> AsyncIterator[Switcher]:
-    hub = tmp_path / "hub"
-    for name in ("a", "b", "c"):
-        make_snapshot(hub, f"org/{name}")
-    store = await Store.open(tmp_path / "db.sqlite")
-    made = Switcher(
-        models={
+    async with running_switcher(
+        tmp_path,
+        runtime,
+        {
             "a": replace(spec("a"), max_concurrency=1),
             "b": spec("b"),
             "c": replace(spec("c"), ttl=0.3),
         },
-        runtime=runtime,
-        store=store,
-        hub_dir=hub,
-        probe_interval=0.05,
-    )
-    await made.start()
-    yield made
-    await made.close()
-    await store.close()
+    ) as made:
+        yield made
 
 
 @pytest.fixture
