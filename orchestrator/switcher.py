@@ -186,6 +186,8 @@ class Switcher:
         # Called with each discrete happening (switch requested or finished, rollback,
         # death): /events, metrics.
         self.event_listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        # Called when the worker lets go of an operation, after its clean-up.
+        self.done_listeners: list[Callable[[], None]] = []
 
     # -- what callers use ------------------------------------------------------
 
@@ -429,6 +431,10 @@ class Switcher:
                         await self._run(op)
                     finally:
                         self._current = None
+                        # Callers that held back while this operation was queued must
+                        # look again: its end is not always a change of state.
+                        for on_done in self.done_listeners:
+                            on_done()
 
     def notify(self, notice: Notice) -> None:
         self._notices.append(notice)

@@ -85,10 +85,12 @@ class Traffic:
         # When each model last had a request start or end; ttl counts from here.
         self.last_activity: dict[str, float] = {}
         self.swaps_requested = 0
-        self._switching: str | None = None
+        # The task asking the switcher for a swap, until the switcher has accepted it.
+        self._switching: asyncio.Task[None] | None = None
         self._idle: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
         switcher.listeners.append(self._on_status)
+        switcher.done_listeners.append(self._on_switcher_done)
         switcher.drain = self.drain
 
     # -- what the gateway uses ---------------------------------------------------------
@@ -186,6 +188,9 @@ class Traffic:
         # finish before acting on the new state.
         asyncio.get_running_loop().call_soon(self._dispatch)
 
+    def _on_switcher_done(self) -> None:
+        asyncio.get_running_loop().call_soon(self._dispatch)
+
     def _dispatch(self) -> None:
         self.waiting = [w for w in self.waiting if not w.future.done()]
         ready = self.admissible()
@@ -199,7 +204,7 @@ class Traffic:
                 self.waiting.remove(waiter)
         if not self.auto_switch or not self.waiting or self._switching is not None:
             return
-        if self.switcher.queued():
+        if self.switcher.switch_under_way:
             return  # the switch already accepted decides what runs next
         target = choose_next(
             ready,
@@ -208,9 +213,9 @@ class Traffic:
             self.drain_timeout,
         )
         if target is not None:
-            self._switching = target
             self.swaps_requested += 1
             task = asyncio.create_task(self._switch_for_waiters(target), name=f"gw-{target}")
+            self._switching = task
             self._tasks.append(task)
             task.add_done_callback(self._forget)
 
@@ -218,10 +223,16 @@ class Traffic:
         if task in self._tasks:
             self._tasks.remove(task)
 
+    def _accepted(self) -> None:
+        # Only the task that asked may clear the flag: an older task finishing late must
+        # not let a second swap be asked for while a newer one is still being accepted.
+        if self._switching is asyncio.current_task():
+            self._switching = None
+
     async def _switch_for_waiters(self, model_id: str) -> None:
         try:
             op = await self.switcher.switch_to(model_id)
-            self._switching = None
+            self._accepted()
             await asyncio.shield(op.future)
         except OrchestratorError as err:
             # The requests that were waiting for this model get the switch's answer; those
@@ -230,7 +241,7 @@ class Traffic:
                 if not waiter.future.done():
                     waiter.future.set_exception(err)
         finally:
-            self._switching = None
+            self._accepted()
             self._dispatch()
 
     def ttl_of(self, model_id: str) -> float:

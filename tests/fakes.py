@@ -126,6 +126,7 @@ class FakeRuntime:
     _counter: int = 0
     _services: dict[str, str] = field(default_factory=dict)  # model -> its engine service
     gate: asyncio.Event | None = None  # when set, start waits on it
+    settle_gate: asyncio.Event | None = None  # when set, settle waits on it
 
     def _model_of(self, service: str) -> str:
         return service.removeprefix("svc-")
@@ -177,6 +178,8 @@ class FakeRuntime:
 
     async def settle(self) -> None:
         self.settles += 1
+        if self.settle_gate is not None:
+            await self.settle_gate.wait()
 
     async def containers(self, services: frozenset[str] | None = None) -> list[ContainerInfo]:
         await asyncio.sleep(0)

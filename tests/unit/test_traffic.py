@@ -111,6 +111,35 @@ async def test_switch_drains_requests_in_flight_first(
     late.cancel()
 
 
+async def test_request_waiting_while_a_switch_finishes_is_served(
+    traffic: Traffic, switcher: Switcher, runtime: FakeRuntime
+) -> None:
+    """A request that arrives while a finished switch still tidies up is not forgotten.
+
+    The switch answers before docker's clean-up of stopped containers ends; requests
+    coming and going in that window used to find the switcher busy and wait forever.
+    """
+    runtime.settle_gate = asyncio.Event()
+    log: list[str] = []
+    release = asyncio.Event()
+    first = asyncio.create_task(hold(traffic, "b", release, log))
+    await started(log, "b")
+    assert switcher.queued(), "the switch to b is still tidying up"
+    other = asyncio.create_task(hold(traffic, "c", asyncio.Event(), log))
+    await asyncio.sleep(0.05)
+    release.set()
+    await first
+    await asyncio.sleep(0.05)
+    runtime.settle_gate.set()
+    for _ in range(200):
+        if "start c" in log:
+            break
+        await asyncio.sleep(0.01)
+    assert log == ["start b", "end b", "start c"]
+    assert switcher.status.active == "c"
+    other.cancel()
+
+
 async def test_drain_is_bounded(switcher: Switcher, runtime: FakeRuntime) -> None:
     """A request that outlasts the drain timeout does not hold the switch forever."""
     traffic = Traffic(switcher, drain_timeout=0.2)
