@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import re
 import time
@@ -562,8 +563,14 @@ async def get_model_logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@functools.cache
+def _openapi_json() -> str:
+    # The document is fixed for the life of the process: build and encode it once.
+    return json.dumps(openapi_document())
+
+
 async def get_openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return web.Response(text=_openapi_json(), content_type="application/json")
 
 
 async def get_dashboard(request: web.Request) -> web.FileResponse:

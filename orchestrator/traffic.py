@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from .errors import OrchestratorError, TooBusy
-from .switcher import State, Status, Switcher, cancel_all
+from .switcher import State, Switcher, cancel_all
 
 log = structlog.get_logger(__name__)
 
@@ -89,8 +89,8 @@ class Traffic:
         self._switching: asyncio.Task[None] | None = None
         self._idle: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        switcher.listeners.append(self._on_status)
-        switcher.done_listeners.append(self._on_switcher_done)
+        switcher.listeners.append(self._dispatch_soon)
+        switcher.done_listeners.append(self._dispatch_soon)
         switcher.drain = self.drain
 
     # -- what the gateway uses ---------------------------------------------------------
@@ -183,12 +183,9 @@ class Traffic:
                 idle.set()
         self._dispatch()
 
-    def _on_status(self, _status: Status) -> None:
-        # Status changes are announced from inside the switcher's transition; let it
-        # finish before acting on the new state.
-        asyncio.get_running_loop().call_soon(self._dispatch)
-
-    def _on_switcher_done(self) -> None:
+    def _dispatch_soon(self, *_: object) -> None:
+        # The switcher calls its listeners from inside a transition or its worker's
+        # clean-up; let that finish before acting on what changed.
         asyncio.get_running_loop().call_soon(self._dispatch)
 
     def _dispatch(self) -> None:

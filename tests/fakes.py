@@ -16,6 +16,19 @@ from orchestrator.registry import EngineDefaults
 from orchestrator.store import Store
 from orchestrator.switcher import Switcher
 
+# Two models as a user's compose file declares them; WiredCore reads it from its root.
+TWO_MODEL_COMPOSE = """
+services:
+  svc-alpha:
+    image: vllm/vllm-openai:v0.11.0
+    profiles: [alpha]
+    command: ["--model", "org/a"]
+  svc-beta:
+    image: vllm/vllm-openai:v0.11.0
+    profiles: [beta]
+    command: ["--model", "org/b"]
+"""
+
 
 def make_snapshot(hub: Path, repo: str, revision: str = "abc123") -> Path:
     """Lay out a hub cache entry the way huggingface_hub does."""

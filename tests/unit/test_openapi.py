@@ -45,23 +45,12 @@ from orchestrator.gateway import Gateway
 from orchestrator.openapi import PROXY_METHODS, openapi_document
 from orchestrator.switcher import State
 from orchestrator.traffic import Traffic
-from tests.fakes import FakeRuntime, WiredCore, make_snapshot
+from tests.fakes import TWO_MODEL_COMPOSE, FakeRuntime, WiredCore, make_snapshot
 from tests.hubserver import FakeHub
 
 T = TypeVar("T")
 AnyCase = Case[Any]
 
-COMPOSE = """
-services:
-  svc-alpha:
-    image: vllm/vllm-openai:v0.11.0
-    profiles: [alpha]
-    command: ["--model", "org/a"]
-  svc-beta:
-    image: vllm/vllm-openai:v0.11.0
-    profiles: [beta]
-    command: ["--model", "org/b"]
-"""
 API_KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
@@ -319,7 +308,7 @@ class LiveDaemon:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDaemon]:
     root = tmp_path_factory.mktemp("fuzzed")
-    (root / "docker-compose.yml").write_text(COMPOSE)
+    (root / "docker-compose.yml").write_text(TWO_MODEL_COMPOSE)
     for repo in ("org/a", "org/b"):
         make_snapshot(root / "models" / "hub", repo)
     (root / "host" / "home").mkdir(parents=True)

@@ -17,22 +17,10 @@ from aiohttp.test_utils import TestClient
 from orchestrator.api import create_app
 from orchestrator.catalog import REGISTRY_COMPOSE, Catalog
 from orchestrator.errors import BadRequest, DockerError
-from tests.fakes import FakeRuntime, WiredCore, make_snapshot
+from tests.fakes import TWO_MODEL_COMPOSE, FakeRuntime, WiredCore, make_snapshot
 from tests.hubserver import FakeHub
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
-
-COMPOSE = """
-services:
-  svc-alpha:
-    image: vllm/vllm-openai:v0.11.0
-    profiles: [alpha]
-    command: ["--model", "org/a"]
-  svc-beta:
-    image: vllm/vllm-openai:v0.11.0
-    profiles: [beta]
-    command: ["--model", "org/b"]
-"""
 
 
 class Daemon:
@@ -58,7 +46,7 @@ class Daemon:
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    (tmp_path / "docker-compose.yml").write_text(COMPOSE)
+    (tmp_path / "docker-compose.yml").write_text(TWO_MODEL_COMPOSE)
     hub = tmp_path / "models" / "hub"
     for repo in ("org/a", "org/b", "org/extra"):
         make_snapshot(hub, repo)
