@@ -16,6 +16,11 @@
 #
 # Set the port with ORCHESTRATOR_PORT (not --port) so the HEALTHCHECK follows it.
 #
+# The default command listens on every address. Off the loopback the daemon never
+# serves without an API key: give ORCHESTRATOR_API_KEYS, or read the key it generates
+# at first start from <state-dir>/api-key (0600), e.g.
+#   docker exec <container> cat /var/lib/model-orchestrator/api-key
+#
 #   docker run -d --network host -v /var/run/docker.sock:/var/run/docker.sock \
 #     -v /srv/llm:/srv/llm model-orchestrator serve --host 0.0.0.0 \
 #     --compose /srv/llm/compose/docker-compose.yml --models-dir /srv/llm/models \
@@ -62,7 +67,8 @@ FROM ${BASE_IMAGE}
 
 # PATH is spelled out: an imported base (docker import) has none to extend.
 ENV PYTHONUNBUFFERED=1 \
-    PATH=/opt/model-orchestrator/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    PATH=/opt/model-orchestrator/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    ORCHESTRATOR_STATE_DIR=/var/lib/model-orchestrator
 
 COPY --from=build /opt/model-orchestrator /opt/model-orchestrator
 

@@ -13,7 +13,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,30 +21,41 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from .cache import SnapshotVerdict, find_snapshot
+from .cache import SnapshotVerdict
 from .catalog import Catalog
-from .errors import AssetNotFound, BadRequest, ContainerNotFound, OrchestratorError, SwitchNotFound
-from .events import EventHub
-from .gateway import (
-    MAX_V1_BODY,
-    Gateway,
-    check_key,
-    error_response,
-    is_gateway_path,
-    needs_key,
+from .errors import (
+    AssetNotFound,
+    BadRequest,
+    ContainerNotFound,
+    OrchestratorError,
+    RequestTimeout,
+    SwitchNotFound,
+    TooManyStreams,
 )
+from .events import EventHub
+from .gateway import MAX_V1_BODY, Gateway, error_response
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
-from .pull import PullProgress
+from .pull import PullProgress, validate_revision
 from .registry import ModelEntry
 from .runtime import ModelRuntime
+from .security import (
+    AccessPolicy,
+    add_response_headers,
+    audit,
+    guard_middleware,
+    is_gateway_path,
+)
+from .server import ConnectionGuard
 from .store import SwitchRecord
 from .switcher import Operation, State, Status, Switcher
 
 log = structlog.get_logger(__name__)
 
 MAX_BODY = 64 * 1024
+# A client that sends its headers and then trickles the body holds a connection open.
+BODY_TIMEOUT = 30.0
 HEALTH_JSON = "application/health+json"
 
 SWITCHER: web.AppKey[Switcher] = web.AppKey("switcher", Switcher)
@@ -53,6 +64,8 @@ CATALOG: web.AppKey[Catalog | None] = web.AppKey("catalog", object)  # type: ign
 GATEWAY: web.AppKey[Gateway | None] = web.AppKey("gateway", object)  # type: ignore[arg-type]
 EVENTS: web.AppKey[EventHub] = web.AppKey("events", EventHub)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+# Clients that may follow /events at once; each model's log has the same bound.
+STREAM_LIMIT = web.AppKey("stream_limit", int)
 
 WEB_DIR = Path(__file__).parent / "web"
 DASHBOARD_ASSETS = frozenset(p.name for p in WEB_DIR.iterdir() if p.is_file())
@@ -97,21 +110,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(request, OrchestratorError("internal error; see the daemon's log"))
 
 
-def auth_middleware(keys: Sequence[str]) -> Any:
-    """Requests that change something, and every /v1 request, need one of ``keys``."""
-    encoded = [key.encode() for key in keys]
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if encoded and needs_key(request):
-            check_key(request, encoded)
-        return await handler(request)
-
-    return check
-
-
 async def _json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            raw = await request.read()  # raises 413 past client_max_size
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {BODY_TIMEOUT:g} s") from None
     if not raw.strip():
         return {}
     try:
@@ -152,18 +156,11 @@ def render_verdict(verdict: SnapshotVerdict | None) -> dict[str, Any] | None:
     }
 
 
-async def cache_verdicts(
-    switcher: Switcher, catalog: Catalog | None
-) -> dict[str, SnapshotVerdict | None]:
+async def cache_verdicts(switcher: Switcher) -> dict[str, SnapshotVerdict | None]:
     """Each model's cache verdict; file-system work, so off the event loop."""
 
     def verify() -> dict[str, SnapshotVerdict | None]:
-        if catalog is not None:
-            return {spec.id: catalog.verdict(spec) for spec in switcher.models.values()}
-        return {
-            spec.id: find_snapshot(switcher.hub_dir, spec.repo) if spec.repo else None
-            for spec in switcher.models.values()
-        }
+        return {spec.id: switcher.verdicts.of(spec) for spec in switcher.models.values()}
 
     return await asyncio.to_thread(verify)
 
@@ -248,7 +245,7 @@ def render_models(
 async def render_status(app: web.Application) -> dict[str, Any]:
     switcher, runtime, catalog, gateway = app[SWITCHER], app[RUNTIME], app[CATALOG], app[GATEWAY]
     status = switcher.status
-    verdicts = await cache_verdicts(switcher, catalog)
+    verdicts = await cache_verdicts(switcher)
     models = render_models(switcher, runtime, verdicts, catalog)
     return {
         "state": str(status.state),
@@ -320,12 +317,14 @@ async def _answer(request: web.Request, op: Operation, wait: bool) -> web.Respon
 async def post_switch(request: web.Request) -> web.Response:
     body = await _json_object(request)
     model, wait = _model_field(body), _wait_flag(body)
+    audit(request, "switch", model=model)
     op = await request.app[SWITCHER].switch_to(model)
     return await _answer(request, op, wait)
 
 
 async def post_stop(request: web.Request) -> web.Response:
     wait = _wait_flag(await _json_object(request))
+    audit(request, "stop")
     op = await request.app[SWITCHER].stop()
     return await _answer(request, op, wait)
 
@@ -386,7 +385,7 @@ def _health_reason(switcher: Switcher, wanted: str | None) -> str:
 
 async def _rendered_models(request: web.Request) -> list[dict[str, Any]]:
     switcher, catalog = request.app[SWITCHER], request.app[CATALOG]
-    verdicts = await cache_verdicts(switcher, catalog)
+    verdicts = await cache_verdicts(switcher)
     return render_models(switcher, request.app[RUNTIME], verdicts, catalog)
 
 
@@ -413,6 +412,7 @@ def _catalog(request: web.Request) -> Catalog:
 
 async def post_model(request: web.Request) -> web.Response:
     entry = await _catalog(request).add(await _json_object(request))
+    audit(request, "register", model=entry.id, image=entry.image, repo=entry.repo, path=entry.path)
     model = await _rendered_model(request, entry.id)
     return web.json_response(
         {"model": model}, status=201, headers={"Location": f"/models/{entry.id}"}
@@ -420,25 +420,28 @@ async def post_model(request: web.Request) -> web.Response:
 
 
 async def patch_model(request: web.Request) -> web.Response:
-    entry = await _catalog(request).update(
-        request.match_info["model_id"], await _json_object(request)
-    )
+    body = await _json_object(request)
+    entry = await _catalog(request).update(request.match_info["model_id"], body)
+    audit(request, "change", model=entry.id, fields=sorted(body), image=entry.image)
     return web.json_response({"model": await _rendered_model(request, entry.id)})
 
 
 async def delete_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     await _catalog(request).remove(model_id)
+    audit(request, "delete", model=model_id)
     return web.json_response({"deleted": model_id})
 
 
 async def post_enable(request: web.Request) -> web.Response:
     entry = await _catalog(request).set_enabled(request.match_info["model_id"], True)
+    audit(request, "enable", model=entry.id)
     return web.json_response({"model": await _rendered_model(request, entry.id)})
 
 
 async def post_disable(request: web.Request) -> web.Response:
     entry = await _catalog(request).set_enabled(request.match_info["model_id"], False)
+    audit(request, "disable", model=entry.id)
     return web.json_response({"model": await _rendered_model(request, entry.id)})
 
 
@@ -446,9 +449,10 @@ async def post_pull(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     body = await _json_object(request)
     revision = body.get("revision")
-    if revision is not None and (not isinstance(revision, str) or not revision):
-        raise BadRequest('"revision" must be a non-empty string', field="revision")
+    if revision is not None:
+        revision = validate_revision(revision)
     progress = _catalog(request).start_pull(model_id, revision)
+    audit(request, "pull", model=model_id, revision=revision)
     return web.json_response(
         {"pull": render_pull(progress), "poll": f"/models/{model_id}"},
         status=202,
@@ -508,6 +512,12 @@ def _sse(event: str, data: Any, event_id: int | None = None) -> bytes:
 async def get_events(request: web.Request) -> web.StreamResponse:
     """Every state change as a server-sent event, starting with the current status."""
     hub = request.app[EVENTS]
+    limit = request.app[STREAM_LIMIT]
+    if hub.subscribers >= limit:
+        raise TooManyStreams(
+            f"{limit} clients already follow /events; close one, or poll /status",
+            retry_after=5,
+        )
     async with hub.subscribe() as queue:
         response = await _event_stream(request)
         await response.write(_sse("status", await render_status(request.app)))
@@ -555,11 +565,15 @@ async def get_model_logs(request: web.Request) -> web.StreamResponse:
             f"model {spec.id} has no container yet; follow its log once a switch has started it",
             model=spec.id,
         )
-    response = await _event_stream(request)
-    await response.write(_sse("container", {"model": spec.id, "container": engine.name}))
-    async for line in runtime.follow_logs(engine.id, tail):
-        await response.write(_sse("log", line))
-    await response.write(_sse("end", {"model": spec.id}))
+    follower = runtime.follow_logs(engine.id, tail)  # refused here when too many follow
+    try:
+        response = await _event_stream(request)
+        await response.write(_sse("container", {"model": spec.id, "container": engine.name}))
+        async for line in follower.lines():
+            await response.write(_sse("log", line))
+        await response.write(_sse("end", {"model": spec.id}))
+    finally:
+        follower.close()
     return response
 
 
@@ -614,11 +628,16 @@ def create_app(
     runtime: ModelRuntime,
     catalog: Catalog | None = None,
     gateway: Gateway | None = None,
-    api_keys: Sequence[str] = (),
+    policy: AccessPolicy | None = None,
+    max_streams: int = 64,
+    connections: ConnectionGuard | None = None,
 ) -> web.Application:
-    app = web.Application(
-        client_max_size=MAX_BODY, middlewares=[error_middleware, auth_middleware(api_keys)]
-    )
+    middlewares = [error_middleware, guard_middleware(policy or AccessPolicy())]
+    if connections is not None:
+        middlewares.insert(0, connections.middleware)
+    app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
+    app.on_response_prepare.append(add_response_headers)
+    app[STREAM_LIMIT] = max_streams
     app[SWITCHER] = switcher
     app[RUNTIME] = runtime
     app[CATALOG] = catalog

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Literal, Protocol
 
 from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
 from huggingface_hub.constants import (
@@ -101,6 +105,29 @@ class SnapshotVerdict:
     problems: tuple[str, ...] = ()  # every finding; the reason leads with the first
 
 
+# git check-ref-format's rules for a ref name, which also keep a revision from naming a
+# path outside the repo's refs/ folder.
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
+MAX_REVISION = 255
+
+
+def revision_problem(revision: str) -> str | None:
+    """What keeps ``revision`` from being a commit hash or a git ref name; None if nothing."""
+    if REGEX_COMMIT_HASH.fullmatch(revision):
+        return None
+    if not revision:
+        return "is empty"
+    if len(revision) > MAX_REVISION:
+        return f"is longer than {MAX_REVISION} characters"
+    if _REF_FORBIDDEN.search(revision):
+        return "holds '..', '//', '@{', a space, a control character or one of ~^:?*[\\"
+    if revision.startswith("/") or revision.endswith(("/", ".")) or revision == "@":
+        return "starts or ends with '/', ends with '.', or is '@'"
+    if any(part.startswith(".") or part.endswith(".lock") for part in revision.split("/")):
+        return "has a part that starts with '.' or ends with '.lock'"
+    return None
+
+
 def _download_hint(repo: str, hub_dir: Path, revision: str) -> str:
     revision_flag = "" if revision == "main" else f" --revision {revision}"
     return f"run: hf download {repo}{revision_flag} --cache-dir {hub_dir}"
@@ -121,17 +148,61 @@ class _Contents:
     files: frozenset[str]  # paths, relative to the snapshot, that resolve to a real file
     broken: tuple[str, ...]  # what is wrong with each of the others
     size_bytes: int
+    # Every folder looked into, with when it last changed as read before listing it.
+    folders: tuple[Stamp, ...]
+    truncated: str | None = None  # why the walk stopped early, if it did
+
+
+# A path and when it last changed (None: it does not exist). A folder's time moves
+# whenever an entry in it comes or goes, so equal stamps mean an unchanged listing.
+Stamp = tuple[Path, int | None]
+
+
+def _stamp(path: Path) -> Stamp:
+    try:
+        return path, path.stat().st_mtime_ns
+    except OSError:
+        return path, None
+
+
+# A model folder holds tens of files a level or two deep; a walk that goes further is
+# looking at something else (a home directory, /), and stops with a problem instead.
+MAX_DEPTH = 4
+MAX_ENTRIES = 10_000
+MAX_SECONDS = 2.0
 
 
 def _contents(snapshot: Path) -> _Contents:
     files: set[str] = set()
     broken: list[str] = []
+    folders: list[Stamp] = []
     # Snapshots link several names to one blob when files have the same content.
     blob_sizes: dict[tuple[int, int], int] = {}
-    for folder, _subfolders, names in os.walk(snapshot):
-        for name in names:
-            path = Path(folder, name)
+    deadline = time.monotonic() + MAX_SECONDS
+    seen = 0
+    to_visit: list[tuple[Path, int]] = [(snapshot, 0)]
+    while to_visit:
+        folder, depth = to_visit.pop()
+        folders.append(_stamp(folder))
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as err:
+            broken.append(f"{folder} cannot be read: {err.strerror}")
+            continue
+        for entry in entries:
+            seen += 1
+            if seen > MAX_ENTRIES or time.monotonic() > deadline:
+                why = (
+                    f"{snapshot} holds more than {MAX_ENTRIES} entries (or took longer than"
+                    f" {MAX_SECONDS:g} s to list): this is not a model folder"
+                )
+                return _Contents(frozenset(files), tuple(broken), 0, tuple(folders), why)
+            path = Path(entry.path)
             try:
+                if entry.is_dir(follow_symlinks=False):
+                    if depth < MAX_DEPTH:
+                        to_visit.append((path, depth + 1))
+                    continue
                 info = path.stat()
             except FileNotFoundError:
                 broken.append(f"{path} is a dangling symlink: its blob is gone")
@@ -141,7 +212,9 @@ def _contents(snapshot: Path) -> _Contents:
                 continue
             files.add(path.relative_to(snapshot).as_posix())
             blob_sizes[(info.st_dev, info.st_ino)] = info.st_size
-    return _Contents(frozenset(files), tuple(sorted(broken)), sum(blob_sizes.values()))
+    return _Contents(
+        frozenset(files), tuple(sorted(broken)), sum(blob_sizes.values()), tuple(folders)
+    )
 
 
 def _shards(index: Path) -> set[str]:
@@ -172,7 +245,7 @@ def _unfinished_downloads(blobs_dir: Path) -> list[str]:
 
 def _folder_problems(snapshot: Path, contents: _Contents) -> list[str]:
     """What keeps a model folder from loading: no config, missing shards, broken links."""
-    problems: list[str] = []
+    problems: list[str] = [] if contents.truncated is None else [contents.truncated]
     if _MARKER_FILE not in contents.files:
         problems.append(f"no {_MARKER_FILE} in {snapshot}")
     if SAFETENSORS_INDEX_FILE in contents.files:
@@ -208,6 +281,13 @@ def _snapshot_problems(repo_dir: Path, snapshot: Path, contents: _Contents) -> l
 
 
 def find_snapshot(hub_dir: Path, repo: str, revision: str = "main") -> SnapshotVerdict:
+    """Whether ``revision`` of ``repo`` resolves to a snapshot that vLLM can load; see below."""
+    return _judge_snapshot(hub_dir, repo, revision)[0]
+
+
+def _judge_snapshot(
+    hub_dir: Path, repo: str, revision: str
+) -> tuple[SnapshotVerdict, tuple[Stamp, ...]]:
     """Whether ``revision`` of ``repo`` resolves to a snapshot in ``hub_dir`` that vLLM can load.
 
     ``missing``: no repo folder, no ref for the revision, or no snapshot folder for its
@@ -221,9 +301,25 @@ def find_snapshot(hub_dir: Path, repo: str, revision: str = "main") -> SnapshotV
         validate_repo_id(repo)
     except HFValidationError as err:
         reason = f"{repo} is not a valid repo id: {err}"
-        return SnapshotVerdict(repo, "missing", None, reason, revision)
+        return SnapshotVerdict(repo, "missing", None, reason, revision), ()
+    problem = revision_problem(revision)
+    if problem is not None:
+        reason = f"revision {revision!r} of {repo} {problem}"
+        return SnapshotVerdict(repo, "missing", None, reason, revision), ()
     repo_dir = hub_dir / repo_folder_name(repo_id=repo, repo_type=REPO_TYPE_MODEL)
     hint = _download_hint(repo, hub_dir, revision)
+    # A change to any of these can change the verdict (see Verdicts).
+    watched: tuple[Stamp, ...] = tuple(
+        _stamp(path)
+        for path in (
+            hub_dir,
+            repo_dir,
+            repo_dir / "refs",
+            repo_dir / "refs" / revision,
+            repo_dir / "snapshots",
+            repo_dir / "blobs",
+        )
+    )
     at_revision = "" if revision == "main" else f" for revision {revision}"
     commit = _resolve_commit(repo_dir, revision) if repo_dir.is_dir() else None
     if commit is None:
@@ -234,7 +330,7 @@ def find_snapshot(hub_dir: Path, repo: str, revision: str = "main") -> SnapshotV
             f"{repo} is not in the cache: no snapshot{at_revision} with {_MARKER_FILE}"
             f" under {repo_dir} ({hint})",
             revision,
-        )
+        ), watched
     snapshot = repo_dir / "snapshots" / commit
     if not snapshot.is_dir():
         ref = "" if commit == revision else f"refs/{revision} points to {commit}, but "
@@ -245,8 +341,9 @@ def find_snapshot(hub_dir: Path, repo: str, revision: str = "main") -> SnapshotV
             f"{repo} is not in the cache: {ref}{snapshot} does not exist ({hint})",
             revision,
             commit,
-        )
+        ), watched
     contents = _contents(snapshot)
+    watched += contents.folders
     if (
         _MARKER_FILE not in contents.files
         and try_to_load_from_cache(repo, _MARKER_FILE, cache_dir=hub_dir, revision=commit)
@@ -261,7 +358,7 @@ def find_snapshot(hub_dir: Path, repo: str, revision: str = "main") -> SnapshotV
             " that the Hub has none, so it is not a model vLLM can serve (check the repo id)",
             revision,
             commit,
-        )
+        ), watched
     problems = tuple(_snapshot_problems(repo_dir, snapshot, contents))
     if not problems:
         reason = f"{repo} is in {snapshot}"
@@ -280,11 +377,16 @@ def find_snapshot(hub_dir: Path, repo: str, revision: str = "main") -> SnapshotV
         commit,
         contents.size_bytes,
         problems,
-    )
+    ), watched
 
 
 def verify_local_model(folder: Path) -> SnapshotVerdict:
     """The same verdict for a model folder outside the cache, such as a training checkpoint."""
+    return _judge_folder(folder)[0]
+
+
+def _judge_folder(folder: Path) -> tuple[SnapshotVerdict, tuple[Stamp, ...]]:
+    around = (_stamp(folder.parent), _stamp(folder))
     if not folder.is_dir():
         return SnapshotVerdict(
             str(folder),
@@ -292,7 +394,7 @@ def verify_local_model(folder: Path) -> SnapshotVerdict:
             None,
             f"{folder} is not a folder on this host: check the path given for the model",
             revision="local",
-        )
+        ), around
     contents = _contents(folder)
     problems = tuple(_folder_problems(folder, contents))
     if not problems:
@@ -309,4 +411,69 @@ def verify_local_model(folder: Path) -> SnapshotVerdict:
         None,
         contents.size_bytes,
         problems,
-    )
+    ), (*around, *contents.folders)
+
+
+class WeightsSource(Protocol):
+    """Where a model's weights come from: a folder on the host, else a Hub repo."""
+
+    @property
+    def repo(self) -> str | None: ...
+    @property
+    def checkpoint(self) -> Path | None: ...
+
+
+@dataclass(frozen=True)
+class _Judged:
+    verdict: SnapshotVerdict
+    watched: tuple[Stamp, ...]
+
+    def still_true(self) -> bool:
+        return all(_stamp(path) == (path, when) for path, when in self.watched)
+
+
+class Verdicts:
+    """Each model's weights verdict, for the pre-flight, the catalog and the API alike.
+
+    A verdict is kept until one of the folders (or the ref file) it was read from
+    changes, so /status and /models cost a few stat calls, not a walk of each model.
+    One verdict is worked out at a time per folder: callers asking for the same one
+    meanwhile wait for it. Call from a worker thread: it touches the disk.
+    """
+
+    def __init__(self, hub_dir: Path) -> None:
+        self.hub_dir = hub_dir
+        self._judged: dict[tuple[str, ...], _Judged] = {}
+        self._locks: dict[tuple[str, ...], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def of(self, model: WeightsSource) -> SnapshotVerdict | None:
+        """The verdict on what a model loads; None when it names neither repo nor folder."""
+        if model.checkpoint is not None:
+            return self.of_folder(model.checkpoint)
+        if model.repo is not None:
+            return self.of_repo(model.repo)
+        return None
+
+    def of_repo(self, repo: str, revision: str = "main") -> SnapshotVerdict:
+        return self._judge(
+            ("hub", repo, revision), lambda: _judge_snapshot(self.hub_dir, repo, revision)
+        )
+
+    def of_folder(self, folder: Path) -> SnapshotVerdict:
+        return self._judge(("folder", str(folder)), lambda: _judge_folder(folder))
+
+    def _judge(
+        self,
+        key: tuple[str, ...],
+        judge: Callable[[], tuple[SnapshotVerdict, tuple[Stamp, ...]]],
+    ) -> SnapshotVerdict:
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            known = self._judged.get(key)
+            if known is not None and known.still_true():
+                return known.verdict
+            verdict, watched = judge()
+            self._judged[key] = _Judged(verdict, watched)
+            return verdict

@@ -20,7 +20,6 @@ from typing import Any
 import structlog
 import yaml
 
-from .cache import SnapshotVerdict, find_snapshot, verify_local_model
 from .compose import (
     ComposeError,
     ComposeProject,
@@ -37,8 +36,10 @@ from .registry import (
     REGISTRY_EDITABLE,
     EngineDefaults,
     ModelEntry,
+    RegistryLimits,
     apply_changes,
     check_fields,
+    default_allowed_images,
     render_document,
     validate_model_id,
     validate_source,
@@ -80,12 +81,17 @@ class Catalog:
         store: Store,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         engine_defaults: EngineDefaults | None = None,
+        limits: RegistryLimits | None = None,
         hub_endpoint: str | None = None,
     ) -> None:
         self.paths = paths
         self.store = store
         self.overrides = dict(overrides or {})
         self.engine_defaults = engine_defaults or EngineDefaults()
+        self.limits = limits or RegistryLimits(
+            checkpoint_roots=(paths.models_dir / "checkpoints",),
+            allowed_images=default_allowed_images(self.engine_defaults.image),
+        )
         # None: huggingface_hub's own (HF_ENDPOINT, else the public Hub).
         self.hub_endpoint = hub_endpoint
         self.entries: dict[str, ModelEntry] = {}
@@ -162,14 +168,6 @@ class Catalog:
                 f"unknown model {model_id!r}; known models: {known}", model=model_id
             ) from None
 
-    def verdict(self, spec: ModelSpec) -> SnapshotVerdict | None:
-        """Whether the model's weights are on disk; file-system work, call it off the loop."""
-        if spec.checkpoint is not None:
-            return verify_local_model(spec.checkpoint)
-        if spec.repo is not None:
-            return find_snapshot(self.paths.hub_dir, spec.repo)
-        return None
-
     # -- changes ---------------------------------------------------------------------
 
     async def add(self, body: Mapping[str, Any]) -> ModelEntry:
@@ -178,7 +176,7 @@ class Catalog:
             REGISTRY_EDITABLE | {"id", "repo", "path"},
             "when adding a model",
         )
-        repo, path = validate_source(body)
+        repo, path = validate_source(body, self.limits)
         metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else None
         identity = identify(repo or str(path), metadata=metadata)
         model_id = validate_model_id(body["id"]) if "id" in body else identity.id
@@ -189,7 +187,7 @@ class Catalog:
             repo=repo,
             path=path,
         )
-        entry = apply_changes(entry, body)
+        entry = apply_changes(entry, body, self.limits)
         if entry.display_name is None:
             entry = replace(entry, display_name=identity.display_name)
         if path is not None:
@@ -216,7 +214,7 @@ class Catalog:
                 else "on a model"
             )
             check_fields(body, allowed, what)
-            changed = apply_changes(current, body)
+            changed = apply_changes(current, body, self.limits)
             if changed.enabled is False and self._in_use(model_id):
                 raise self._refusal_in_use(model_id, "disable")
             self._refuse_duplicate_name(changed)

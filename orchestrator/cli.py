@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -20,18 +21,26 @@ import structlog
 from aiohttp import web
 
 from .api import create_app
-from .cache import find_snapshot, looks_like_path
+from .cache import Verdicts, find_snapshot, looks_like_path
 from .catalog import NORMALIZED_COMPOSE, Catalog, CatalogPaths
 from .client import DEFAULT_URL, DaemonRefused, DaemonUnavailable, call, format_models
 from .compose import ComposeError, ComposeProject, load_project, render
 from .config import Settings, load_settings
-from .docker import Docker, detect_compose_cli
+from .docker import Docker, compose_environment, detect_compose_cli
 from .errors import OrchestratorError
 from .gateway import Gateway
 from .logs import configure_logging
 from .pull import PullError, PullProgress, pull
-from .registry import EngineDefaults, ModelEntry
+from .registry import EngineDefaults, ModelEntry, RegistryLimits
 from .runtime import DockerRuntime
+from .security import AccessPolicy, keys_for_bind
+from .server import (
+    ConnectionGuard,
+    QuietExhaustion,
+    connection_bound,
+    listen,
+    raise_descriptor_limit,
+)
 from .store import Store
 from .switcher import Switcher
 from .traffic import Traffic
@@ -68,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (8080)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback address without API keys (anyone who reaches the port"
+        " can run containers on this host); without it such a bind requires a key, generated"
+        " into <state-dir>/api-key when none is set",
+    )
     check = commands.add_parser(
         "check", help="show what the daemon rewrites and what is wrong; non-zero exit on errors"
     )
@@ -162,19 +179,21 @@ def _add_body(args: argparse.Namespace) -> dict[str, Any]:
 async def models_command(args: argparse.Namespace) -> int:
     """One registry action against the running daemon; prints what it did."""
     url = args.url
+    key = os.environ.get("ORCHESTRATOR_API_KEY") or None
     try:
         if args.action == "list":
-            listing = await call(url, "GET", "/models")
-            status = await call(url, "GET", "/status")
+            listing = await call(url, "GET", "/models", api_key=key)
+            status = await call(url, "GET", "/status", api_key=key)
             print(format_models(listing.get("models", []), status, args.format))
         elif args.action == "add":
-            added = (await call(url, "POST", "/models", _add_body(args)))["model"]
+            added = (await call(url, "POST", "/models", _add_body(args), api_key=key))["model"]
             print(f"added {added['id']} ({added['display_name']})")
         elif args.action == "rm":
-            await call(url, "DELETE", f"/models/{quote(args.model_id, safe='')}")
+            await call(url, "DELETE", f"/models/{quote(args.model_id, safe='')}", api_key=key)
             print(f"removed {args.model_id}")
         else:
-            await call(url, "POST", f"/models/{quote(args.model_id, safe='')}/{args.action}")
+            model = quote(args.model_id, safe="")
+            await call(url, "POST", f"/models/{model}/{args.action}", api_key=key)
             print(f"{args.action}d {args.model_id}")
     except (DaemonUnavailable, DaemonRefused) as err:
         print(f"ERROR: {err}", file=sys.stderr)
@@ -183,7 +202,16 @@ async def models_command(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    names = ("compose_file", "models_dir", "state_dir", "project_name", "host", "port", "log_level")
+    names = (
+        "compose_file",
+        "models_dir",
+        "state_dir",
+        "project_name",
+        "host",
+        "port",
+        "log_level",
+        "insecure_no_auth",
+    )
     flags = {name: getattr(args, name, None) for name in names}
     return load_settings(flags, config_file=args.config)
 
@@ -194,68 +222,114 @@ def _project(settings: Settings) -> ComposeProject:
 
 async def _docker(settings: Settings, normalized: Path) -> Docker:
     """Compose runs our copy with the user's folder as project directory: relative paths hold."""
+    try:
+        compose_text = settings.compose_file.read_text(errors="replace")
+    except OSError:
+        compose_text = ""
     return Docker(
         compose_file=normalized,
         project_dir=settings.compose_file.parent,
         project_name=settings.effective_project_name,
         compose_cli=await detect_compose_cli(),
+        max_log_followers=settings.max_streams,
+        environment=compose_environment(os.environ, compose_text),
     )
 
 
 async def serve(settings: Settings) -> None:
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    store = await Store.open(settings.state_dir / DATABASE)
-    catalog = Catalog(
-        paths=CatalogPaths(settings.compose_file, settings.models_dir, settings.state_dir),
-        store=store,
-        overrides=settings.models,
-        engine_defaults=EngineDefaults(image=settings.engine_image, gpus=settings.engine_gpus),
-    )
-    project = await catalog.load()
-    for model_id, problems in project.problems.items():
-        for problem in problems:
-            log.warning("compose problem", model=model_id, problem=problem)
-    normalized = catalog.paths.normalized
-    docker = await _docker(settings, normalized)
-    await docker.validate(project.models)
-    runtime = DockerRuntime(docker, upstream_host=settings.upstream_host)
-    switcher = Switcher(
-        models=catalog.specs(),
-        runtime=runtime,
-        store=store,
-        hub_dir=settings.models_dir / "hub",
-        rollback=settings.rollback,
-        restore_on_start=settings.restore_on_start,
-        probe_interval=settings.probe_interval,
-        probe_failures=settings.probe_failures,
-        preload=settings.preload,
-    )
-    traffic = Traffic(
-        switcher,
-        auto_switch=settings.auto_switch,
-        max_queue=settings.max_queue,
-        drain_timeout=settings.drain_timeout,
-        default_ttl=settings.ttl,
-    )
-    gateway = Gateway(switcher, traffic, aliases=settings.aliases)
-    catalog.connect(
-        validate=lambda candidate, profiles: docker.validate(profiles, compose_file=candidate),
-        on_change=switcher.set_models,
-        in_use=switcher.involves,
-    )
-    app = create_app(switcher, runtime, catalog, gateway, settings.api_keys)
-    # Cancelling the handler of a client that hung up is what cancels its request to
-    # the engine and frees its place in the queue.
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    stopping = asyncio.Event()
+    """Run the daemon until SIGTERM or SIGINT; whatever fails at start closes what was opened."""
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    try:
+    loop.set_exception_handler(QuietExhaustion())
+    descriptors = raise_descriptor_limit()
+    keys = keys_for_bind(
+        host=settings.host,
+        keys=settings.api_keys,
+        state_dir=settings.state_dir,
+        insecure_no_auth=settings.insecure_no_auth,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        store = await Store.open(settings.state_dir / DATABASE)
+        stack.push_async_callback(store.close)
+        catalog = Catalog(
+            paths=CatalogPaths(settings.compose_file, settings.models_dir, settings.state_dir),
+            store=store,
+            overrides=settings.models,
+            engine_defaults=EngineDefaults(image=settings.engine_image, gpus=settings.engine_gpus),
+            limits=RegistryLimits(settings.checkpoint_roots, settings.allowed_images),
+        )
+        stack.push_async_callback(catalog.close)
+        project = await catalog.load()
+        for model_id, problems in project.problems.items():
+            for problem in problems:
+                log.warning("compose problem", model=model_id, problem=problem)
+        normalized = catalog.paths.normalized
+        docker = await _docker(settings, normalized)
+        await docker.validate(project.models)
+        runtime = DockerRuntime(docker, upstream_host=settings.upstream_host)
+        stack.push_async_callback(runtime.close)
+        switcher = Switcher(
+            models=catalog.specs(),
+            runtime=runtime,
+            store=store,
+            verdicts=Verdicts(settings.models_dir / "hub"),
+            rollback=settings.rollback,
+            restore_on_start=settings.restore_on_start,
+            probe_interval=settings.probe_interval,
+            probe_failures=settings.probe_failures,
+            preload=settings.preload,
+        )
+        stack.push_async_callback(switcher.close)
+        traffic = Traffic(
+            switcher,
+            auto_switch=settings.auto_switch,
+            max_queue=settings.max_queue,
+            drain_timeout=settings.drain_timeout,
+            default_ttl=settings.ttl,
+        )
+        stack.push_async_callback(traffic.close)
+        gateway = Gateway(switcher, traffic, aliases=settings.aliases)
+        stack.push_async_callback(gateway.close)
+        catalog.connect(
+            validate=lambda candidate, profiles: docker.validate(profiles, compose_file=candidate),
+            on_change=switcher.set_models,
+            in_use=switcher.involves,
+        )
+        connections = ConnectionGuard(connection_bound(settings.max_connections, descriptors))
+        policy = AccessPolicy.build(
+            keys=keys,
+            bind_host=settings.host,
+            allowed_hosts=settings.allowed_hosts,
+            allowed_origins=settings.allowed_origins,
+            protect_reads=settings.protect_reads,
+        )
+        app = create_app(
+            switcher,
+            runtime,
+            catalog,
+            gateway,
+            policy=policy,
+            max_streams=settings.max_streams,
+            connections=connections,
+        )
+        # Cancelling the handler of a client that hung up is what cancels its request to
+        # the engine and frees its place in the queue. The keep-alive timeout also runs
+        # from a connection's start: one that sends no complete request in time is closed.
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handler_cancellation=True,
+            keepalive_timeout=settings.header_timeout,
+        )
+        stopping = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
         await switcher.start(docker.events)
         traffic.start()
         await runner.setup()
-        await web.TCPSite(runner, settings.host, settings.port).start()
+        stack.push_async_callback(runner.cleanup)
+        listener = await listen(runner, connections, settings.host, settings.port)
+        stack.callback(listener.close)
         log.info(
             "serving",
             host=settings.host,
@@ -263,17 +337,11 @@ async def serve(settings: Settings) -> None:
             project=docker.project_name,
             models=list(project.models),
             compose=str(normalized),
+            keys=len(keys),
+            max_connections=connections.max_connections,
         )
         await stopping.wait()
         log.info("shutting down; the running model is left running")
-    finally:
-        await runner.cleanup()
-        await gateway.close()
-        await traffic.close()
-        await catalog.close()
-        await switcher.close()
-        await runtime.close()
-        await store.close()
 
 
 async def check(settings: Settings) -> int:

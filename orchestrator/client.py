@@ -43,7 +43,12 @@ async def call(
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout, headers=headers) as session,
-            session.request(method, base_url.rstrip("/") + path, json=body) as response,
+            # Changes always go as JSON: the daemon refuses any other body type.
+            session.request(
+                method,
+                base_url.rstrip("/") + path,
+                json=body if body is not None or method in {"GET", "HEAD"} else {},
+            ) as response,
         ):
             try:
                 answer = await response.json(content_type=None)

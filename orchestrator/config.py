@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .registry import default_allowed_images
+from .security import normalise_origin
 
 ENV_PREFIX = "ORCHESTRATOR_"
 
@@ -60,14 +62,39 @@ class Settings:
     # Other names /v1 requests may use for a model: {alias: model id}.
     aliases: Mapping[str, str] = field(default_factory=dict)
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Browser pages (origins such as http://webui.lan:3000) that may call the daemon.
+    allowed_origins: tuple[str, ...] = ()
+    # Names besides the loopback's under which a loopback-bound daemon may be reached.
+    allowed_hosts: tuple[str, ...] = ()
+    # Every route but /health and /health/live needs a key (when keys are set).
+    protect_reads: bool = False
+    # Serve a non-loopback bind without keys; otherwise one is generated in the state dir.
+    insecure_no_auth: bool = False
+    # Folders under which models added by path must lie; <models-dir>/checkpoints if none.
+    checkpoint_roots: tuple[Path, ...] = ()
+    # Images models added through the API may run (fnmatch patterns); the repository of
+    # engine_image, any tag, if none.
+    allowed_images: tuple[str, ...] = ()
+    # Clients that may follow /events at once, and each model's log.
+    max_streams: int = 64
+    # Seconds a client has to send a request's headers (and an idle connection stays open).
+    header_timeout: float = 10.0
+    # Open connections before the oldest idle one is closed; 0: from the descriptor limit.
+    max_connections: int = 0
 
     def resolved(self) -> Settings:
         """Absolute paths, so that compose run from another directory sees the same files."""
+        models_dir = self.models_dir.expanduser().resolve()
         return replace(
             self,
             compose_file=self.compose_file.expanduser().resolve(),
-            models_dir=self.models_dir.expanduser().resolve(),
+            models_dir=models_dir,
             state_dir=self.state_dir.expanduser().resolve(),
+            checkpoint_roots=tuple(
+                Path(root).expanduser().resolve() for root in self.checkpoint_roots
+            )
+            or (models_dir / "checkpoints",),
+            allowed_images=self.allowed_images or default_allowed_images(self.engine_image),
         )
 
     @property
@@ -116,6 +143,15 @@ _FIELD_TYPES: dict[str, type] = {
     "preload": str,
     "max_queue": int,
     "api_keys": tuple,
+    "allowed_origins": tuple,
+    "allowed_hosts": tuple,
+    "protect_reads": bool,
+    "insecure_no_auth": bool,
+    "checkpoint_roots": tuple,
+    "allowed_images": tuple,
+    "max_streams": int,
+    "header_timeout": float,
+    "max_connections": int,
 }
 
 # The file may use the flags' spelling too (compose rather than compose_file).
@@ -212,6 +248,19 @@ def load_settings(
             raise ConfigError(f"{name} must be 0 or more seconds")
     if values.get("max_queue", 1) < 1:
         raise ConfigError("max_queue must be at least 1")
+    if values.get("max_streams", 1) < 1:
+        raise ConfigError("max_streams must be at least 1")
+    if values.get("header_timeout", 1) <= 0:
+        raise ConfigError("header_timeout must be more than 0 seconds")
+    if values.get("max_connections", 0) < 0:
+        raise ConfigError("max_connections must be 0 (from the descriptor limit) or more")
+    for origin in values.get("allowed_origins", ()):
+        try:
+            normalise_origin(origin)
+        except ValueError as err:
+            raise ConfigError(f"allowed_origins: {err}") from err
+    if "$" in str(values.get("models_dir", "")):
+        raise ConfigError("models_dir must not contain '$': compose would read it as a variable")
     gpus = str(values.get("engine_gpus", "all"))
     if gpus not in {"all", "none"} and not (gpus.isdigit() and int(gpus) > 0):
         raise ConfigError(f'engine_gpus must be "all", "none" or a number of GPUs, got {gpus!r}')

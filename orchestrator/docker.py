@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import shutil
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +24,7 @@ import docker
 import docker.errors
 import structlog
 
-from .errors import DockerError
+from .errors import DockerError, TooManyStreams
 
 log = structlog.get_logger(__name__)
 
@@ -103,6 +104,22 @@ def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
     )
 
 
+# Secrets of the daemon's own that compose must not see: compose interpolates "${...}"
+# in the files it reads with its environment, and may hand values to containers.
+_DAEMON_PREFIX = "ORCHESTRATOR_"
+_HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def compose_environment(environ: Mapping[str, str], compose_text: str) -> dict[str, str]:
+    """The daemon's environment without its keys and settings, and without the Hub token
+    unless the user's compose file names it (to pass it to an engine on purpose)."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if not name.startswith(_DAEMON_PREFIX) and (name not in _HUB_TOKENS or name in compose_text)
+    }
+
+
 async def detect_compose_cli() -> list[str]:
     """Compose v2 as a docker CLI plugin if it answers, else the standalone binary."""
     for candidate in (["docker", "compose"], ["docker-compose"]):
@@ -133,12 +150,18 @@ class Docker:
         project_name: str,
         compose_cli: Sequence[str] | None = None,
         client: Any = None,
+        max_log_followers: int = 64,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         self.compose_file = compose_file
         self.project_dir = project_dir
         self.project_name = project_name
         self.compose_cli = list(compose_cli or ["docker", "compose"])
         self._client = client
+        self.max_log_followers = max_log_followers
+        # What compose runs with: the daemon's environment less its secrets.
+        self.environment = dict(environment) if environment is not None else None
+        self._shared_logs: dict[str, SharedLog] = {}
 
     # -- plumbing -------------------------------------------------------------
 
@@ -175,6 +198,7 @@ class Docker:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                env=self.environment,
             )
         except FileNotFoundError as err:
             raise DockerError(
@@ -258,40 +282,27 @@ class Docker:
             return ""
         return bytes(raw).decode(errors="replace")
 
-    async def follow_logs(self, container_id: str, tail: int) -> AsyncIterator[str]:
-        """The container's last ``tail`` lines, then each new line as it is written."""
-        client = await self.client()
-        try:
-            stream = await self._blocking(
-                client.api.logs, container_id, stream=True, follow=True, tail=tail
+    def follow_logs(self, container_id: str, tail: int) -> LogFollower:
+        """The container's last ``tail`` lines, then each new line as it is written.
+
+        Every follower of one container shares one docker log stream; past
+        ``max_log_followers`` of them a new one is refused with TooManyStreams.
+        """
+        shared = self._shared_logs.get(container_id)
+        if shared is None or shared.ended:
+            shared = SharedLog(self, container_id, asyncio.get_running_loop())
+            self._shared_logs[container_id] = shared
+        if len(shared.followers) >= self.max_log_followers:
+            raise TooManyStreams(
+                f"{self.max_log_followers} clients already follow this model's log;"
+                " close one or read the last lines with ?follow=false",
+                retry_after=5,
             )
-        except docker.errors.NotFound:
-            return
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        return LogFollower(shared, tail)
 
-        def pump() -> None:
-            try:
-                for chunk in stream:
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-            except Exception as err:  # the stream ends with whatever the socket raised
-                log.debug("log stream ended", error=str(err))
-            finally:
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        threading.Thread(target=pump, name="docker-logs", daemon=True).start()
-        pending = b""
-        try:
-            while (chunk := await queue.get()) is not None:
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    yield line.decode(errors="replace")
-            if pending:
-                yield pending.decode(errors="replace")
-        finally:
-            stream.close()
+    def _forget_log(self, shared: SharedLog) -> None:
+        if self._shared_logs.get(shared.container_id) is shared:
+            del self._shared_logs[shared.container_id]
 
     async def subscribe(self, filters: Mapping[str, Any]) -> EventSubscription:
         """Container events matching ``filters`` from now on; close it when done."""
@@ -369,3 +380,154 @@ class EventSubscription:
 
     def close(self) -> None:
         self._stream.close()
+
+
+# A follower may ask for this many earlier lines; the shared stream keeps as many.
+LOG_RING = 10_000
+# Lines a slow follower may fall behind by before it loses the oldest.
+FOLLOWER_QUEUE = 2_000
+
+
+def _split_timestamp(line: bytes) -> tuple[tuple[int, int], str]:
+    """docker's ``timestamps=True`` prefix as (seconds, nanoseconds), and the line."""
+    stamp, _, text = line.partition(b" ")
+    when = _parse_time(stamp.decode(errors="replace"))
+    seconds = int(when.timestamp()) if when is not None else 0
+    fraction = stamp.partition(b".")[2].rstrip(b"Z").split(b"+")[0].split(b"-")[0]
+    nanos = int((fraction.decode() + "000000000")[:9]) if fraction.isdigit() else 0
+    return (seconds, nanos), text.decode(errors="replace")
+
+
+class SharedLog:
+    """One container's log, read from docker once and handed to each of its followers.
+
+    A thread of its own reads the last ``LOG_RING`` lines, then follows from there; the
+    lines reach the event loop in batches and go into a ring (for followers who join
+    later and ask for a tail) and into each follower's queue.
+    """
+
+    def __init__(self, docker: Docker, container_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.docker = docker
+        self.container_id = container_id
+        self.loop = loop
+        self.ring: deque[str] = deque(maxlen=LOG_RING)
+        self.followers: set[LogFollower] = set()
+        self.loaded = asyncio.Event()  # the backlog is in the ring
+        self.ended = False
+        self._stream: Any = None
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, client: Any) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._pump, args=(client,), name="docker-logs", daemon=True
+            )
+            self._thread.start()
+
+    def _hand_over(self, lines: list[str] | None, *, backlog: bool = False) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop may be gone at exit
+            self.loop.call_soon_threadsafe(self._deliver, lines, backlog)
+
+    def _deliver(self, lines: list[str] | None, backlog: bool) -> None:
+        if lines is None:
+            self.ended = True
+            self.loaded.set()
+            for follower in list(self.followers):
+                follower.push(None)
+            self.docker._forget_log(self)
+            return
+        self.ring.extend(lines)
+        if backlog:
+            self.loaded.set()
+            return
+        for follower in list(self.followers):
+            for line in lines:
+                follower.push(line)
+
+    def _pump(self, client: Any) -> None:
+        try:
+            raw = client.api.logs(self.container_id, tail=LOG_RING, timestamps=True)
+            last = (0, 0)
+            backlog: list[str] = []
+            for line in bytes(raw).splitlines():
+                last, text = _split_timestamp(line)
+                backlog.append(text)
+            self._hand_over(backlog, backlog=True)
+            if self._closed.is_set():
+                return
+            self._stream = client.api.logs(
+                self.container_id,
+                stream=True,
+                follow=True,
+                timestamps=True,
+                since=last[0] or None,
+            )
+            pending = b""
+            for chunk in self._stream:
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                fresh = []
+                for line in complete:
+                    when, text = _split_timestamp(line)
+                    if when > last:  # `since` has whole seconds: skip the backlog's lines
+                        fresh.append(text)
+                if fresh:
+                    self._hand_over(fresh)
+            if pending:
+                self._hand_over([_split_timestamp(pending)[1]])
+        except Exception as err:  # the stream ends with whatever the socket raised
+            log.debug("log stream ended", container=self.container_id[:12], error=str(err))
+        finally:
+            self._hand_over(None)
+
+    def leave(self, follower: LogFollower) -> None:
+        self.followers.discard(follower)
+        if not self.followers and not self.ended:
+            # Nobody listens: stop reading. A later follower starts a new stream.
+            self._closed.set()
+            self.ended = True
+            self.docker._forget_log(self)
+            if self._stream is not None:
+                with contextlib.suppress(Exception):
+                    self._stream.close()
+
+
+class LogFollower:
+    """One client following a shared log: its tail first, then every new line."""
+
+    def __init__(self, shared: SharedLog, tail: int) -> None:
+        self.shared = shared
+        self.tail = tail
+        self._queue: deque[str | None] = deque(maxlen=FOLLOWER_QUEUE)
+        self._ready = asyncio.Event()
+        shared.followers.add(self)
+
+    def push(self, line: str | None) -> None:
+        self._queue.append(line)
+        self._ready.set()
+
+    def close(self) -> None:
+        self.shared.leave(self)
+
+    async def lines(self) -> AsyncIterator[str]:
+        shared = self.shared
+        try:
+            shared.start(await shared.docker.client())
+            await shared.loaded.wait()
+            # The ring already holds every line queued so far: taking the tail and
+            # emptying the queue in one step of the loop loses and doubles nothing.
+            backlog = list(shared.ring)[-self.tail :] if self.tail else []
+            self._queue.clear()
+            for line in backlog:
+                yield line
+            while not shared.ended or self._queue:
+                while self._queue:
+                    queued = self._queue.popleft()
+                    if queued is None:
+                        return
+                    yield queued
+                self._ready.clear()
+                await self._ready.wait()
+        finally:
+            self.close()

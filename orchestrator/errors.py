@@ -68,6 +68,20 @@ class Forbidden(OrchestratorError):
     code = "forbidden"
 
 
+class UnsupportedMediaType(OrchestratorError):
+    """A request that changes something came without a JSON body type."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class RequestTimeout(OrchestratorError):
+    """The client did not send its whole body within the bound."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class TooBusy(OrchestratorError):
     """The model's queue is full; the client should come back after ``retry_after`` s."""
 
@@ -76,6 +90,16 @@ class TooBusy(OrchestratorError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.details.get("retry_after", 1))}
+
+
+class TooManyStreams(OrchestratorError):
+    """Every place for a long-lived stream of this kind is taken."""
+
+    status = 503
+    code = "too_many_streams"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.details.get("retry_after", 5))}
 
 
 class UpstreamError(OrchestratorError):

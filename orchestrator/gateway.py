@@ -9,10 +9,9 @@ a client that hangs up cancels its request to the engine.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -20,14 +19,8 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .errors import (
-    BadRequest,
-    Forbidden,
-    ModelNotFound,
-    OrchestratorError,
-    Unauthorized,
-    UpstreamError,
-)
+from .errors import BadRequest, ModelNotFound, OrchestratorError, RequestTimeout, UpstreamError
+from .security import is_gateway_path
 from .switcher import State, Switcher
 from .traffic import Traffic
 
@@ -35,6 +28,8 @@ log = structlog.get_logger(__name__)
 
 # Chat requests carry images and long contexts; far above the control API's 64 KiB.
 MAX_V1_BODY = 32 * 1024 * 1024
+# A client that trickles its body holds a connection open; a large upload still fits.
+V1_BODY_TIMEOUT = 120.0
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -66,10 +61,6 @@ def openai_error(status: int, code: str, message: str, param: str | None = None)
     """An error in the shape OpenAI's clients parse."""
     kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def is_gateway_path(path: str) -> bool:
-    return path == "/v1" or path.startswith("/v1/")
 
 
 class Gateway:
@@ -209,11 +200,17 @@ class Gateway:
 async def _read_body(request: web.Request) -> bytes:
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > MAX_V1_BODY:
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_V1_BODY, actual_size=size)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(V1_BODY_TIMEOUT):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > MAX_V1_BODY:
+                    raise web.HTTPRequestEntityTooLarge(max_size=MAX_V1_BODY, actual_size=size)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {V1_BODY_TIMEOUT:g} s"
+        ) from None
     return b"".join(chunks)
 
 
@@ -234,40 +231,6 @@ def _requested_model(body: bytes, request: web.Request) -> tuple[str | None, dic
     if model is not None and not isinstance(model, str):
         raise BadRequest('"model" must be a string', param="model")
     return model, payload
-
-
-# --- API keys ---------------------------------------------------------------------------
-
-
-def needs_key(request: web.Request) -> bool:
-    """Probes stay open; every change and every /v1 request needs a key when keys are set."""
-    if request.path in {"/health", "/health/live"}:
-        return False
-    return is_gateway_path(request.path) or request.method not in {"GET", "HEAD", "OPTIONS"}
-
-
-def presented_key(request: web.Request) -> str | None:
-    authorization = request.headers.get("Authorization", "")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return request.headers.get("x-api-key") or None
-
-
-def check_key(request: web.Request, keys: Sequence[bytes]) -> None:
-    """Raise unless the request carries one of ``keys``; compared in constant time."""
-    given = presented_key(request)
-    if given is None:
-        raise Unauthorized(
-            "an API key is required: send it as 'Authorization: Bearer <key>' or 'x-api-key'"
-        )
-    given_bytes = given.encode()
-    # Every key is compared, so the time taken says nothing about which one came close.
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given_bytes, key)
-    if not matched:
-        raise Forbidden("the API key is not valid")
 
 
 def error_response(request: web.Request, err: OrchestratorError) -> web.Response:

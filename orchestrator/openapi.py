@@ -498,12 +498,22 @@ def _openai_request(field: str, schema: Schema) -> Schema:
 _ERRORS: dict[int, tuple[str, str]] = {
     400: ("BadRequest", "The request is malformed or a field is out of range (error.field)."),
     401: ("Unauthorized", "API keys are configured and the request carries none."),
-    403: ("Forbidden", "The request's API key is not one of the configured keys."),
+    403: (
+        "Forbidden",
+        "The API key is not one of the configured keys, or the request came from a page of"
+        " another origin, or named a Host that a loopback-bound daemon does not answer to.",
+    ),
     404: ("NotFound", "No such model, switch or route."),
     409: ("Conflict", "The model's state forbids it: disabled, not cached, in use."),
+    408: ("RequestTimeout", "The body did not arrive within 30 s (120 s on /v1)."),
     413: ("TooLarge", "The body is larger than 64 KiB (32 MiB on /v1)."),
+    415: (
+        "UnsupportedMediaType",
+        "A request that changes something must send its body as application/json.",
+    ),
     429: ("TooBusy", "The model's queue is full; come back after Retry-After seconds."),
     502: ("BadGateway", "The engine exited, Docker failed, or the engine did not answer."),
+    503: ("TooManyStreams", "Every place for this kind of stream is taken; retry later."),
     504: ("Timeout", "The model did not become healthy within its startup timeout."),
 }
 
@@ -511,7 +521,7 @@ _ERRORS: dict[int, tuple[str, str]] = {
 def _error_headers(status: int) -> dict[str, Any]:
     if status == 401:
         return {"WWW-Authenticate": {"required": True, "schema": STRING}}
-    if status == 429:
+    if status in {429, 503}:
         return {"Retry-After": {"required": True, "schema": {"type": "integer"}}}
     return {}
 
@@ -1013,6 +1023,29 @@ def _gateway_paths() -> dict[str, Any]:
     }
 
 
+_CHANGING = frozenset({"post", "put", "patch", "delete"})
+_STREAMS = frozenset({"/events", "/models/{model_id}/logs"})
+
+
+def _guarded(paths: dict[str, Any]) -> dict[str, Any]:
+    """What the guard in front of every handler may answer, added to each operation."""
+    for path, item in paths.items():
+        for method, operation in item.items():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            v1 = path.startswith("/v1/")
+            wanted = [403]
+            if method in _CHANGING:
+                wanted += [408, 415]
+                # Even a change that reads no body must say JSON (see 415).
+                operation.setdefault("requestBody", _body(_obj({}), required=False))
+            if path in _STREAMS:
+                wanted.append(503)
+            for status in wanted:
+                operation["responses"].setdefault(str(status), _errors(status, v1=v1)[str(status)])
+    return paths
+
+
 def openapi_document() -> dict[str, Any]:
     """The whole HTTP API as an OpenAPI 3.1 document; a new object on each call."""
     version = str(getattr(orchestrator, "__version__", "0.1.0"))
@@ -1034,7 +1067,7 @@ def openapi_document() -> dict[str, Any]:
             {"name": "live views", "description": "Dashboard, events, metrics, logs"},
             {"name": "gateway", "description": "The OpenAI-compatible gateway"},
         ],
-        "paths": {**_control_paths(), **_probe_and_view_paths(), **_gateway_paths()},
+        "paths": _guarded({**_control_paths(), **_probe_and_view_paths(), **_gateway_paths()}),
         "components": {
             "schemas": {**_answer_schemas(), **_request_schemas()},
             "responses": _responses(),

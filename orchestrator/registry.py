@@ -13,10 +13,12 @@ Every value is validated here, and a refusal names the field it is about.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
@@ -193,14 +195,80 @@ def validate_model_id(value: Any) -> str:
     return value
 
 
-def validate_image(value: Any) -> str:
+def image_repository(image: str) -> str:
+    """An image reference without its tag or digest: ``vllm/vllm-openai``."""
+    name = image.split("@", 1)[0]
+    head, _, tail = name.rpartition("/")
+    if ":" in tail:
+        tail = tail.split(":", 1)[0]
+    return f"{head}/{tail}" if head else tail
+
+
+def default_allowed_images(engine_image: str) -> tuple[str, ...]:
+    repository = image_repository(engine_image)
+    return (repository, f"{repository}:*", f"{repository}@sha256:*")
+
+
+@dataclass(frozen=True)
+class RegistryLimits:
+    """What a model added through the API may mount and run: the user's settings."""
+
+    # Folders a model given by path must lie in, symlinks resolved.
+    checkpoint_roots: tuple[Path, ...] = ()
+    # fnmatch patterns an image reference must match.
+    allowed_images: tuple[str, ...] = ()
+
+
+def validate_image(value: Any, limits: RegistryLimits) -> str:
     image = _string("image", value)
-    if any(ch.isspace() for ch in image) or not image.isprintable():
-        raise _refuse("image", "must be an image reference without spaces")
+    if any(ch.isspace() for ch in image) or not image.isprintable() or "$" in image:
+        raise _refuse("image", "must be an image reference without spaces or '$'")
+    if not any(fnmatchcase(image, pattern) for pattern in limits.allowed_images):
+        raise _refuse(
+            "image",
+            f"{image} is not allowed: models added through the API may run only images"
+            f" matching allowed_images ({', '.join(limits.allowed_images) or 'none'});"
+            " add a pattern to that setting to allow more",
+        )
     return image
 
 
-def validate_source(body: Mapping[str, Any]) -> tuple[str | None, str | None]:
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    return any(path == root or root in path.parents for root in roots)
+
+
+def validate_path(value: Any, limits: RegistryLimits) -> str:
+    """A model folder on this host: absolute, under a checkpoint root once resolved."""
+    if not isinstance(value, str) or not value.startswith(("/", "~/")):
+        raise _refuse("path", "must be an absolute path to a model folder on this host")
+    if any(ch in value for ch in ":,$") or not value.isprintable() or len(value) > 4096:
+        # Compose's short volume syntax splits on ":"; "$" would be read as a variable.
+        raise _refuse("path", "must not contain ':', ',', '$' or control characters")
+    if ".." in value.split("/"):
+        raise _refuse("path", "must not contain '..': give the folder's own path")
+    try:
+        expanded = Path(value).expanduser()
+    except RuntimeError as err:  # no home directory to expand "~" to
+        raise _refuse("path", f"cannot be expanded: {err}") from err
+    # Symlinks followed: a link inside a root that points elsewhere is elsewhere.
+    resolved = Path(os.path.realpath(expanded))
+    roots = tuple(Path(os.path.realpath(root)) for root in limits.checkpoint_roots)
+    if not _inside(resolved, roots):
+        shown = f" (resolves to {resolved})" if resolved != expanded else ""
+        raise _refuse(
+            "path",
+            f"{value}{shown} is outside checkpoint_roots"
+            f" ({', '.join(str(root) for root in roots) or 'none'}): move the checkpoint"
+            " there, or add its folder to that setting",
+        )
+    if any(ch in str(resolved) for ch in ":,$"):
+        raise _refuse("path", f"resolves to {resolved}, which compose cannot mount")
+    return str(resolved)
+
+
+def validate_source(
+    body: Mapping[str, Any], limits: RegistryLimits
+) -> tuple[str | None, str | None]:
     """The repo id or the local folder a new model loads; exactly one of them."""
     repo, path = body.get("repo"), body.get("path")
     if (repo is None) == (path is None):
@@ -209,15 +277,7 @@ def validate_source(body: Mapping[str, Any]) -> tuple[str | None, str | None]:
         if not isinstance(repo, str) or looks_like_path(repo) or not is_repo_id(repo):
             raise _refuse("repo", "must be a Hub repo id such as Qwen/Qwen3-4B-Instruct-2507")
         return repo, None
-    if not isinstance(path, str) or not path.startswith(("/", "~/")):
-        raise _refuse("path", "must be an absolute path to a model folder on this host")
-    if any(ch in path for ch in ":,") or not path.isprintable() or len(path) > 4096:
-        # Compose's short volume syntax splits on ":"; such a folder cannot be mounted.
-        raise _refuse("path", "must not contain ':', ',' or control characters")
-    try:
-        return None, str(Path(path).expanduser())
-    except RuntimeError as err:  # no home directory to expand "~" to
-        raise _refuse("path", f"cannot be expanded: {err}") from err
+    return None, validate_path(path, limits)
 
 
 def check_fields(body: Mapping[str, Any], allowed: frozenset[str], what: str) -> None:
@@ -226,13 +286,13 @@ def check_fields(body: Mapping[str, Any], allowed: frozenset[str], what: str) ->
         raise _refuse(unknown[0], f"cannot be set {what} (allowed: {', '.join(sorted(allowed))})")
 
 
-def apply_changes(entry: ModelEntry, body: Mapping[str, Any]) -> ModelEntry:
+def apply_changes(entry: ModelEntry, body: Mapping[str, Any], limits: RegistryLimits) -> ModelEntry:
     """The entry with the body's fields validated and applied; sections merge field by field."""
     changes: dict[str, Any] = {}
     if "display_name" in body:
         changes["display_name"] = _string("display_name", body["display_name"])
     if "image" in body:
-        changes["image"] = validate_image(body["image"])
+        changes["image"] = validate_image(body["image"], limits)
     if "enabled" in body:
         changes["enabled"] = _boolean("enabled", body["enabled"])
     sections = {
@@ -275,6 +335,11 @@ def service_name(model_id: str) -> str:
     return f"{SERVICE_PREFIX}{model_id}"
 
 
+def literal(value: str) -> str:
+    """A string as compose must be given it to pass it on unchanged: "$" doubled."""
+    return value.replace("$", "$$")
+
+
 def engine_flags(engine: Mapping[str, Any]) -> list[str]:
     flags: list[str] = []
     for name in ENGINE_FIELDS:
@@ -292,7 +357,9 @@ def _float(value: Any) -> bool:
 
 def render_service(entry: ModelEntry, hub_dir: Path, defaults: EngineDefaults) -> dict[str, Any]:
     """One model as a user would write it in compose; the rewrite then treats it like theirs."""
-    volumes = [f"{hub_dir}:{HUB_MOUNT}"]
+    # Read-only: a model added through the API must not be able to change other models'
+    # weights in the shared cache.
+    volumes = [f"{hub_dir}:{HUB_MOUNT}:ro"]
     if entry.path is not None:
         inside = f"{CHECKPOINT_MOUNT}/{entry.id}"
         volumes.append(f"{entry.path}:{inside}:ro")
@@ -309,7 +376,8 @@ def render_service(entry: ModelEntry, hub_dir: Path, defaults: EngineDefaults) -
         str(ENGINE_PORT),
         *engine_flags(entry.engine),
     ]
-    settings: dict[str, Any] = {"display_name": entry.display_name or entry.id}
+    # Compose would read "$" in the name as a variable of the daemon's environment.
+    settings: dict[str, Any] = {"display_name": literal(entry.display_name or entry.id)}
     if entry.path is not None:
         settings["checkpoint"] = entry.path
     service: dict[str, Any] = {

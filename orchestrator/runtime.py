@@ -22,6 +22,13 @@ PROBE_TIMEOUT = 2.0
 _ANY_ADDRESS = {"", "0.0.0.0", "::"}
 
 
+class LogStream(Protocol):
+    """A followed engine log: ``lines()`` yields the tail, then each new line."""
+
+    def lines(self) -> AsyncIterator[str]: ...
+    def close(self) -> None: ...
+
+
 class ModelRuntime(Protocol):
     async def prepare(self, spec: ModelSpec) -> None: ...
     async def start(self, spec: ModelSpec) -> None: ...
@@ -32,7 +39,7 @@ class ModelRuntime(Protocol):
     def upstream_url(self, spec: ModelSpec, engine: ContainerInfo | None) -> str | None: ...
     async def probe(self, url: str) -> bool: ...
     async def logs_tail(self, container_id: str, lines: int = 40) -> str: ...
-    def follow_logs(self, container_id: str, tail: int) -> AsyncIterator[str]: ...
+    def follow_logs(self, container_id: str, tail: int) -> LogStream: ...
 
 
 class DockerRuntime:
@@ -138,5 +145,5 @@ class DockerRuntime:
     async def logs_tail(self, container_id: str, lines: int = 40) -> str:
         return await self.docker.logs_tail(container_id, lines)
 
-    def follow_logs(self, container_id: str, tail: int) -> AsyncIterator[str]:
+    def follow_logs(self, container_id: str, tail: int) -> LogStream:
         return self.docker.follow_logs(container_id, tail)

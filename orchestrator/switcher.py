@@ -21,12 +21,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Literal
 
 import structlog
 
-from .cache import find_snapshot, verify_local_model
+from .cache import Verdicts
 from .compose import ModelSpec
 from .docker import ContainerEvent, ContainerInfo
 from .errors import (
@@ -147,7 +146,7 @@ class Switcher:
         models: Mapping[str, ModelSpec],
         runtime: ModelRuntime,
         store: Store,
-        hub_dir: Path,
+        verdicts: Verdicts,
         rollback: bool = True,
         restore_on_start: bool = True,
         probe_interval: float = 2.0,
@@ -158,7 +157,7 @@ class Switcher:
         self.models = dict(models)
         self.runtime = runtime
         self.store = store
-        self.hub_dir = hub_dir
+        self.verdicts = verdicts
         self.rollback = rollback
         self.restore_on_start = restore_on_start
         self.probe_interval = probe_interval
@@ -245,21 +244,14 @@ class Switcher:
                 f"model {spec.id} is disabled; enable it with POST /models/{spec.id}/enable",
                 model=spec.id,
             )
+        verdict = self.verdicts.of(spec)
+        if verdict is None or verdict.status == "present":
+            return
         if spec.checkpoint is not None:
-            verdict = verify_local_model(spec.checkpoint)
-            if verdict.status != "present":
-                raise ModelNotCached(verdict.reason, model=spec.id, path=str(spec.checkpoint))
-            return
-        if spec.repo is None:
-            return
-        verdict = find_snapshot(self.hub_dir, spec.repo)
-        if verdict.status != "present":
-            raise ModelNotCached(
-                verdict.reason,
-                model=spec.id,
-                repo=spec.repo,
-                cache_path=str(self.hub_dir),
-            )
+            raise ModelNotCached(verdict.reason, model=spec.id, path=str(spec.checkpoint))
+        raise ModelNotCached(
+            verdict.reason, model=spec.id, repo=spec.repo, cache_path=str(self.verdicts.hub_dir)
+        )
 
     async def switch_to(self, model_id: str) -> Operation:
         """Accept a switch and return its operation; await ``op.future`` for the outcome."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from orchestrator.cache import Verdicts
 from orchestrator.catalog import Catalog, CatalogPaths
 from orchestrator.compose import ModelSpec
 from orchestrator.docker import ContainerInfo
@@ -53,7 +54,11 @@ async def running_switcher(
             make_snapshot(hub, model.repo)
     store = await Store.open(root / "db.sqlite")
     made = Switcher(
-        models=dict(models), runtime=runtime, store=store, hub_dir=hub, probe_interval=0.05
+        models=dict(models),
+        runtime=runtime,
+        store=store,
+        verdicts=Verdicts(hub),
+        probe_interval=0.05,
     )
     await made.start()
     try:
@@ -90,7 +95,7 @@ class WiredCore:
             models=catalog.specs(),
             runtime=runtime,
             store=store,
-            hub_dir=root / "models" / "hub",
+            verdicts=Verdicts(root / "models" / "hub"),
             probe_interval=0.05,
         )
         catalog.connect(validate=None, on_change=switcher.set_models, in_use=switcher.involves)
@@ -222,14 +227,8 @@ class FakeRuntime:
     async def logs_tail(self, container_id: str, lines: int = 40) -> str:
         return f"last lines of {container_id}\nCUDA out of memory\n"
 
-    async def follow_logs(self, container_id: str, tail: int) -> AsyncIterator[str]:
-        for number in range(tail):
-            yield f"{container_id} line {number}"
-        # Follows until the container stops running, as docker's stream does.
-        for _ in range(10_000):
-            if container_id not in {c.id for c in self._containers.values() if c.running}:
-                return
-            await asyncio.sleep(0.05)
+    def follow_logs(self, container_id: str, tail: int) -> FakeLogStream:
+        return FakeLogStream(self, container_id, tail)
 
     def kill(self, model_id: str, exit_code: int = 137) -> ContainerInfo:
         old = self._containers[self._service(model_id)]
@@ -245,3 +244,24 @@ class FakeRuntime:
         )
         self._containers[old.service] = dead
         return dead
+
+
+@dataclass
+class FakeLogStream:
+    runtime: FakeRuntime
+    container_id: str
+    tail: int
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def lines(self) -> AsyncIterator[str]:
+        for number in range(self.tail):
+            yield f"{self.container_id} line {number}"
+        # Follows until the container stops running, as docker's stream does.
+        running = self.runtime._containers.values
+        for _ in range(10_000):
+            if self.container_id not in {c.id for c in running() if c.running}:
+                return
+            await asyncio.sleep(0.05)

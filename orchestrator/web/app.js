@@ -2,32 +2,72 @@
 // the engine log of the model being started streamed from /models/<id>/logs.
 "use strict";
 
+// The key lives for this tab only: sessionStorage is gone when the tab closes, and no
+// other site's page can read it.
 const KEY_STORE = "model-orchestrator.api-key";
 const $ = (selector) => document.querySelector(selector);
 
 let status = null;
-let logSource = null;
+let logStream = null;
 let logModel = null;
 let refreshTimer = null;
 
 function headers(extra = {}) {
-  const key = localStorage.getItem(KEY_STORE);
+  const key = sessionStorage.getItem(KEY_STORE);
   return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
 }
 
+// Every request goes through here: changes as JSON (the daemon refuses other bodies),
+// and with the key once one was asked for. A 401 or 403 asks for it once.
 async function api(method, path, body) {
-  const init = { method, headers: headers(body ? { "Content-Type": "application/json" } : {}) };
-  if (body) init.body = JSON.stringify(body);
-  let response = await fetch(path, init);
+  const init = () => ({
+    method,
+    headers: headers(method === "GET" ? {} : { "Content-Type": "application/json" }),
+    body: method === "GET" ? undefined : JSON.stringify(body || {}),
+  });
+  let response = await fetch(path, init());
   if (response.status === 401 || response.status === 403) {
-    // Changes need a key when the daemon has keys; ask once and keep it in this browser.
-    const key = window.prompt("This daemon needs an API key for changes:");
+    const key = window.prompt("This daemon needs an API key:");
     if (!key) return response;
-    localStorage.setItem(KEY_STORE, key);
-    init.headers = headers(body ? { "Content-Type": "application/json" } : {});
-    response = await fetch(path, init);
+    sessionStorage.setItem(KEY_STORE, key);
+    response = await fetch(path, init());
   }
   return response;
+}
+
+// Server-sent events read with fetch, which (unlike EventSource) can send the key.
+// Calls handlers[event](data) per event; returns a handle whose close() stops it.
+function stream(path, handlers, onEnd) {
+  const controller = new AbortController();
+  (async () => {
+    try {
+      const response = await fetch(path, { headers: headers(), signal: controller.signal });
+      if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const frame = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          let event = "message";
+          const data = [];
+          for (const line of frame.split("\n")) {
+            if (line.startsWith("event:")) event = line.slice(6).trim();
+            else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+          }
+          if (data.length && handlers[event]) handlers[event](data.join("\n"));
+        }
+      }
+      onEnd(null);
+    } catch (error) {
+      if (!controller.signal.aborted) onEnd(error);
+    }
+  })();
+  return { close: () => controller.abort() };
 }
 
 function text(value) {
@@ -103,7 +143,7 @@ function renderModels() {
 }
 
 async function renderHistory() {
-  const response = await fetch("/switches");
+  const response = await api("GET", "/switches");
   if (!response.ok) return;
   const { switches } = await response.json();
   const body = $("#history tbody");
@@ -120,7 +160,7 @@ async function renderHistory() {
 }
 
 async function refresh() {
-  const response = await fetch("/status");
+  const response = await api("GET", "/status");
   if (!response.ok) return;
   status = await response.json();
   renderSummary();
@@ -136,28 +176,31 @@ function scheduleRefresh() {
 
 function followLogOf(model) {
   if (!model || model === logModel) return;
-  if (logSource) logSource.close();
+  if (logStream) logStream.close();
   logModel = model;
   $("#log-model").textContent = `(${model})`;
   $("#log").textContent = "";
-  const source = new EventSource(`/models/${encodeURIComponent(model)}/logs?follow=true&tail=50`);
-  logSource = source;
-  source.addEventListener("log", (event) => {
-    const log = $("#log");
-    log.textContent += JSON.parse(event.data) + "\n";
-    log.scrollTop = log.scrollHeight;
-  });
-  source.addEventListener("end", () => source.close());
-  source.onerror = () => {
-    // No container yet, or it went away: try again while the model is still wanted.
-    source.close();
-    if (logSource === source) {
-      logModel = null;
-      setTimeout(() => {
-        if (status && (status.target === model || status.active === model)) followLogOf(model);
-      }, 1000);
-    }
-  };
+  const path = `/models/${encodeURIComponent(model)}/logs?follow=true&tail=50`;
+  const handle = stream(
+    path,
+    {
+      log: (data) => {
+        const log = $("#log");
+        log.textContent += JSON.parse(data) + "\n";
+        log.scrollTop = log.scrollHeight;
+      },
+    },
+    (error) => {
+      // No container yet, or it went away: try again while the model is still wanted.
+      if (error && logStream === handle) {
+        logModel = null;
+        setTimeout(() => {
+          if (status && (status.target === model || status.active === model)) followLogOf(model);
+        }, 1000);
+      }
+    },
+  );
+  logStream = handle;
 }
 
 async function switchTo(model) {
@@ -181,14 +224,17 @@ async function stop() {
 }
 
 function listen() {
-  const events = new EventSource("/events");
-  for (const kind of ["state", "switch_requested", "switch_finished", "rolled_back", "model_died", "pull"]) {
-    events.addEventListener(kind, scheduleRefresh);
+  const handlers = {};
+  for (const kind of ["state", "switch_requested", "rolled_back", "model_died", "pull"]) {
+    handlers[kind] = scheduleRefresh;
   }
-  events.addEventListener("switch_finished", (event) => {
-    const data = JSON.parse(event.data);
-    if (data.error) showMessage(data.error.message);
-  });
+  handlers.switch_finished = (data) => {
+    const finished = JSON.parse(data);
+    if (finished.error) showMessage(finished.error.message);
+    scheduleRefresh();
+  };
+  // The stream ends when the daemon restarts; connect again and catch up.
+  stream("/events", handlers, () => setTimeout(() => { scheduleRefresh(); listen(); }, 1000));
 }
 
 $("#stop").addEventListener("click", stop);

@@ -7,12 +7,15 @@ run the daemon as a real subprocess on a free port.
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
 
 from tests.fakes import make_snapshot
 from tests.rig import STANDIN_IMAGE, Rig
@@ -116,3 +119,21 @@ def rig(rig_root: Path, docker_client: docker.DockerClient) -> Iterator[Rig]:
         yield made
     finally:
         made.clean()
+
+
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    driver_path = shutil.which("chromedriver")
+    chromium = shutil.which("chromium")
+    if driver_path is None or chromium is None:
+        pytest.fail("the dashboard test needs Debian's chromium and chromium-driver (.ci/run)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.add_argument("--window-size=1280,1000")
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

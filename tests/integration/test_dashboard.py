@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
@@ -19,24 +16,6 @@ from tests.rig import REPO_ROOT, Rig
 pytestmark = pytest.mark.integration
 
 SCREENSHOT = REPO_ROOT / "tests" / "artifacts" / "dashboard.png"
-
-
-@pytest.fixture
-def browser() -> Iterator[webdriver.Chrome]:
-    driver_path = shutil.which("chromedriver")
-    chromium = shutil.which("chromium")
-    if driver_path is None or chromium is None:
-        pytest.fail("the dashboard test needs Debian's chromium and chromium-driver (.ci/run)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    options.add_argument("--window-size=1280,1000")
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def row_state(browser: webdriver.Chrome, model: str) -> str:

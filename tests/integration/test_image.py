@@ -207,3 +207,55 @@ def test_orchestrator_compose_file_is_valid(tmp_path: Path) -> None:
     assert binds[DOCKER_SOCKET] == DOCKER_SOCKET
     for folder in ("compose", "models"):
         assert binds[str(tmp_path / folder)] == str(tmp_path / folder)
+
+
+def test_default_command_requires_the_key_it_generates(
+    docker_client: docker.DockerClient, tmp_path: Path
+) -> None:
+    """The image's own command listens on every address, so it makes a key and requires it;
+    the README's `cat` of the key file in the container reads it."""
+    make_snapshot(tmp_path / "models" / "hub", "org/gamma")
+    (tmp_path / "docker-compose.yml").write_text(COMPOSE_FILE.format(image=STANDIN_IMAGE))
+    port = free_port()
+    container = docker_client.containers.run(
+        DAEMON_IMAGE,
+        detach=True,
+        network_mode="host",
+        environment={
+            "ORCHESTRATOR_PORT": str(port),
+            "ORCHESTRATOR_COMPOSE": str(tmp_path / "docker-compose.yml"),
+            "ORCHESTRATOR_MODELS_DIR": str(tmp_path / "models"),
+            "ORCHESTRATOR_PROJECT_NAME": f"mo-key-{uuid.uuid4().hex[:8]}",
+        },
+        volumes={
+            DOCKER_SOCKET: {"bind": DOCKER_SOCKET, "mode": "rw"},
+            str(tmp_path): {"bind": str(tmp_path), "mode": "rw"},
+        },
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                call(f"{url}/health/live", timeout=1)
+                break
+            except OSError:
+                container.reload()
+                assert container.status != "exited", container.logs().decode()
+                assert time.monotonic() < deadline, container.logs().decode()
+                time.sleep(0.2)
+        assert call(f"{url}/stop", "POST", {})[0] == 401
+        read = container.exec_run(["cat", "/var/lib/model-orchestrator/api-key"])
+        assert read.exit_code == 0
+        key = read.output.decode().strip()
+        assert key and key not in container.logs().decode()
+        request = urllib.request.Request(
+            f"{url}/stop",
+            data=b"{}",
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+    finally:
+        container.remove(force=True)

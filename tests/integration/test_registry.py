@@ -56,7 +56,7 @@ async def test_models_added_by_cli_and_api_run_like_compose_ones(
 ) -> None:
     """A repo added with the CLI and a checkpoint added with the API both serve offline."""
     make_snapshot(rig.root / "models" / "hub", "org/gamma")
-    checkpoint = rig.root / "train" / "job_12" / "checkpoint-100"
+    checkpoint = rig.root / "models" / "checkpoints" / "job_12" / "checkpoint-100"
     checkpoint.mkdir(parents=True, exist_ok=True)
     (checkpoint / "config.json").write_text(json.dumps({"_name_or_path": "org/Tiny-Base-1B"}))
     (checkpoint / "model.safetensors").write_bytes(b"\0" * 64)

@@ -273,7 +273,7 @@ async def test_stop_frees_the_gpu(rig: Rig, http: aiohttp.ClientSession) -> None
     """POST /stop removes the model's containers and leaves shared services alone."""
     rig.start_daemon()
     assert (await switch(http, rig, "beta"))[0] == 200
-    async with http.post(f"{rig.url}/stop") as response:
+    async with http.post(f"{rig.url}/stop", json={}) as response:
         assert response.status == 200
     assert rig.model_containers() == []
     assert {c.labels["com.docker.compose.service"] for c in rig.containers()} == {"shared"}

@@ -96,7 +96,7 @@ class TestSwitchEndpoint:
     async def test_stop_unloads(self, client: TestClient[Any, Any]) -> None:
         """POST /stop leaves the daemon idle and /health failing."""
         await client.post("/switch", json={"model": "a"})
-        response = await client.post("/stop")
+        response = await client.post("/stop", json={})
         assert response.status == 200
         assert (await response.json())["status"]["state"] == "idle"
         assert (await client.get("/health")).status == 503
@@ -129,7 +129,9 @@ class TestBadInput:
 
     async def test_body_over_64_kib_is_413(self, client: TestClient[Any, Any]) -> None:
         """A body past 64 KiB is refused with 413 and a JSON error."""
-        response = await client.post("/switch", data=b"x" * (64 * 1024 + 1))
+        response = await client.post(
+            "/switch", data=b"x" * (64 * 1024 + 1), headers={"Content-Type": "application/json"}
+        )
         assert response.status == 413
         assert "64 KiB" in (await error_of(response))["message"]
 

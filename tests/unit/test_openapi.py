@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -43,6 +44,7 @@ from orchestrator.compose import ModelSpec
 from orchestrator.docker import ContainerInfo
 from orchestrator.gateway import Gateway
 from orchestrator.openapi import PROXY_METHODS, openapi_document
+from orchestrator.security import AccessPolicy
 from orchestrator.switcher import State
 from orchestrator.traffic import Traffic
 from tests.fakes import TWO_MODEL_COMPOSE, FakeRuntime, WiredCore, make_snapshot
@@ -264,7 +266,11 @@ class LiveDaemon:
         self.traffic.start()
         self.gateway = Gateway(self.switcher, self.traffic)
         self.app = create_app(
-            self.switcher, self.runtime, self.catalog, self.gateway, api_keys=[API_KEY]
+            self.switcher,
+            self.runtime,
+            self.catalog,
+            self.gateway,
+            policy=AccessPolicy.build(keys=[API_KEY], bind_host="127.0.0.1"),
         )
         self.base_url = await self._serve(self.app)
         await self._load_alpha()
@@ -491,8 +497,8 @@ EDGES = [
     Edge("POST /switch", 400, body={"model": "alpha", "model_id": "beta"}),
     Edge("POST /switch", 404, body={"model": "nope"}),
     Edge("PATCH /models/{model_id}", 409, "alpha", body={"enabled": False}),
-    Edge("POST /models/{model_id}/disable", 409, "alpha"),
-    Edge("DELETE /models/{model_id}", 409, "alpha"),
+    Edge("POST /models/{model_id}/disable", 409, "alpha", body={}),
+    Edge("DELETE /models/{model_id}", 409, "alpha", body={}),
     Edge("POST /models/{model_id}/pull", 400, "alpha", body={"revision": ""}),
     Edge("POST /models", 400, body={"repo": "org/x", "engine": {"gpu_memory_utilization": 0}}),
     Edge(
@@ -559,3 +565,38 @@ def test_keys_are_asked_for(label: str, key: str | None, daemon: LiveDaemon) -> 
     assert response.status_code == (401 if key is None else 403)
     _refusal_moved_nothing(daemon, case, response.status_code, before, headers)
     case.validate_response(response, checks=CHECKS, headers=headers)
+
+
+CHANGING = sorted(
+    label
+    for label in documented_operations()
+    if label.split(" ", 1)[0] in {"POST", "PUT", "PATCH", "DELETE"}
+)
+
+
+@pytest.mark.parametrize("label", CHANGING)
+@pytest.mark.parametrize("media_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_changes_refuse_bodies_that_are_not_json(
+    label: str, media_type: str, daemon: LiveDaemon
+) -> None:
+    """Every documented change, sent with a key as a page would send it: 415, as documented,
+    and nothing moves."""
+    operation = _operation(label)
+    parameters = {
+        name: SAMPLE_PARAMETERS[name].replace("alpha", "beta")
+        for name in SAMPLE_PARAMETERS
+        if f"{{{name}}}" in operation.path
+    }
+    body = KEYED_BODIES.get(label, {})
+    case = operation.Case(
+        path_parameters=parameters,
+        query={"model": "beta"} if label.endswith("/v1/{tail}") else None,
+        body=json.dumps(body) if media_type == "text/plain" else "model=beta",
+        media_type=media_type,
+    )
+    daemon.load_alpha()
+    before = daemon.snapshot()
+    response = case.call(base_url=daemon.base_url, headers=AUTH, timeout=30)
+    assert response.status_code == 415, response.content
+    _refusal_moved_nothing(daemon, case, response.status_code, before, AUTH)
+    case.validate_response(response, checks=CHECKS, headers=AUTH)

@@ -67,7 +67,8 @@ async def client(aiohttp_client: ClientFactory, daemon: Daemon) -> TestClient[An
 
 
 def checkpoint(root: Path, *parts: str, base_model: str | None = None) -> Path:
-    folder = root.joinpath("train", *parts)
+    # Under the default checkpoint root, <models-dir>/checkpoints.
+    folder = root.joinpath("models", "checkpoints", "train", *parts)
     folder.mkdir(parents=True)
     config: dict[str, Any] = {"model_type": "tiny"}
     if base_model:
@@ -126,7 +127,7 @@ class TestAdding:
         assert command[command.index("--gpu-memory-utilization") + 1] == "0.8"
         assert command[command.index("--dtype") + 1] == "bfloat16"
         assert service["environment"]["HF_HUB_OFFLINE"] == "1"
-        assert f"{root / 'models' / 'hub'}:/root/.cache/huggingface/hub" in service["volumes"]
+        assert f"{root / 'models' / 'hub'}:/root/.cache/huggingface/hub:ro" in service["volumes"]
         assert "deploy" not in service  # gpus: none
         assert "svc-alpha" in normalized["services"]  # the user's models are still there
         owned = yaml.safe_load((root / "state" / REGISTRY_COMPOSE).read_text())
@@ -272,13 +273,13 @@ class TestChanging:
     async def test_delete(self, client: TestClient[Any, Any], root: Path) -> None:
         """A registry model can be deleted; a compose one cannot; an unknown one is 404."""
         await add(client, repo="org/extra", id="extra")
-        assert (await client.delete("/models/extra")).status == 200
+        assert (await client.delete("/models/extra", json={})).status == 200
         assert "model-extra" not in (root / "state" / "compose.yml").read_text()
         assert (await client.get("/models/extra")).status == 404
-        response = await client.delete("/models/alpha")
+        response = await client.delete("/models/alpha", json={})
         assert response.status == 409
         assert "compose" in (await response.json())["error"]["message"]
-        assert (await client.delete("/models/nope")).status == 404
+        assert (await client.delete("/models/nope", json={})).status == 404
 
     async def test_active_model_cannot_be_deleted_or_disabled(
         self, client: TestClient[Any, Any]
@@ -287,23 +288,23 @@ class TestChanging:
         await add(client, repo="org/extra", id="extra")
         response = await client.post("/switch", json={"model": "extra"})
         assert response.status == 200, await response.json()
-        assert (await client.delete("/models/extra")).status == 409
-        assert (await client.post("/models/extra/disable")).status == 409
+        assert (await client.delete("/models/extra", json={})).status == 409
+        assert (await client.post("/models/extra/disable", json={})).status == 409
         await client.post("/switch", json={"model": "alpha"})
-        assert (await client.delete("/models/extra")).status == 200
+        assert (await client.delete("/models/extra", json={})).status == 200
 
     async def test_disabled_model_cannot_be_switched_to(
         self, client: TestClient[Any, Any], daemon: Daemon
     ) -> None:
         """Disable refuses switches with 409 and leaves the running model alone."""
         assert (await client.post("/switch", json={"model": "alpha"})).status == 200
-        response = await client.post("/models/beta/disable")
+        response = await client.post("/models/beta/disable", json={})
         assert (await response.json())["model"]["enabled"] is False
         response = await client.post("/switch", json={"model": "beta"})
         assert response.status == 409
         assert (await response.json())["error"]["code"] == "model_disabled"
         assert daemon.switcher.status.active == "alpha"
-        assert (await client.post("/models/beta/enable")).status == 200
+        assert (await client.post("/models/beta/enable", json={})).status == 200
         assert (await client.post("/switch", json={"model": "beta"})).status == 200
 
 
@@ -346,7 +347,7 @@ async def test_pull_through_the_api_shows_progress(
         client = await aiohttp_client(create_app(made.switcher, made.runtime, catalog))
         code, body = await add(client, repo="org/pulled", id="pulled")
         assert code == 201 and body["model"]["cache"]["status"] == "missing"
-        response = await client.post("/models/pulled/pull")
+        response = await client.post("/models/pulled/pull", json={})
         assert response.status == 202
         assert response.headers["Location"] == "/models/pulled"
         for _ in range(200):

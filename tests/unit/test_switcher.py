@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.cache import Verdicts
 from orchestrator.errors import ModelExited, ModelNotCached, ModelNotFound, StartTimeout
 from orchestrator.store import Store
 from orchestrator.switcher import (
@@ -55,7 +56,7 @@ def build(
         models=models,
         runtime=runtime,
         store=store,
-        hub_dir=hub,
+        verdicts=Verdicts(hub),
         probe_interval=0.05,
         rollback=rollback,
     )

@@ -1,0 +1,131 @@
+"""The listening socket: bounded connections, a header deadline, and quiet exhaustion.
+
+A stranger can open connections and never send a request, or send one slowly. aiohttp
+closes a connection that has no complete request within its keep-alive timeout, which
+the daemon sets to ``header_timeout``. Past ``max_connections`` open at once, a new one
+closes the oldest connection that is not serving a request, so that /health can always
+be answered; and the daemon raises its descriptor limit at start so that the bound is
+reached long before the system's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import resource
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Descriptors kept for everything but client connections: docker, compose, engines,
+# the database, log files.
+RESERVED_DESCRIPTORS = 256
+EXHAUSTION_LOG_INTERVAL = 60.0
+_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def raise_descriptor_limit() -> int:
+    """Lift the soft limit on open files to the hard one; returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def connection_bound(setting: int, descriptor_limit: int) -> int:
+    """``max_connections``, or what the descriptor limit leaves for clients."""
+    if setting > 0:
+        return setting
+    return max(64, min(descriptor_limit - RESERVED_DESCRIPTORS, 16_384))
+
+
+class ConnectionGuard:
+    """Counts which connections are serving a request; evicts idle ones when full."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self._busy: Counter[RequestHandler] = Counter()
+        self.evicted = 0
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        protocol = request.protocol
+        self._busy[protocol] += 1
+        try:
+            return await handler(request)
+        finally:
+            self._busy[protocol] -= 1
+            if self._busy[protocol] <= 0:
+                del self._busy[protocol]
+
+    def factory(self, server: web.Server) -> Callable[[], RequestHandler]:
+        """The protocol factory for the listening socket, over aiohttp's server."""
+
+        def make() -> RequestHandler:
+            open_now = server.connections
+            if len(open_now) >= self.max_connections:
+                # Oldest first: a connection that never sent a request ages out first.
+                for connection in open_now:
+                    if connection not in self._busy:
+                        connection.force_close()
+                        self.evicted += 1
+                        break
+            return server()
+
+        return make
+
+
+async def listen(
+    runner: web.AppRunner, guard: ConnectionGuard, host: str, port: int
+) -> asyncio.Server:
+    """Start accepting on host:port through the guard; close the result to stop."""
+    server = runner.server
+    assert server is not None, "runner.setup() first"
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(guard.factory(server), host, port, reuse_address=True)
+
+
+class QuietExhaustion:
+    """An event-loop exception handler that reports running out of descriptors once a minute.
+
+    asyncio reports each failed accept, and each connection that fails for lack of
+    descriptors, through the loop's exception handler; under a flood that is thousands
+    of tracebacks a second.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last: float | None = None
+        self._suppressed = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if not isinstance(error, OSError) or error.errno not in _EXHAUSTION:
+            loop.default_exception_handler(context)
+            return
+        now = self._clock()
+        if self._last is not None and now - self._last < EXHAUSTION_LOG_INTERVAL:
+            self._suppressed += 1
+            return
+        log.error(
+            "out of file descriptors: connections are being refused",
+            error=str(error),
+            suppressed_since_last=self._suppressed,
+            limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )
+        self._last = now
+        self._suppressed = 0
