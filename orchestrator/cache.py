@@ -421,6 +421,10 @@ class WeightsSource(Protocol):
     def repo(self) -> str | None: ...
     @property
     def checkpoint(self) -> Path | None: ...
+    @property
+    def revision(self) -> str | None: ...
+    @property
+    def tokenizer_revision(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -448,12 +452,22 @@ class Verdicts:
         self._guard = threading.Lock()
 
     def of(self, model: WeightsSource) -> SnapshotVerdict | None:
-        """The verdict on what a model loads; None when it names neither repo nor folder."""
+        """The verdict on what a model loads: the first that is not present, else present;
+        None when it names neither repo nor folder."""
+        verdicts = self.of_model(model)
+        return next(
+            (v for v in verdicts if v.status != "present"), verdicts[0] if verdicts else None
+        )
+
+    def of_model(self, model: WeightsSource) -> list[SnapshotVerdict]:
+        """A verdict for each thing the engine loads: the folder, or the repo's weights
+        revision and, when it is another one, its tokenizer revision."""
         if model.checkpoint is not None:
-            return self.of_folder(model.checkpoint)
-        if model.repo is not None:
-            return self.of_repo(model.repo)
-        return None
+            return [self.of_folder(model.checkpoint)]
+        if model.repo is None:
+            return []
+        revisions = dict.fromkeys([model.revision or "main", model.tokenizer_revision or "main"])
+        return [self.of_repo(model.repo, revision) for revision in revisions]
 
     def of_repo(self, repo: str, revision: str = "main") -> SnapshotVerdict:
         return self._judge(

@@ -18,15 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import yaml
 
 from .compose import (
     ComposeError,
     ComposeProject,
+    ComposeSource,
     ModelSpec,
-    load_project,
-    read_document,
+    canonical,
+    dump_literal,
+    merge_services,
     render,
+    rewrite_project,
 )
 from .errors import BadRequest, Conflict, ModelNotFound, OrchestratorError
 from .naming import identify
@@ -55,12 +57,14 @@ REGISTRY_COMPOSE = "registry-compose.yml"
 
 # Checks a candidate normalized compose file with the given profiles enabled.
 Validator = Callable[[Path, Iterable[str]], Awaitable[None]]
+# What `docker compose config` prints for a set of files.
+ConfigReader = Callable[[ComposeSource], Awaitable[str]]
 ModelsChanged = Callable[[Mapping[str, ModelSpec], frozenset[str]], None]
 
 
 @dataclass(frozen=True)
 class CatalogPaths:
-    compose_file: Path
+    source: ComposeSource
     models_dir: Path
     state_dir: Path
 
@@ -72,6 +76,10 @@ class CatalogPaths:
     def normalized(self) -> Path:
         return self.state_dir / NORMALIZED_COMPOSE
 
+    @property
+    def registry(self) -> Path:
+        return self.state_dir / REGISTRY_COMPOSE
+
 
 class Catalog:
     def __init__(
@@ -79,6 +87,7 @@ class Catalog:
         *,
         paths: CatalogPaths,
         store: Store,
+        read_config: ConfigReader,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         engine_defaults: EngineDefaults | None = None,
         limits: RegistryLimits | None = None,
@@ -86,6 +95,7 @@ class Catalog:
     ) -> None:
         self.paths = paths
         self.store = store
+        self._read_config = read_config
         self.overrides = dict(overrides or {})
         self.engine_defaults = engine_defaults or EngineDefaults()
         self.limits = limits or RegistryLimits(
@@ -103,6 +113,8 @@ class Catalog:
         self._listeners: list[ModelsChanged] = []
         self._in_use: Callable[[str], bool] = lambda _model_id: False
         self.pull_listeners: list[Callable[[str, PullProgress], None]] = []
+        # The user's project as compose read it at start: a registry change does not pick
+        # up edits to their files that the daemon was not restarted for.
         self._user_document: dict[str, Any] = {}
 
     # -- start-up ------------------------------------------------------------------
@@ -114,8 +126,8 @@ class Catalog:
         is left out with a warning rather than keeping the daemon from starting.
         """
         stored = [ModelEntry.from_json(raw) for raw in await self.store.model_entries()]
-        self._user_document = read_document(self.paths.compose_file.resolve())
-        user_project = self._build({})
+        self._user_document = canonical(await self._read_config(self.paths.source))
+        user_project = await self._build({})
         entries = self._with_compose_defaults(user_project, {})
         for entry in stored:
             if entry.origin == "compose" and entry.id in user_project.models:
@@ -127,7 +139,7 @@ class Catalog:
                     )
                     continue
                 entries[entry.id] = entry
-        project = self._build(entries)
+        project = await self._build(entries)
         self.entries = self._with_compose_defaults(project, entries)
         self._install(project)
         return project
@@ -229,11 +241,10 @@ class Catalog:
         async with self._lock:
             current = self.entry(model_id)
             if current.origin == "compose":
+                files = ", ".join(str(f) for f in self.paths.source.files)
                 raise Conflict(
-                    f"model {model_id} is declared in {self.paths.compose_file}; remove its"
-                    " profile there, or disable it with POST /models/{id}/disable".replace(
-                        "{id}", model_id
-                    ),
+                    f"model {model_id} is declared in the compose project ({files}); remove its"
+                    f" profile there, or disable it with POST /models/{model_id}/disable",
                     model=model_id,
                 )
             if self._in_use(model_id):
@@ -308,15 +319,20 @@ class Catalog:
                     field="display_name",
                 )
 
-    def _build(self, entries: Mapping[str, ModelEntry]) -> ComposeProject:
+    async def _build(self, entries: Mapping[str, ModelEntry]) -> ComposeProject:
+        """The user's project plus the registry's models, each read by compose, rewritten."""
+        document = self._user_document
         added = render_document(entries, self.paths.hub_dir.resolve(), self.engine_defaults)
-        return load_project(
-            self.paths.compose_file,
-            self.paths.models_dir,
-            self.overrides,
-            added["services"],
-            self._user_document,
-        )
+        if added["services"]:
+            candidate = self.paths.state_dir / (REGISTRY_COMPOSE + ".candidate")
+            _write_private(candidate, dump_literal(added))
+            try:
+                name = str(self._user_document.get("name") or "") or None
+                text = await self._read_config(ComposeSource((candidate,), project_name=name))
+            finally:
+                candidate.unlink(missing_ok=True)
+            document = merge_services(document, canonical(text))
+        return rewrite_project(self.paths.source, document, self.paths.models_dir, self.overrides)
 
     @staticmethod
     def _with_compose_defaults(
@@ -329,13 +345,13 @@ class Catalog:
         return merged
 
     def _install(self, project: ComposeProject) -> None:
-        self.paths.state_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(self.paths.state_dir)
         _write_atomically(self.paths.normalized, render(project))
         added = render_document(self.entries, self.paths.hub_dir.resolve(), self.engine_defaults)
         _write_atomically(
-            self.paths.state_dir / REGISTRY_COMPOSE,
+            self.paths.registry,
             "# Rendered by model-orchestrator from its registry; edits are overwritten.\n"
-            + yaml.safe_dump(added, sort_keys=False),
+            + dump_literal(added),
         )
         self.project = project
         specs, disabled = self.specs(), self.disabled()
@@ -350,12 +366,14 @@ class Catalog:
         removed: str | None = None,
     ) -> None:
         try:
-            project = self._build(entries)
+            project = await self._build(entries)
         except ComposeError as err:
             raise BadRequest(f"the model does not fit the compose project: {err}") from err
+        except OrchestratorError as err:
+            raise BadRequest(f"docker compose refused the model's service: {err.message}") from err
         if self._validate is not None:
             candidate = self.paths.state_dir / (NORMALIZED_COMPOSE + ".candidate")
-            candidate.write_text(render(project))
+            _write_private(candidate, render(project))
             try:
                 await self._validate(candidate, project.models)
             except OrchestratorError as err:
@@ -378,8 +396,21 @@ class Catalog:
         self._install(project)
 
 
+def private_folder(folder: Path) -> None:
+    """The state dir, readable by the daemon's user alone: the copy holds values from .env."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+
+
+def _write_private(path: Path, text: str) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as stream:
+        stream.write(text)
+    path.chmod(0o600)  # an older file may have been made with wider rights
+
+
 def _write_atomically(path: Path, text: str) -> None:
     """A compose call that is reading the file sees the old one or the new one, never half."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
+    _write_private(partial, text)
     os.replace(partial, path)

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -21,12 +21,18 @@ import structlog
 from aiohttp import web
 
 from .api import create_app
-from .cache import Verdicts, find_snapshot, looks_like_path
+from .cache import Verdicts, looks_like_path
 from .catalog import NORMALIZED_COMPOSE, Catalog, CatalogPaths
 from .client import DEFAULT_URL, DaemonRefused, DaemonUnavailable, call, format_models
-from .compose import ComposeError, ComposeProject, load_project, render
+from .compose import ComposeError, ComposeProject, ComposeSource, canonical, render, rewrite_project
 from .config import Settings, load_settings
-from .docker import Docker, compose_environment, detect_compose_cli
+from .docker import (
+    Docker,
+    compose_config,
+    detect_compose_cli,
+    runtime_environment,
+    user_environment,
+)
 from .errors import OrchestratorError
 from .gateway import Gateway
 from .logs import configure_logging
@@ -54,8 +60,16 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML settings file (ORCHESTRATOR_CONFIG)")
     parser.add_argument(
         "--compose",
-        dest="compose_file",
-        help="the user's compose file (compose/docker-compose.yml)",
+        dest="compose_files",
+        action="append",
+        help="a compose file, as docker compose -f takes it; give it again for more"
+        " (else COMPOSE_FILE, else compose/docker-compose.yml)",
+    )
+    parser.add_argument(
+        "--env-file",
+        dest="env_files",
+        action="append",
+        help="a file compose reads variables from (else the project folder's .env)",
     )
     parser.add_argument(
         "--models-dir", help="root of the Hugging Face cache; holds hub/ (./models)"
@@ -89,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="show what the daemon rewrites and what is wrong; non-zero exit on errors"
     )
     _common_flags(check)
+    check.add_argument(
+        "--show", action="store_true", help="print the whole rewritten project as well"
+    )
     pull_parser = commands.add_parser(
         "pull",
         help="download a model into <models-dir>/hub; exit 0 once it can be served",
@@ -203,7 +220,8 @@ async def models_command(args: argparse.Namespace) -> int:
 
 def _settings(args: argparse.Namespace) -> Settings:
     names = (
-        "compose_file",
+        "compose_files",
+        "env_files",
         "models_dir",
         "state_dir",
         "project_name",
@@ -216,23 +234,34 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(flags, config_file=args.config)
 
 
-def _project(settings: Settings) -> ComposeProject:
-    return load_project(settings.compose_file, settings.models_dir, settings.models)
+async def _read_config(settings: Settings) -> Callable[[ComposeSource], Awaitable[str]]:
+    """How the daemon asks compose for a project: the user's variables, none of its own."""
+    cli = await detect_compose_cli()
+    environment = user_environment(os.environ)
+
+    async def read(source: ComposeSource) -> str:
+        return await compose_config(cli, source, environment)
+
+    return read
 
 
-async def _docker(settings: Settings, normalized: Path) -> Docker:
+async def _project(settings: Settings) -> ComposeProject:
+    """The user's project as compose reads it, rewritten (without the registry's models)."""
+    text = await (await _read_config(settings))(settings.compose_source)
+    return rewrite_project(
+        settings.compose_source, canonical(text), settings.models_dir, settings.models
+    )
+
+
+async def _docker(settings: Settings, normalized: Path, project_name: str) -> Docker:
     """Compose runs our copy with the user's folder as project directory: relative paths hold."""
-    try:
-        compose_text = settings.compose_file.read_text(errors="replace")
-    except OSError:
-        compose_text = ""
     return Docker(
         compose_file=normalized,
-        project_dir=settings.compose_file.parent,
-        project_name=settings.effective_project_name,
+        project_dir=settings.compose_source.project_dir,
+        project_name=project_name,
         compose_cli=await detect_compose_cli(),
         max_log_followers=settings.max_streams,
-        environment=compose_environment(os.environ, compose_text),
+        environment=runtime_environment(os.environ),
     )
 
 
@@ -252,8 +281,9 @@ async def serve(settings: Settings) -> None:
         store = await Store.open(settings.state_dir / DATABASE)
         stack.push_async_callback(store.close)
         catalog = Catalog(
-            paths=CatalogPaths(settings.compose_file, settings.models_dir, settings.state_dir),
+            paths=CatalogPaths(settings.compose_source, settings.models_dir, settings.state_dir),
             store=store,
+            read_config=await _read_config(settings),
             overrides=settings.models,
             engine_defaults=EngineDefaults(image=settings.engine_image, gpus=settings.engine_gpus),
             limits=RegistryLimits(settings.checkpoint_roots, settings.allowed_images),
@@ -263,8 +293,11 @@ async def serve(settings: Settings) -> None:
         for model_id, problems in project.problems.items():
             for problem in problems:
                 log.warning("compose problem", model=model_id, problem=problem)
+        for model_id, spec in project.models.items():
+            if spec.unusable:
+                log.error("model cannot be run", model=model_id, reason=spec.unusable)
         normalized = catalog.paths.normalized
-        docker = await _docker(settings, normalized)
+        docker = await _docker(settings, normalized, project.name)
         await docker.validate(project.models)
         runtime = DockerRuntime(docker, upstream_host=settings.upstream_host)
         stack.push_async_callback(runtime.close)
@@ -344,24 +377,28 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down; the running model is left running")
 
 
-async def check(settings: Settings) -> int:
+async def check(settings: Settings, show: bool = False) -> int:
     """Print, per model, what is rewritten and what is wrong; return the exit code."""
-    project = _project(settings)
+    project = await _project(settings)
+    source = settings.compose_source
+    dotenv = source.project_dir / ".env"
+    read = [*source.files, *(source.env_files or ([dotenv] if dotenv.is_file() else []))]
+    print(f"files read: {', '.join(str(f) for f in read)}  (project {project.name})")
     errors = 0
-    hub = settings.models_dir / "hub"
+    verdicts = Verdicts(settings.models_dir / "hub")
     for model_id, spec in project.models.items():
         print(f"model {model_id}  ({spec.display_name})")
         print(f"  services: {', '.join(spec.services)}  engine: {spec.engine_service}")
-        print(f"  model argument: {spec.model_arg}  served as: {spec.served_name}")
+        pin = f" at {spec.revision}" if spec.revision else ""
+        print(f"  model: {spec.model_arg}{pin}  served as: {spec.served_name}")
         for note in project.notes.get(model_id, []):
             print(f"  rewritten [{note.service}]: {note.what}")
         for problem in project.problems.get(model_id, []):
             errors += 1
             print(f"  ERROR: {problem}")
-        if spec.repo is not None:
-            verdict = find_snapshot(hub, spec.repo)
+        for verdict in verdicts.of_model(spec):
             if verdict.status == "present":
-                print(f"  cache: present at {verdict.path}")
+                print(f"  weights: present at {verdict.path}")
             else:
                 errors += 1
                 print(f"  ERROR: {verdict.reason}")
@@ -369,14 +406,18 @@ async def check(settings: Settings) -> int:
         print(f"shared services (left alone): {', '.join(project.shared_services)}")
     with tempfile.TemporaryDirectory() as folder:
         normalized = Path(folder) / NORMALIZED_COMPOSE
-        normalized.write_text(render(project))
+        rendered = render(project)
+        normalized.write_text(rendered)
         try:
-            docker = await _docker(settings, normalized)
+            docker = await _docker(settings, normalized, project.name)
             await docker.validate(project.models)
-            print("compose: the rewritten file is valid (docker compose config)")
+            print("compose: the rewritten copy is valid (docker compose config)")
         except OrchestratorError as err:
             errors += 1
             print(f"ERROR: compose: {err.message}")
+    if show:
+        print("--- the rewritten project, as the daemon runs it ---")
+        print(rendered, end="")
     print(f"{errors} error(s)" if errors else "ok")
     return 1 if errors else 0
 
@@ -415,8 +456,8 @@ def _progress_printer(out: TextIO) -> Callable[[PullProgress], None]:
 
 async def _model_source(settings: Settings, model_id: str) -> tuple[str | None, str | None]:
     """What a model id loads: (repo, None), (None, what it loads instead), or not a model."""
-    if settings.compose_file.is_file():
-        spec = _project(settings).models.get(model_id)
+    if all(path.is_file() for path in settings.compose_files):
+        spec = (await _project(settings)).models.get(model_id)
         if spec is not None:
             return spec.repo, None if spec.repo else spec.model_arg
     database = settings.state_dir / DATABASE
@@ -469,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "pull":
             return asyncio.run(pull_model(settings, args.target, args.revision))
-        return asyncio.run(check(settings))
+        return asyncio.run(check(settings, show=args.show))
     except (OrchestratorError, ComposeError) as err:
         message: Any = err.message if isinstance(err, OrchestratorError) else str(err)
         print(f"model-orchestrator: {message}", file=sys.stderr)

@@ -1,10 +1,18 @@
-"""The user's compose file, rewritten into the daemon's own copy.
+"""The user's compose project, as Compose reads it, rewritten into the daemon's own copy.
 
-Each compose profile is one model. The user's file is read once and never written; the
-daemon runs compose on the rendered copy, in which every model loads offline from the hub
-cache (seed 002): a cache path given as the model becomes the repo id, the hub cache is
-mounted where vLLM looks for it and HF_HUB_OFFLINE=1 is set. Everything else is kept, and
-every change is recorded as a note so that the user can see what was done to their file.
+The daemon never parses the user's YAML itself: ``docker compose config`` resolves the
+files exactly as ``docker compose`` in that folder would (``.env``, interpolation,
+``include``, ``extends``, override files, anchors) and prints the canonical project.
+This module rewrites that canonical form so that every model loads offline from the hub
+cache (seed 002): a cache path given as the model becomes the repo id (a pinned snapshot
+becomes ``--revision``), the hub cache is mounted where the engine's environment says it
+looks, ``HF_HUB_OFFLINE=1`` is set, restarts are left to the daemon, and the engine gets a
+readable ``--served-model-name``. Every change is recorded as a note, every doubt as a
+problem, so that ``check`` can show the user what was done to their project.
+
+Values here are what the container sees. Compose prints a literal ``$`` as ``$$``;
+``canonical`` undoes that on the way in and ``render`` does it again, for every string,
+on the way out: nothing in the copy is interpolated a second time.
 """
 
 from __future__ import annotations
@@ -12,43 +20,36 @@ from __future__ import annotations
 import copy
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
+from huggingface_hub.file_download import REGEX_COMMIT_HASH
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .cache import HUB_MOUNT, is_repo_id, looks_like_path, repo_id_from_cache_path
+from .cache import is_repo_id, looks_like_path, repo_id_from_cache_path
+from .naming import MODEL_ID
 
 DEFAULT_ENGINE_PORT = 8000
 DEFAULT_HEALTH_PATH = "/health"
 DEFAULT_STARTUP_TIMEOUT = 900.0
-
 SETTINGS_KEY = "x-orchestrator"
-SETTING_NAMES = (
-    "display_name",
-    "health_path",
-    "startup_timeout",
-    "upstream",
-    "port",
-    "engine",
-    "checkpoint",
-    "ttl",
-    "max_concurrency",
-    "aliases",
-)
 
-# The Compose specification's rule for profile names. Compose itself lets others through;
-# holding model ids to it keeps them usable as served names and in URLs.
-_PROFILE_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
-
-# A mount of the whole HF home (what seed 002 replaces) or of the hub itself: either is the
-# service's cache mount, to be replaced by the one hub mount.
-_CACHE_TARGETS = frozenset({"/root/.cache/huggingface", HUB_MOUNT})
+# What docker compose looks for when no file is named, in its order, and the override
+# file it then loads beside each.
+DEFAULT_FILE_NAMES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")
+_OVERRIDES = {
+    "compose.yaml": ("compose.override.yaml", "compose.override.yml"),
+    "compose.yml": ("compose.override.yml", "compose.override.yaml"),
+    "docker-compose.yml": ("docker-compose.override.yml", "docker-compose.override.yaml"),
+    "docker-compose.yaml": ("docker-compose.override.yaml", "docker-compose.override.yml"),
+}
 
 _OFFLINE_VAR = "HF_HUB_OFFLINE"
-_OFFLINE_ENTRY = f"{_OFFLINE_VAR}=1"
+# The engine's own restarts would hide a crash from the daemon and loop forever.
+_RESTART = "no"
 
 # Launchers written at the start of a command, and whether a positional model may follow:
 # `vllm serve` takes one, the old api_server module only takes --model.
@@ -57,6 +58,11 @@ _LAUNCHERS: tuple[tuple[tuple[str, ...], bool], ...] = (
     (("serve",), True),
     (("python3", "-m", "vllm.entrypoints.openai.api_server"), False),
     (("python", "-m", "vllm.entrypoints.openai.api_server"), False),
+)
+_SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh"})
+# Flags of vLLM's whose value the daemon reads; vLLM also accepts "_" for "-".
+_READ_FLAGS = frozenset(
+    {"--model", "--served-model-name", "--port", "--revision", "--tokenizer-revision"}
 )
 
 _DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+")
@@ -73,7 +79,52 @@ _SECONDS_PER_UNIT = {
 
 
 class ComposeError(ValueError):
-    """The compose file, or the settings given for its models, cannot be used."""
+    """The compose project, or the settings given for its models, cannot be used."""
+
+
+# --- settings --------------------------------------------------------------------------
+
+
+class ModelSettings(BaseModel):
+    """Per-model settings: ``x-orchestrator`` on the engine service, or ``models:`` in the
+    daemon's config file (which wins)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    display_name: str | None = Field(default=None, min_length=1, max_length=200)
+    health_path: str | None = Field(default=None, pattern=r"^/")
+    startup_timeout: float | None = Field(default=None, gt=0)
+    upstream: str | None = Field(default=None, pattern=r"^https?://")
+    port: int | None = Field(default=None, gt=0, lt=65536)
+    # x-orchestrator: true on the engine service; in the config file, the service's name.
+    engine: bool | str | None = None
+    checkpoint: str | None = Field(default=None, pattern=r"^/")
+    ttl: float | None = Field(default=None, ge=0)
+    max_concurrency: int | None = Field(default=None, gt=0)
+    aliases: tuple[str, ...] = ()
+
+    @field_validator("aliases")
+    @classmethod
+    def _names(cls, aliases: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not alias for alias in aliases):
+            raise ValueError("aliases must be non-empty names")
+        return aliases
+
+
+def model_settings(raw: object, where: str) -> ModelSettings:
+    if not isinstance(raw, Mapping):
+        raise ComposeError(f"{where} must be a mapping of settings")
+    try:
+        return ModelSettings.model_validate(dict(raw))
+    except ValidationError as err:
+        first = err.errors()[0]
+        place = ".".join(str(part) for part in first["loc"])
+        known = ", ".join(ModelSettings.model_fields)
+        hint = f" (known: {known})" if first["type"] == "extra_forbidden" else ""
+        raise ComposeError(f"{where}.{place}: {first['msg']}{hint}") from None
+
+
+# --- what the rest of the daemon reads --------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -101,24 +152,61 @@ class ModelSpec:
     ttl: float | None = None  # seconds idle before the gateway unloads it; None: the default
     max_concurrency: int | None = None  # requests forwarded at once; more wait their turn
     aliases: tuple[str, ...] = ()  # other names /v1 requests may use for it
+    # The revisions of the repo the engine loads (weights, then tokenizer); None: main.
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    # Why the model cannot be run at all; a switch to it is refused with this.
+    unusable: str | None = None
+
+
+@dataclass(frozen=True)
+class ComposeSource:
+    """Which files compose reads, and how: what ``docker compose`` in that folder would do."""
+
+    files: tuple[Path, ...]
+    env_files: tuple[Path, ...] = ()
+    project_name: str | None = None
+
+    @property
+    def project_dir(self) -> Path:
+        return self.files[0].parent
 
 
 @dataclass
 class ComposeProject:
-    source: Path
-    name: str | None
-    document: dict[str, Any]
+    source: ComposeSource
+    name: str
+    document: dict[str, Any]  # canonical and rewritten, values as the containers see them
     models: dict[str, ModelSpec]
     shared_services: tuple[str, ...]
     notes: dict[str, list[RewriteNote]] = field(default_factory=dict)
     problems: dict[str, list[str]] = field(default_factory=dict)
 
 
+def compose_files(given: Sequence[Path], environ: Mapping[str, str], cwd: Path) -> tuple[Path, ...]:
+    """The files ``docker compose`` would read: those given, else ``COMPOSE_FILE``; one file
+    with a default name brings its override file along, as compose does in its folder."""
+    files = [Path(f) for f in given]
+    if not files and environ.get("COMPOSE_FILE"):
+        separator = environ.get("COMPOSE_PATH_SEPARATOR") or ":"
+        files = [Path(f) for f in environ["COMPOSE_FILE"].split(separator) if f]
+    files = [(f if f.is_absolute() else cwd / f).resolve() for f in files]
+    if len(files) == 1:
+        for override in _OVERRIDES.get(files[0].name, ()):
+            candidate = files[0].parent / override
+            if candidate.is_file():
+                files.append(candidate)
+                break
+    return tuple(files)
+
+
+# --- the canonical form ------------------------------------------------------------------
+
+
 class _ComposeLoader(yaml.SafeLoader):
     """Safe loading that reads plain scalars the way Compose's YAML 1.2 parser does.
 
-    YAML 1.1 would turn ``22:22`` into 1342 and ``yes`` into true, and the rendered copy
-    would then hand compose a different port or value than the user wrote.
+    YAML 1.1 would turn ``22:22`` into 1342 and ``yes`` into true.
     """
 
 
@@ -152,322 +240,429 @@ _ComposeLoader.add_implicit_resolver(
 
 
 class _RenderDumper(yaml.SafeDumper):
-    """Writes merged services out in full instead of as &id001 / *id001 references."""
+    """Writes shared parts out in full instead of as &id001 / *id001 references."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
 
 
-# --- command -----------------------------------------------------------------------
+def _map_strings(value: Any, change: Any) -> Any:
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, Mapping):
+        return {_map_strings(k, change): _map_strings(v, change) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(item, change) for item in value]
+    return value
+
+
+def canonical(text: str) -> dict[str, Any]:
+    """``docker compose config`` output as values: every ``$$`` back to the ``$`` it is."""
+    document = yaml.load(text, Loader=_ComposeLoader)
+    if not isinstance(document, dict) or not isinstance(document.get("services"), dict):
+        raise ComposeError("docker compose config printed no services")
+    return dict(_map_strings(document, lambda s: s.replace("$$", "$")))
+
+
+def dump_literal(document: Mapping[str, Any]) -> str:
+    """A compose document as YAML in which compose reads every value literally."""
+    return yaml.dump(
+        _map_strings(document, lambda s: s.replace("$", "$$")),
+        Dumper=_RenderDumper,
+        sort_keys=False,
+        default_flow_style=False,
+        allow_unicode=True,
+    )
+
+
+def render(project: ComposeProject) -> str:
+    """The rewritten project as the file the daemon hands compose: every "$" doubled."""
+    return dump_literal(project.document)
+
+
+def merge_services(user: Mapping[str, Any], added: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's canonical project with the registry's services (also canonical) added."""
+    services = dict(user["services"])
+    user_profiles = {p for s in services.values() for p in (s.get("profiles") or [])}
+    for name, service in (added.get("services") or {}).items():
+        if name in services:
+            raise ComposeError(f"the compose project already has a service {name!r}")
+        clash = user_profiles & set(service.get("profiles") or [])
+        if clash:
+            raise ComposeError(f"the compose project already has a profile {sorted(clash)[0]!r}")
+        services[name] = service
+    merged = {**user, "services": services}
+    for key in ("networks", "volumes"):
+        extra = added.get(key) or {}
+        if extra:
+            merged[key] = {**extra, **(user.get(key) or {})}
+    return merged
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def _flag_of(token: str) -> tuple[str, str | None]:
+    """``--served_model_name=x`` as (``--served-model-name``, ``x``)."""
+    spelled, equals, value = token.partition("=")
+    flag = spelled.replace("_", "-") if spelled.startswith("--") else spelled
+    return flag, (value if equals else None)
 
 
 @dataclass
-class _Command:
-    argv: list[str] | None  # None: no model argument, so the command is left alone
-    model_arg: str | None
-    served_name: str | None
-    port: str | None
-    notes: list[str]
+class _Args:
+    """One engine command's argument list, read and then rewritten in place."""
+
+    tokens: list[str]
+    positional_at: int | None
+    flags: dict[str, list[tuple[int, int, str]]]  # flag -> (index, tokens taken, value)
     problems: list[str]
 
+    @classmethod
+    def read(cls, tokens: list[str], start: int, positional: bool) -> _Args:
+        args = cls(list(tokens), None, {}, [])
+        index = start
+        if positional and index < len(tokens) and not tokens[index].startswith("-"):
+            args.positional_at = index
+            index += 1
+        while index < len(tokens):
+            flag, inline = _flag_of(tokens[index])
+            if flag not in _READ_FLAGS:
+                index += 1
+                continue
+            width, value = 1, inline
+            if value is None and index + 1 < len(tokens) and not tokens[index + 1].startswith("-"):
+                value, width = tokens[index + 1], 2
+            if not value:
+                args.problems.append(f"{flag} has no value")
+            else:
+                args.flags.setdefault(flag, []).append((index, width, value))
+            index += width
+        return args
 
-def _command_tokens(command: object, where: str) -> list[str]:
-    if command is None:
-        return []
-    if isinstance(command, str):
-        try:
-            return shlex.split(command)
-        except ValueError as err:
-            raise ComposeError(f"{where}: cannot split command {command!r}: {err}") from err
-    if isinstance(command, list) and all(
-        isinstance(token, str | int | float) and not isinstance(token, bool) for token in command
-    ):
-        return [str(token) for token in command]
-    raise ComposeError(f"{where}: command must be a string or a list of strings")
+    def value(self, flag: str) -> str | None:
+        given = self.flags.get(flag)
+        return given[-1][2] if given else None  # vLLM's parser keeps the last one
+
+    def replace_value(self, at: int, width: int, value: str) -> None:
+        if width == 2:
+            self.tokens[at + 1] = value
+        else:
+            self.tokens[at] = f"{self.tokens[at].partition('=')[0]}={value}"
 
 
-def _launcher(tokens: list[str]) -> tuple[int, bool]:
-    for prefix, takes_positional in _LAUNCHERS:
+def _launcher(tokens: Sequence[str]) -> tuple[int, bool] | None:
+    for prefix, positional in _LAUNCHERS:
         if tuple(tokens[: len(prefix)]) == prefix:
-            return len(prefix), takes_positional
-    return 0, True
+            return len(prefix), positional
+    return None
 
 
-def _normalise_model(value: str) -> str:
-    return repo_id_from_cache_path(value) or value
-
-
-def _could_be_positional_model(token: str, vllm_image: bool) -> bool:
-    # Outside a vLLM image the first word is usually a program (nginx, redis-server), so
-    # only a value that can be nothing but a model counts there.
-    if token.startswith("-"):
-        return False
-    if vllm_image:
-        return True
+def _looks_like_model(token: str) -> bool:
+    """A first word that can be nothing but a model, outside a known vLLM command."""
     return repo_id_from_cache_path(token) is not None or (
         "/" in token and not looks_like_path(token) and is_repo_id(token)
     )
 
 
+def _split_cache_path(value: str) -> tuple[str, str | None]:
+    """A hub-cache path as (repo id, pinned commit or None); anything else as it is."""
+    repo = repo_id_from_cache_path(value)
+    if repo is None:
+        return value, None
+    parts = PurePosixPath(value).parts
+    if len(parts) >= 2 and parts[-2] == "snapshots" and REGEX_COMMIT_HASH.fullmatch(parts[-1]):
+        return repo, parts[-1]
+    return repo, None
+
+
 @dataclass
-class _Options:
-    model_flags: list[tuple[int, int, str]]  # (index, tokens taken, value) of each --model
+class EngineCommand:
+    """What a model's engine is told: its model, served name, port and revisions."""
+
+    model_arg: str
     served_name: str | None
     port: str | None
+    revision: str | None
+    tokenizer_revision: str | None
+    notes: list[str]
     problems: list[str]
 
 
-def _scan_options(tokens: list[str], start: int) -> _Options:
-    options = _Options(model_flags=[], served_name=None, port=None, problems=[])
-    index = start
-    while index < len(tokens):
-        spelled, equals, inline_value = tokens[index].partition("=")
-        # vLLM's parser accepts --served_model_name for --served-model-name.
-        flag = spelled.replace("_", "-") if spelled.startswith("--") else ""
-        if flag not in {"--model", "--served-model-name", "--port"}:
-            index += 1
-            continue
-        width = 1
-        value: str | None = inline_value if equals else None
-        if value is None and index + 1 < len(tokens) and not tokens[index + 1].startswith("-"):
-            value = tokens[index + 1]
-            width = 2
-        if not value:
-            options.problems.append(f"{flag} has no value")
-        elif flag == "--model":
-            options.model_flags.append((index, width, value))
-        elif flag == "--served-model-name":
-            options.served_name = options.served_name or value
-        else:
-            options.port = value
-        index += width
-    return options
-
-
-def _analyse_command(command: object, model_id: str, where: str, vllm_image: bool) -> _Command:
-    tokens = _command_tokens(command, where)
-    options_from, takes_positional = _launcher(tokens)
-    positional_at: int | None = None
-    # After an explicit `serve` the first word can only be the model.
-    if (
-        takes_positional
-        and options_from < len(tokens)
-        and _could_be_positional_model(tokens[options_from], vllm_image or options_from > 0)
-    ):
-        positional_at = options_from
-        options_from += 1
-    options = _scan_options(tokens, options_from)
-    problems = options.problems
-    if positional_at is None and not options.model_flags:
-        return _Command(None, None, options.served_name, options.port, [], problems)
-
-    argv = list(tokens)
+def rewrite_args(
+    tokens: list[str], start: int, positional: bool, model_id: str
+) -> tuple[list[str], EngineCommand] | None:
+    """An engine's arguments with the model as a repo id (a pin as --revision) and a served
+    name; None when they name no model (a sidecar, a proxy)."""
+    args = _Args.read(tokens, start, positional)
+    models = args.flags.get("--model", [])
+    if args.positional_at is None and not models:
+        return None
     notes: list[str] = []
+    problems = list(args.problems)
     dropped: set[int] = set()
-    if positional_at is not None:
-        written = tokens[positional_at]
-        model_arg = _normalise_model(written)
-        if model_arg != written:
-            argv[positional_at] = model_arg
-            notes.append(f"positional model {written} → {model_arg}")
+    if args.positional_at is not None:
+        written = tokens[args.positional_at]
+        model, pinned = _split_cache_path(written)
+        args.tokens[args.positional_at] = model
         # `vllm serve` refuses a positional model and --model together.
-        for flag_at, width, value in options.model_flags:
-            dropped.update(range(flag_at, flag_at + width))
-            notes.append(f"dropped --model {value}: the positional model {model_arg} wins")
-            if _normalise_model(value) != model_arg:
+        for at, width, value in models:
+            dropped.update(range(at, at + width))
+            notes.append(f"dropped --model {value}: the positional model {model} wins")
+            if _split_cache_path(value)[0] != model:
                 problems.append(
-                    f"the command names two models, positional {model_arg} and --model {value};"
-                    f" kept {model_arg}"
+                    f"the command names two models, positional {model} and --model {value};"
+                    f" kept {model}"
                 )
     else:
-        for flag_at, width, value in options.model_flags:
-            rewritten = _normalise_model(value)
-            if rewritten != value:
-                if width == 2:
-                    argv[flag_at + 1] = rewritten
-                else:
-                    argv[flag_at] = f"{tokens[flag_at].partition('=')[0]}={rewritten}"
-                notes.append(f"--model {value} → {rewritten}")
-        # vLLM's parser keeps the last --model given.
-        model_arg = _normalise_model(options.model_flags[-1][2])
-
-    argv = [token for at, token in enumerate(argv) if at not in dropped]
-    served_name = options.served_name
-    if served_name is None:
-        served_name = model_id
-        argv += ["--served-model-name", model_id]
+        written = models[-1][2]
+        model, pinned = _split_cache_path(written)
+        for at, width, value in models:
+            args.replace_value(at, width, _split_cache_path(value)[0])
+    if model != written:
+        notes.append(f"model {written} → {model}")
+    revision = args.value("--revision")
+    if pinned is not None:
+        if revision is None:
+            revision = pinned
+            args.tokens += ["--revision", pinned]
+            notes.append(f"added --revision {pinned}: the snapshot the path named")
+        elif revision != pinned:
+            problems.append(
+                f"the model path pins snapshot {pinned} but --revision says {revision};"
+                f" --revision wins"
+            )
+    served = args.value("--served-model-name")
+    if served is None:
+        served = model_id
+        args.tokens += ["--served-model-name", model_id]
         notes.append(f"added --served-model-name {model_id}")
-    return _Command(argv, model_arg, served_name, options.port, notes, problems)
+    rewritten = [token for at, token in enumerate(args.tokens) if at not in dropped]
+    found = EngineCommand(
+        model, served, args.value("--port"), revision, args.value("--tokenizer-revision"),
+        notes, problems,
+    )  # fmt: skip
+    return rewritten, found
 
 
-def rewrite_command(
-    command: str | list[str] | None, model_id: str
-) -> tuple[list[str] | None, list[str]]:
-    """The command as the daemon runs it, and what changed; None when it passes no model."""
-    analysis = _analyse_command(command, model_id, "command", vllm_image=True)
-    return analysis.argv, analysis.notes
+# A shell command line split where it ends: ;, &, |, &&, || and newlines outside quotes.
+def _shell_segments(script: str) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    start = index = 0
+    quote: str | None = None
+    while index < len(script):
+        char = script[index]
+        if quote is None and char == "\\":
+            index += 2
+            continue
+        if quote == '"' and char == "\\":
+            index += 2
+            continue
+        if char in {"'", '"'}:
+            quote = None if quote == char else (quote or char)
+        elif quote is None and char in ";&|\n":
+            spans.append((start, index))
+            while index + 1 < len(script) and script[index + 1] in "&|":
+                index += 1
+            start = index + 1
+        index += 1
+    spans.append((start, len(script)))
+    return [(a, b) for a, b in spans if script[a:b].strip()]
 
 
-# --- volumes and environment -------------------------------------------------------
+_UNSAFE_IN_SHELL = re.compile(r"\$|`")
 
 
-def _describe_volume(entry: object) -> str:
-    if isinstance(entry, Mapping):
-        # One line of YAML, so the note shows the entry as the file spells it.
-        text: str = yaml.safe_dump(
-            dict(entry), default_flow_style=True, sort_keys=False, width=10_000
-        )
-        return text.strip()
-    return str(entry)
+def rewrite_script(script: str, model_id: str) -> tuple[str, EngineCommand] | None:
+    """A ``sh -c`` script with its engine command rewritten in place; the rest untouched."""
+    for begin, end in _shell_segments(script):
+        text = script[begin:end]
+        try:
+            words = shlex.split(text)
+        except ValueError as err:
+            raise ComposeError(f"cannot read the shell command {text.strip()!r}: {err}") from err
+        skip = 0
+        while skip < len(words) and (words[skip] == "exec" or re.fullmatch(r"\w+=.*", words[skip])):
+            skip += 1
+        found = _launcher(words[skip:])
+        if found is None:
+            continue
+        if _UNSAFE_IN_SHELL.search(text):
+            raise ComposeError(
+                "the engine command in the shell script uses shell variables or command"
+                f" substitution ({text.strip()!r}): the daemon cannot tell which model it"
+                " runs; write the model out, or use compose's ${VAR} outside the script"
+            )
+        width, positional = found
+        result = rewrite_args(words, skip + width, positional, model_id)
+        if result is None:
+            return None
+        tokens, command = result
+        lead = text[: len(text) - len(text.lstrip())]
+        tail = text[len(text.rstrip()) :]
+        return script[:begin] + lead + shlex.join(tokens) + tail + script[end:], command
+    return None
 
 
-def _volume_target(entry: object) -> str | None:
-    if isinstance(entry, str):
-        fields = entry.split(":")
-        target: object = fields[1] if len(fields) > 1 else fields[0]
-    elif isinstance(entry, Mapping):
-        target = entry.get("target")
+@dataclass
+class _Rewritten:
+    entrypoint: list[str] | None
+    command: list[str] | None
+    engine: EngineCommand | None
+
+
+def _shell_flag(token: str) -> bool:
+    return bool(re.fullmatch(r"-[a-z]*c", token))
+
+
+def rewrite_service_command(
+    entrypoint: list[str] | None, command: list[str] | None, model_id: str, vllm_image: bool
+) -> _Rewritten:
+    """The service's entrypoint and command with the engine's arguments rewritten.
+
+    Understands the image's own entrypoint (``vllm serve``) followed by the command, an
+    entrypoint that is the launcher, the launcher in the command, and a ``sh -c`` script
+    in either. Raises ComposeError for a command it cannot rewrite safely.
+    """
+    entrypoint = list(entrypoint) if entrypoint is not None else None
+    command = list(command) if command is not None else None
+    if entrypoint:
+        program = PurePosixPath(entrypoint[0]).name
+        if program in _SHELLS and len(entrypoint) >= 2 and _shell_flag(entrypoint[1]):
+            if len(entrypoint) >= 3:
+                return _in_script(entrypoint, 2, command, model_id, in_entrypoint=True)
+            if command:
+                return _in_script(command, 0, entrypoint, model_id, in_entrypoint=False)
+            return _Rewritten(entrypoint, command, None)
+        found = _launcher(entrypoint)
+        if found is not None:
+            width, positional = found
+            if len(entrypoint) > width:
+                raise ComposeError(
+                    "the entrypoint holds the engine's arguments; the daemon rewrites only the"
+                    " command: move them from entrypoint to command"
+                )
+            result = rewrite_args(command or [], 0, positional, model_id)
+            return _Rewritten(entrypoint, *(result if result else (command, None)))
+        # Another program runs first (a wrapper script): the command may still be vLLM's.
+    tokens = command or []
+    if tokens:
+        program = PurePosixPath(tokens[0]).name
+        if program in _SHELLS and len(tokens) >= 3 and _shell_flag(tokens[1]):
+            shell = _in_script(tokens, 2, entrypoint, model_id, in_entrypoint=False)
+            return _Rewritten(entrypoint, shell.command, shell.engine)
+    found = _launcher(tokens)
+    if found is not None:
+        width, positional = found
     else:
-        return None
-    return target.rstrip("/") if isinstance(target, str) else None
+        width = 0
+        positional = bool(tokens) and (vllm_image or _looks_like_model(tokens[0]))
+    result = rewrite_args(tokens, width, positional, model_id)
+    if result is None:
+        return _Rewritten(entrypoint, command, None)
+    return _Rewritten(entrypoint, result[0], result[1])
 
 
-def _volume_mode(entry: object) -> str:
-    # A read-only cache mount stays read-only: offline loading never writes to it.
-    if isinstance(entry, str):
-        fields = entry.split(":")
-        return f":{fields[2]}" if len(fields) > 2 else ""
-    if isinstance(entry, Mapping) and entry.get("read_only") is True:
-        return ":ro"
-    return ""
+def _in_script(
+    holder: list[str], at: int, other: list[str] | None, model_id: str, *, in_entrypoint: bool
+) -> _Rewritten:
+    """Rewrite the script at ``holder[at]``; ``other`` is the entrypoint or command beside it."""
+    unchanged = _Rewritten(
+        holder if in_entrypoint else other, other if in_entrypoint else holder, None
+    )
+    if at >= len(holder):
+        return unchanged
+    result = rewrite_script(holder[at], model_id)
+    if result is None:
+        if _launcher(holder[at:]) is not None:
+            # `sh -c` runs one script; the words after it become $0, $1, ... and never run.
+            raise ComposeError(
+                "the shell runs only the first word of the engine command; the others become"
+                ' $0, $1, ...: write it as one string, command: ["vllm serve ..."]'
+            )
+        return unchanged
+    script, engine = result
+    changed = [*holder[:at], script, *holder[at + 1 :]]
+    if in_entrypoint:
+        return _Rewritten(changed, other, engine)
+    return _Rewritten(other, changed, engine)
 
 
-def _rewrite_volumes(volumes: object, hub_dir: Path, where: str) -> tuple[list[Any], list[str]]:
-    if volumes is None:
-        volumes = []
-    if not isinstance(volumes, list):
-        raise ComposeError(f"{where}: volumes must be a list")
-    hub_mount = f"{hub_dir}:{HUB_MOUNT}"
+# --- volumes, environment, ports, durations -----------------------------------------------
+
+
+def hub_target(environment: Mapping[str, Any]) -> str:
+    """Where the engine's huggingface_hub looks for the cache, by its environment."""
+
+    def get(name: str) -> str | None:
+        value = environment.get(name)
+        return str(value) if value not in (None, "") else None
+
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if get(name):
+            return str(get(name)).rstrip("/")
+    if get("HF_HOME"):
+        return f"{str(get('HF_HOME')).rstrip('/')}/hub"
+    if get("XDG_CACHE_HOME"):
+        return f"{str(get('XDG_CACHE_HOME')).rstrip('/')}/huggingface/hub"
+    home = (get("HOME") or "/root").rstrip("/")
+    return f"{home}/.cache/huggingface/hub"
+
+
+def _describe_mount(volume: Mapping[str, Any]) -> str:
+    source = volume.get("source") or "(anonymous)"
+    mode = ":ro" if volume.get("read_only") else ""
+    return f"{source}:{volume.get('target')}{mode}"
+
+
+def rewrite_volumes(
+    volumes: list[Any] | None, hub_dir: Path, target: str
+) -> tuple[list[Any], list[str]]:
+    """The hub cache mounted exactly at ``target``, replacing a mount there or at its parent
+    (a whole HF home is narrowed to its hub folder); read-only stays read-only."""
+    parent = str(PurePosixPath(target).parent)
     kept: list[Any] = []
     notes: list[str] = []
-    mounted = False
-    for entry in volumes:
-        if _volume_target(entry) not in _CACHE_TARGETS:
-            kept.append(entry)
-        elif mounted:
-            notes.append(f"removed volume {_describe_volume(entry)}: {HUB_MOUNT} is mounted")
-        else:
-            mounted = True
-            replacement = hub_mount + _volume_mode(entry)
-            kept.append(replacement)
-            if entry != replacement:
-                notes.append(f"volume {_describe_volume(entry)} → {replacement}")
-    if not mounted:
-        kept.append(hub_mount)
-        notes.append(f"added volume {hub_mount}")
+    placed = False
+    for volume in volumes or []:
+        at = str(volume.get("target", "")).rstrip("/") if isinstance(volume, Mapping) else ""
+        if at not in {target, parent}:
+            kept.append(volume)
+            continue
+        if placed:
+            notes.append(f"removed volume {_describe_mount(volume)}: {target} is mounted")
+            continue
+        placed = True
+        mount = _hub_mount(hub_dir, target, bool(volume.get("read_only")))
+        kept.append(mount)
+        if _describe_mount(volume) != _describe_mount(mount):
+            notes.append(f"volume {_describe_mount(volume)} → {_describe_mount(mount)}")
+    if not placed:
+        mount = _hub_mount(hub_dir, target, False)
+        kept.append(mount)
+        notes.append(f"added volume {_describe_mount(mount)}")
     return kept, notes
 
 
-def _rewrite_environment(environment: object, where: str) -> tuple[Any, list[str]]:
-    if environment is None:
-        return {_OFFLINE_VAR: "1"}, [f"added {_OFFLINE_ENTRY}"]
-    if isinstance(environment, Mapping):
-        variables = dict(environment)
-        if _OFFLINE_VAR not in variables:
-            variables[_OFFLINE_VAR] = "1"
-            return variables, [f"added {_OFFLINE_ENTRY}"]
-        previous = variables[_OFFLINE_VAR]
-        if previous is not None and str(previous) == "1":
-            return variables, []
-        variables[_OFFLINE_VAR] = "1"
-        written = _OFFLINE_VAR if previous is None else f"{_OFFLINE_VAR}={previous}"
-        return variables, [f"{written} → {_OFFLINE_ENTRY}"]
-    if isinstance(environment, list):
-        entries: list[Any] = []
-        notes: list[str] = []
-        for entry in environment:
-            if isinstance(entry, str) and entry.partition("=")[0] == _OFFLINE_VAR:
-                if entry != _OFFLINE_ENTRY:
-                    notes.append(f"{entry} → {_OFFLINE_ENTRY}")
-                entries.append(_OFFLINE_ENTRY)
-            else:
-                entries.append(entry)
-        if _OFFLINE_ENTRY not in entries:
-            entries.append(_OFFLINE_ENTRY)
-            notes.append(f"added {_OFFLINE_ENTRY}")
-        return entries, notes
-    raise ComposeError(f"{where}: environment must be a list or a mapping")
+def _hub_mount(hub_dir: Path, target: str, read_only: bool) -> dict[str, Any]:
+    mount: dict[str, Any] = {"type": "bind", "source": str(hub_dir), "target": target}
+    if read_only:
+        mount["read_only"] = True
+    return mount
 
 
-# --- settings, ports, durations ----------------------------------------------------
+def rewrite_environment(environment: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    variables = dict(environment or {})
+    previous = variables.get(_OFFLINE_VAR)
+    if previous is not None and str(previous) == "1":
+        return variables, []
+    variables[_OFFLINE_VAR] = "1"
+    if previous is None:
+        return variables, [f"added {_OFFLINE_VAR}=1"]
+    return variables, [f"{_OFFLINE_VAR}={previous} → {_OFFLINE_VAR}=1"]
 
 
-def _check_settings(raw: object, where: str, engine_names_service: bool) -> dict[str, Any]:
-    if not isinstance(raw, Mapping):
-        raise ComposeError(f"{where} must be a mapping of settings")
-    settings: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in SETTING_NAMES:
-            raise ComposeError(
-                f"{where}: unknown setting {key!r} (known: {', '.join(SETTING_NAMES)})"
-            )
-        is_number = isinstance(value, int | float) and not isinstance(value, bool)
-        if key == "display_name" and not (isinstance(value, str) and value):
-            raise ComposeError(f"{where}: display_name must be a non-empty string")
-        if key == "health_path" and not (isinstance(value, str) and value.startswith("/")):
-            raise ComposeError(f"{where}: health_path must be a path starting with /")
-        if key == "startup_timeout":
-            if not (is_number and value > 0):
-                raise ComposeError(f"{where}: startup_timeout must be a positive number")
-            value = float(value)
-        if key == "upstream" and not (
-            isinstance(value, str) and value.startswith(("http://", "https://"))
-        ):
-            raise ComposeError(f"{where}: upstream must be an http:// or https:// URL")
-        if key == "ttl":
-            if not (is_number and value >= 0):
-                raise ComposeError(f"{where}: ttl must be a number of seconds (0: never)")
-            value = float(value)
-        if key == "max_concurrency" and not (isinstance(value, int) and is_number and value > 0):
-            raise ComposeError(f"{where}: max_concurrency must be a whole number above 0")
-        if key == "aliases":
-            if not (isinstance(value, list) and all(isinstance(a, str) and a for a in value)):
-                raise ComposeError(f"{where}: aliases must be a list of names")
-            value = tuple(value)
-        if key == "checkpoint" and not (isinstance(value, str) and value.startswith("/")):
-            raise ComposeError(f"{where}: checkpoint must be an absolute host path")
-        if key == "port" and not (isinstance(value, int) and is_number and 0 < value < 65536):
-            raise ComposeError(f"{where}: port must be a port number")
-        if key == "engine":
-            if engine_names_service and not isinstance(value, str):
-                raise ComposeError(f"{where}: engine must name one of the model's services")
-            if not engine_names_service and not isinstance(value, bool):
-                raise ComposeError(f"{where}: engine must be true or false")
-        settings[key] = value
-    return settings
-
-
-def _port_number(value: object) -> int:
-    number = int(str(value))
-    if not 0 < number < 65536:
-        raise ValueError(f"{number} is not a port number")
-    return number
-
-
-def _container_port_of(entry: object) -> int:
-    """The container side of one `ports` entry, in short or long syntax."""
-    if isinstance(entry, int) and not isinstance(entry, bool):
-        return _port_number(entry)
-    if isinstance(entry, Mapping):
-        return _port_number(entry.get("target"))
-    if isinstance(entry, str):
-        # [host_ip:][published:]target[-range][/protocol]; an IPv6 host ends in "]".
-        target = entry.split("/", 1)[0].rsplit(":", 1)[-1]
-        return _port_number(target.split("-", 1)[0])
-    raise ValueError(f"{entry!r} is not a port mapping")
-
-
-def _parse_duration(value: object, where: str) -> float:
+def parse_duration(value: object, where: str) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str) and _DURATION.fullmatch(value.strip()):
@@ -478,193 +673,265 @@ def _parse_duration(value: object, where: str) -> float:
     raise ComposeError(f"{where}: {value!r} is not a duration such as 30s or 1m30s")
 
 
-# --- the project -------------------------------------------------------------------
+def _container_port(
+    settings: ModelSettings, flag: str | None, ports: object
+) -> tuple[int, str | None]:
+    """The engine's port inside its container, and why a declared one could not be read."""
+    if settings.port is not None:
+        return settings.port, None
+    if flag is not None:
+        if flag.isdigit() and 0 < int(flag) < 65536:
+            return int(flag), None
+        return DEFAULT_ENGINE_PORT, f"--port {flag} is not a port number"
+    if isinstance(ports, list) and ports and isinstance(ports[0], Mapping):
+        target = ports[0].get("target")
+        if isinstance(target, int) and 0 < target < 65536:
+            return target, None
+        return DEFAULT_ENGINE_PORT, f"cannot read the container port in ports: {ports[0]!r}"
+    return DEFAULT_ENGINE_PORT, None
 
 
-def read_document(source: Path) -> dict[str, Any]:
-    try:
-        # Loading from the open file makes YAML errors name it along with line and column.
-        with source.open(encoding="utf-8") as stream:
-            document = yaml.load(stream, Loader=_ComposeLoader)
-    except OSError as err:
-        raise ComposeError(f"cannot read compose file {source}: {err.strerror or err}") from err
-    except UnicodeDecodeError as err:
-        raise ComposeError(f"compose file {source} is not UTF-8 text: {err}") from err
-    except yaml.YAMLError as err:
-        raise ComposeError(f"compose file {source} is not valid YAML: {err}") from err
-    if not isinstance(document, dict) or not isinstance(document.get("services"), dict):
-        raise ComposeError(f"compose file {source} has no services mapping")
-    return document
+# --- the project ---------------------------------------------------------------------------
 
 
-def _profiles_of(service: Mapping[str, Any], where: str) -> list[str]:
-    profiles = service.get("profiles")
-    if profiles is None:
-        return []
-    if not isinstance(profiles, list) or not all(isinstance(p, str) for p in profiles):
-        raise ComposeError(f"{where}.profiles must be a list of profile names")
+def _profiles_of(service: Mapping[str, Any], name: str) -> list[str]:
+    profiles = list(dict.fromkeys(service.get("profiles") or []))
     for profile in profiles:
-        if not _PROFILE_NAME.fullmatch(profile):
+        if not isinstance(profile, str) or not MODEL_ID.fullmatch(profile):
             raise ComposeError(
-                f"{where}.profiles: {profile!r} is not a valid profile name"
+                f"services.{name}.profiles: {profile!r} is not a valid model id"
                 " (letters, digits, '_', '.', '-'; at least two characters;"
                 " starting with a letter or digit)"
             )
-    return list(dict.fromkeys(profiles))
+    return profiles
+
+
+@dataclass
+class _Member:
+    name: str
+    service: dict[str, Any]
+    settings: ModelSettings
+    rewritten: _Rewritten | None = None
+    error: str | None = None
+
+    @property
+    def engine_command(self) -> EngineCommand | None:
+        return self.rewritten.engine if self.rewritten is not None else None
+
+    @property
+    def serves(self) -> bool:
+        """Whether the service passes vLLM a model."""
+        return self.engine_command is not None
 
 
 def _choose_engine(
-    model_id: str,
-    members: list[str],
-    declared: Mapping[str, Mapping[str, Any]],
-    commands: Mapping[str, _Command],
-    named: str | None,
-) -> tuple[str, list[str]]:
+    model_id: str, members: list[_Member], named: str | None
+) -> tuple[_Member, list[str]]:
     if named is not None:
-        if named not in members:
-            raise ComposeError(
-                f"settings for model {model_id!r}: engine {named!r} is not one of its services"
-                f" ({', '.join(members)})"
-            )
-        return named, []
-    marked = [name for name in members if declared[name].get("engine") is True]
+        for member in members:
+            if member.name == named:
+                return member, []
+        names = ", ".join(m.name for m in members)
+        raise ComposeError(
+            f"settings for model {model_id!r}: engine {named!r} is not one of its services"
+            f" ({names})"
+        )
+    marked = [m for m in members if m.settings.engine is True]
     if marked:
         problems = []
         if len(marked) > 1:
             problems.append(
-                f"{', '.join(marked)} all say engine: true; using {marked[0]} as the engine"
+                f"{', '.join(m.name for m in marked)} all say engine: true;"
+                f" using {marked[0].name} as the engine"
             )
         return marked[0], problems
-    serving = [
-        name
-        for name in members
-        if commands[name].argv is not None and declared[name].get("engine") is not False
-    ]
+    serving = [m for m in members if m.serves and m.settings.engine is not False]
     return (serving or members)[0], []
 
 
-@dataclass
-class _Layout:
-    """Which services belong to which models, as the file declares it."""
+def _unsupported(name: str, service: Mapping[str, Any]) -> list[str]:
+    """Compose features the daemon cannot honour for an engine, named rather than dropped."""
+    problems = []
+    replicas = (service.get("deploy") or {}).get("replicas")
+    scale = service.get("scale")
+    for what, value in (("deploy.replicas", replicas), ("scale", scale)):
+        if isinstance(value, int) and value > 1:
+            problems.append(
+                f"{name}: {what} is {value}; a model runs one engine container, so the"
+                " daemon cannot tell which one to route to"
+            )
+    if "image" not in service and "build" not in service:
+        problems.append(f"{name}: the engine service has no image and no build")
+    return problems
 
-    shared: list[str]
-    profiles: dict[str, list[str]]  # model service -> its profiles
-    members: dict[str, list[str]]  # model id -> its services, file order
-    declared: dict[str, dict[str, Any]]  # model service -> its x-orchestrator settings
 
-
-def _layout(source: Path, services: Mapping[Any, Any]) -> _Layout:
-    layout = _Layout(shared=[], profiles={}, members={}, declared={})
+def rewrite_project(
+    source: ComposeSource,
+    document: Mapping[str, Any],
+    models_dir: Path,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> ComposeProject:
+    """Rewrite a canonical project (``canonical``'s output, registry services merged in)."""
+    services: dict[str, Any] = copy.deepcopy(dict(document["services"]))
+    shared: list[str] = []
+    members: dict[str, list[_Member]] = {}
     for name, service in services.items():
-        where = f"{source}: services.{name}"
-        if not isinstance(name, str) or not isinstance(service, dict):
-            raise ComposeError(f"{where} must be a mapping")
-        profiles = _profiles_of(service, where)
+        profiles = _profiles_of(service, name)
         if not profiles:
-            layout.shared.append(name)
+            shared.append(name)
             continue
-        layout.profiles[name] = profiles
+        settings = model_settings(service.get(SETTINGS_KEY, {}), f"services.{name}.{SETTINGS_KEY}")
+        if isinstance(settings.engine, str):
+            raise ComposeError(f"services.{name}.{SETTINGS_KEY}.engine must be true or false")
+        image = service.get("image")
+        member = _Member(name, service, settings)
+        try:
+            member.rewritten = rewrite_service_command(
+                service.get("entrypoint"),
+                service.get("command"),
+                profiles[0],  # a service in several profiles can carry one served name
+                vllm_image=isinstance(image, str) and "vllm" in image.lower(),
+            )
+        except ComposeError as err:
+            member.error = str(err)
         for profile in profiles:
-            layout.members.setdefault(profile, []).append(name)
-        layout.declared[name] = _check_settings(
-            service.get(SETTINGS_KEY, {}), f"{where}.{SETTINGS_KEY}", engine_names_service=False
-        )
-    return layout
+            members.setdefault(profile, []).append(member)
 
-
-def _configured(
-    source: Path, members: Mapping[str, list[str]], overrides: Mapping[str, Mapping[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    configured: dict[str, dict[str, Any]] = {}
-    for model_id, raw in overrides.items():
+    configured: dict[str, ModelSettings] = {}
+    for model_id, raw in (overrides or {}).items():
         if model_id not in members:
             raise ComposeError(
-                f"settings for model {model_id!r}: {source} has no profile {model_id!r}"
-                f" (profiles: {', '.join(members) or 'none'})"
+                f"settings for model {model_id!r}: the compose project has no profile"
+                f" {model_id!r} (profiles: {', '.join(members) or 'none'})"
             )
-        configured[model_id] = _check_settings(
-            raw, f"settings for model {model_id!r}", engine_names_service=True
+        configured[model_id] = model_settings(raw, f"settings for model {model_id!r}")
+
+    hub_dir = models_dir.resolve() / "hub"
+    models: dict[str, ModelSpec] = {}
+    notes: dict[str, list[RewriteNote]] = {}
+    problems: dict[str, list[str]] = {}
+    rewritten: set[str] = set()
+    for model_id, group in members.items():
+        # A service in two profiles is rewritten once, with the first profile's model.
+        fresh = [member for member in group if member.name not in rewritten]
+        rewritten.update(member.name for member in group)
+        models[model_id], notes[model_id], problems[model_id] = _model(
+            model_id, group, fresh, configured.get(model_id), hub_dir
         )
-    return configured
+    for model_id, collisions in _served_name_collisions(models).items():
+        problems[model_id] += collisions
+    return ComposeProject(
+        source=source,
+        name=str(document.get("name") or ""),
+        document={**document, "services": services},
+        models=models,
+        shared_services=tuple(shared),
+        notes=notes,
+        problems=problems,
+    )
 
 
-def _rewrite_service(
-    service: Mapping[str, Any], command: _Command, runs_vllm: bool, hub_dir: Path, where: str
-) -> tuple[dict[str, Any], list[str]]:
-    # Merged services share nested lists with their anchor; copy before changing them.
-    rewritten = copy.deepcopy(dict(service))
-    notes: list[str] = []
-    if command.argv is not None:
-        rewritten["command"] = command.argv
-        notes += command.notes
-    if runs_vllm:
-        rewritten["volumes"], volume_notes = _rewrite_volumes(
-            rewritten.get("volumes"), hub_dir, f"{where}.volumes"
-        )
-        rewritten["environment"], environment_notes = _rewrite_environment(
-            rewritten.get("environment"), f"{where}.environment"
-        )
-        notes += volume_notes + environment_notes
-    return rewritten, notes
-
-
-def _model_spec(
-    source: Path,
+def _model(
     model_id: str,
-    layout: _Layout,
-    engine: str,
-    engine_service: Mapping[str, Any],
-    commands: Mapping[str, _Command],
-    configured: Mapping[str, Any],
-) -> tuple[ModelSpec, list[str]]:
-    names = layout.members[model_id]
-    problems = [f"{name}: {problem}" for name in names for problem in commands[name].problems]
-    problems += [
-        f"{name}: {SETTINGS_KEY} is ignored because {engine} is the engine service; move it there"
-        for name in names
-        if name != engine and set(layout.declared[name]) - {"engine"}
-    ]
-    if "image" not in engine_service and "build" not in engine_service:
-        problems.append(f"{engine}: the engine service has no image and no build")
-
+    group: list[_Member],
+    fresh: list[_Member],
+    configured: ModelSettings | None,
+    hub_dir: Path,
+) -> tuple[ModelSpec, list[RewriteNote], list[str]]:
+    """One profile's services rewritten (those not done yet) and its model's spec."""
+    named = configured.engine if configured is not None else None
+    engine, problems = _choose_engine(model_id, group, named if isinstance(named, str) else None)
+    unusable = next((f"{m.name}: {m.error}" for m in group if m.error is not None), None)
+    problems += [f"{m.name}: {m.error}" for m in group if m.error is not None]
     # The model is what vLLM runs; the engine may be a proxy in front of it.
-    serving = [name for name in [engine, *names] if commands[name].argv is not None]
-    if not serving:
+    serving = [m for m in [engine, *group] if m.serves]
+    if not serving and unusable is None:
         problems.append(
             f"no service of profile {model_id} passes vLLM a model (--model or a positional model)"
         )
-    model_command = commands[serving[0] if serving else engine]
-    model_arg = model_command.model_arg or ""
+    notes = [
+        RewriteNote(member.name, what)
+        for member in fresh
+        for what in _rewrite_member(member, member in serving or member is engine, hub_dir)
+    ]
+    for member in group:
+        command = member.engine_command
+        problems += [
+            f"{member.name}: {problem}" for problem in (command.problems if command else [])
+        ]
+        if member is not engine and member.settings.model_dump(
+            exclude_defaults=True, exclude={"engine"}
+        ):
+            problems.append(
+                f"{member.name}: {SETTINGS_KEY} is ignored because {engine.name} is the"
+                " engine service; move it there"
+            )
+    problems += _unsupported(engine.name, engine.service)
+    settings = _merged(engine.settings, configured)
+    command = serving[0].engine_command if serving else None
+    model_arg = command.model_arg if command else ""
     is_repo = bool(model_arg) and not looks_like_path(model_arg) and is_repo_id(model_arg)
-
-    settings = {**layout.declared[engine], **configured}
-    container_port, port_problem = _container_port(
-        settings.get("port"), commands[engine].port, engine_service.get("ports")
-    )
+    flag_port = engine.engine_command.port if engine.engine_command else None
+    port, port_problem = _container_port(settings, flag_port, engine.service.get("ports"))
     if port_problem:
-        problems.append(f"{engine}: {port_problem}")
-    grace = engine_service.get("stop_grace_period")
+        problems.append(f"{engine.name}: {port_problem}")
+    grace = engine.service.get("stop_grace_period")
     spec = ModelSpec(
         id=model_id,
-        display_name=settings.get("display_name", model_id),
+        display_name=settings.display_name or model_id,
         repo=model_arg if is_repo else None,
         model_arg=model_arg,
-        served_name=model_command.served_name or model_id,
-        services=tuple(names),
-        engine_service=engine,
-        container_port=container_port,
-        health_path=settings.get("health_path", DEFAULT_HEALTH_PATH),
-        startup_timeout=settings.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT),
-        upstream=settings.get("upstream"),
-        checkpoint=Path(settings["checkpoint"]) if "checkpoint" in settings else None,
-        ttl=settings.get("ttl"),
-        max_concurrency=settings.get("max_concurrency"),
-        aliases=settings.get("aliases", ()),
+        served_name=(command.served_name if command else None) or model_id,
+        services=tuple(m.name for m in group),
+        engine_service=engine.name,
+        container_port=port,
+        health_path=settings.health_path or DEFAULT_HEALTH_PATH,
+        startup_timeout=settings.startup_timeout or DEFAULT_STARTUP_TIMEOUT,
+        upstream=settings.upstream,
         stop_timeout=None
         if grace is None
-        else _parse_duration(grace, f"{source}: services.{engine}.stop_grace_period"),
+        else parse_duration(grace, f"services.{engine.name}.stop_grace_period"),
+        checkpoint=Path(settings.checkpoint) if settings.checkpoint else None,
+        ttl=settings.ttl,
+        max_concurrency=settings.max_concurrency,
+        aliases=settings.aliases,
+        revision=command.revision if command and is_repo else None,
+        tokenizer_revision=command.tokenizer_revision if command and is_repo else None,
+        unusable=unusable,
     )
-    return spec, problems
+    return spec, notes, problems
+
+
+def _merged(declared: ModelSettings, configured: ModelSettings | None) -> ModelSettings:
+    if configured is None:
+        return declared
+    return declared.model_copy(update=configured.model_dump(exclude_unset=True))
+
+
+def _rewrite_member(member: _Member, runs_vllm: bool, hub_dir: Path) -> list[str]:
+    """Rewrite one model service in place; the notes say what changed."""
+    service = member.service
+    notes: list[str] = []
+    rewritten = member.rewritten
+    if member.error is None and rewritten is not None and rewritten.engine is not None:
+        before = shlex.join([*(service.get("entrypoint") or []), *(service.get("command") or [])])
+        service["entrypoint"] = rewritten.entrypoint
+        service["command"] = rewritten.command
+        after = shlex.join([*(rewritten.entrypoint or []), *(rewritten.command or [])])
+        if before != after:
+            notes.append(f"command: {before} → {after}")
+        notes += rewritten.engine.notes
+    restart = service.get("restart")
+    if restart not in (None, _RESTART):
+        notes.append(f"restart: {restart} → {_RESTART} (overridden: the daemon restarts models)")
+    service["restart"] = _RESTART
+    if runs_vllm:
+        environment, environment_notes = rewrite_environment(service.get("environment"))
+        target = hub_target(environment)
+        service["volumes"], volume_notes = rewrite_volumes(service.get("volumes"), hub_dir, target)
+        service["environment"] = environment
+        notes += volume_notes + environment_notes
+    return notes
 
 
 def _served_name_collisions(models: Mapping[str, ModelSpec]) -> dict[str, list[str]]:
@@ -681,134 +948,5 @@ def _served_name_collisions(models: Mapping[str, ModelSpec]) -> dict[str, list[s
     return collisions
 
 
-def _merge_added(
-    source: Path, services: dict[Any, Any], added: Mapping[str, Any] | None
-) -> dict[Any, Any]:
-    """The user's services followed by those of models added at run time."""
-    if not added:
-        return services
-    user_profiles = {
-        profile
-        for service in services.values()
-        if isinstance(service, dict)
-        for profile in (service.get("profiles") or [])
-    }
-    merged = dict(services)
-    for name, service in added.items():
-        if name in services:
-            raise ComposeError(f"{source} already has a service {name!r}")
-        clash = user_profiles & set(service.get("profiles") or [])
-        if clash:
-            raise ComposeError(f"{source} already has a profile {sorted(clash)[0]!r}")
-        merged[name] = service
-    return merged
-
-
-def load_project(
-    compose_file: Path,
-    models_dir: Path,
-    overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    added_services: Mapping[str, Any] | None = None,
-    document: Mapping[str, Any] | None = None,
-) -> ComposeProject:
-    """Read the user's compose file and rewrite every model's services to load offline.
-
-    ``added_services`` are the models added at run time, rendered by the registry as a
-    user would write them: they are rewritten and run like the user's own. ``document`` is
-    the user's file as read before, so that a registry change does not pick up edits the
-    daemon was not restarted for.
-    """
-    source = compose_file.resolve()
-    original = dict(document) if document is not None else read_document(source)
-    project_name = original.get("name")
-    if project_name is not None and not isinstance(project_name, str):
-        raise ComposeError(f"{source}: name must be a string")
-    services = _merge_added(source, original["services"], added_services)
-    layout = _layout(source, services)
-    configured = _configured(source, layout.members, overrides or {})
-
-    commands: dict[str, _Command] = {}
-    for name, profiles in layout.profiles.items():
-        image = services[name].get("image")
-        commands[name] = _analyse_command(
-            services[name].get("command"),
-            # A service in several profiles can only carry one served name: its first.
-            profiles[0],
-            f"{source}: services.{name}.command",
-            vllm_image=isinstance(image, str) and "vllm" in image.lower(),
-        )
-
-    problems: dict[str, list[str]] = {}
-    engines: dict[str, str] = {}
-    for model_id, names in layout.members.items():
-        engines[model_id], problems[model_id] = _choose_engine(
-            model_id, names, layout.declared, commands, configured.get(model_id, {}).get("engine")
-        )
-
-    # Volumes and environment go where vLLM runs: the engine and any other service given
-    # a model; a sidecar's container has no use for the cache.
-    runs_vllm = set(engines.values()) | {n for n, c in commands.items() if c.argv is not None}
-    hub_dir = models_dir.resolve() / "hub"
-    rewritten: dict[Any, Any] = dict(services)
-    service_notes: dict[str, list[str]] = {}
-    for name in layout.profiles:
-        rewritten[name], service_notes[name] = _rewrite_service(
-            services[name], commands[name], name in runs_vllm, hub_dir, f"{source}: services.{name}"
-        )
-
-    models: dict[str, ModelSpec] = {}
-    for model_id in layout.members:
-        engine = engines[model_id]
-        models[model_id], spec_problems = _model_spec(
-            source,
-            model_id,
-            layout,
-            engine,
-            rewritten[engine],
-            commands,
-            configured.get(model_id, {}),
-        )
-        problems[model_id] += spec_problems
-    for model_id, collisions in _served_name_collisions(models).items():
-        problems[model_id] += collisions
-
-    return ComposeProject(
-        source=source,
-        name=project_name,
-        document={**original, "services": rewritten},
-        models=models,
-        shared_services=tuple(layout.shared),
-        notes={
-            model_id: [RewriteNote(name, what) for name in names for what in service_notes[name]]
-            for model_id, names in layout.members.items()
-        },
-        problems=problems,
-    )
-
-
-def _container_port(setting: int | None, flag: str | None, ports: object) -> tuple[int, str | None]:
-    """The engine's port inside its container, and why a declared one could not be read."""
-    if setting is not None:
-        return setting, None
-    if flag is not None:
-        try:
-            return _port_number(flag), None
-        except ValueError:
-            return DEFAULT_ENGINE_PORT, f"--port {flag} is not a port number"
-    if isinstance(ports, list) and ports:
-        try:
-            return _container_port_of(ports[0]), None
-        except ValueError:
-            return DEFAULT_ENGINE_PORT, f"cannot read the container port in ports: {ports[0]!r}"
-    return DEFAULT_ENGINE_PORT, None
-
-
-def render(project: ComposeProject) -> str:
-    """The rewritten document as the YAML file the daemon hands to compose."""
-    return yaml.dump(
-        project.document,
-        Dumper=_RenderDumper,
-        sort_keys=False,
-        default_flow_style=False,
-        allow_unicode=True,
-    )
+def describe_files(files: Iterable[Path]) -> str:
+    return ", ".join(str(f) for f in files)

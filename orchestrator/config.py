@@ -8,7 +8,6 @@ other place, and the file wins (see ``compose.load_project``).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from .compose import ComposeSource, compose_files
 from .errors import ConfigError
 from .registry import default_allowed_images
 from .security import normalise_origin
@@ -23,9 +23,17 @@ from .security import normalise_origin
 ENV_PREFIX = "ORCHESTRATOR_"
 
 
+DEFAULT_COMPOSE_FILE = Path("compose/docker-compose.yml")
+
+
 @dataclass(frozen=True)
 class Settings:
-    compose_file: Path = Path("compose/docker-compose.yml")
+    # The user's compose files, as `docker compose -f` takes them; none: COMPOSE_FILE, else
+    # compose/docker-compose.yml. One default-named file brings its override file along.
+    compose_files: tuple[Path, ...] = ()
+    # Files compose reads variables from, as `docker compose --env-file`; none: the
+    # project folder's .env, as compose does.
+    env_files: tuple[Path, ...] = ()
     models_dir: Path = Path("models")
     host: str = "127.0.0.1"
     port: int = 8080
@@ -82,12 +90,20 @@ class Settings:
     # Open connections before the oldest idle one is closed; 0: from the descriptor limit.
     max_connections: int = 0
 
-    def resolved(self) -> Settings:
+    @property
+    def compose_source(self) -> ComposeSource:
+        return ComposeSource(self.compose_files, self.env_files, self.project_name)
+
+    def resolved(self, environ: Mapping[str, str]) -> Settings:
         """Absolute paths, so that compose run from another directory sees the same files."""
         models_dir = self.models_dir.expanduser().resolve()
+        cwd = Path.cwd()
+        given = [path.expanduser() for path in self.compose_files]
+        files = compose_files(given, environ, cwd) or compose_files([DEFAULT_COMPOSE_FILE], {}, cwd)
         return replace(
             self,
-            compose_file=self.compose_file.expanduser().resolve(),
+            compose_files=files,
+            env_files=tuple(path.expanduser().resolve() for path in self.env_files),
             models_dir=models_dir,
             state_dir=self.state_dir.expanduser().resolve(),
             checkpoint_roots=tuple(
@@ -97,33 +113,10 @@ class Settings:
             allowed_images=self.allowed_images or default_allowed_images(self.engine_image),
         )
 
-    @property
-    def effective_project_name(self) -> str:
-        """The compose project: the setting, COMPOSE_PROJECT_NAME, or compose's default."""
-        if self.project_name:
-            return self.project_name
-        from_env = os.environ.get("COMPOSE_PROJECT_NAME")
-        if from_env:
-            return from_env
-        return default_project_name(self.compose_file)
-
-
-def default_project_name(compose_file: Path) -> str:
-    """What compose itself would call the project: its top-level name, else the folder's name."""
-    try:
-        document = yaml.safe_load(compose_file.read_text())
-    except (OSError, yaml.YAMLError):
-        document = None
-    if isinstance(document, dict) and isinstance(document.get("name"), str):
-        return str(document["name"])
-    folder = compose_file.resolve().parent.name.lower()
-    # Compose keeps only lowercase letters, digits, dashes and underscores, starting alphanumeric.
-    name = re.sub(r"[^a-z0-9_-]", "", folder).lstrip("_-")
-    return name or "default"
-
 
 _FIELD_TYPES: dict[str, type] = {
-    "compose_file": Path,
+    "compose_files": tuple,
+    "env_files": tuple,
     "models_dir": Path,
     "state_dir": Path,
     "host": str,
@@ -155,7 +148,7 @@ _FIELD_TYPES: dict[str, type] = {
 }
 
 # The file may use the flags' spelling too (compose rather than compose_file).
-_ALIASES = {"compose": "compose_file"}
+_ALIASES = {"compose": "compose_files", "compose_file": "compose_files", "env_file": "env_files"}
 
 
 def _coerce(name: str, value: Any, origin: str) -> Any:
@@ -222,7 +215,7 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             values[name] = _coerce(name, raw, ENV_PREFIX + name.upper())
     compose = environ.get(ENV_PREFIX + "COMPOSE")
     if compose:
-        values["compose_file"] = Path(compose)
+        values["compose_files"] = _coerce("compose_files", compose, ENV_PREFIX + "COMPOSE")
     return values
 
 
@@ -265,4 +258,7 @@ def load_settings(
     if gpus not in {"all", "none"} and not (gpus.isdigit() and int(gpus) > 0):
         raise ConfigError(f'engine_gpus must be "all", "none" or a number of GPUs, got {gpus!r}')
     known = {f.name for f in fields(Settings)}
-    return Settings(**{k: v for k, v in values.items() if k in known}).resolved()
+    for name in ("compose_files", "env_files", "checkpoint_roots"):
+        if name in values:
+            values[name] = tuple(Path(item) for item in values[name])
+    return Settings(**{k: v for k, v in values.items() if k in known}).resolved(environ)

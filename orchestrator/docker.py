@@ -24,6 +24,7 @@ import docker
 import docker.errors
 import structlog
 
+from .compose import ComposeSource
 from .errors import DockerError, TooManyStreams
 
 log = structlog.get_logger(__name__)
@@ -45,6 +46,7 @@ class ContainerInfo:
     ports: Mapping[int, tuple[str, int]]  # container port -> (host ip, host port)
     addresses: tuple[str, ...]  # the container's IPs on its networks
     oom_killed: bool = False
+    health: str | None = None  # docker's healthcheck verdict: starting, healthy, unhealthy
 
     @property
     def running(self) -> bool:
@@ -101,23 +103,94 @@ def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
         ports=ports,
         addresses=addresses,
         oom_killed=bool(state.get("OOMKilled")),
+        health=(state.get("Health") or {}).get("Status"),
     )
 
 
-# Secrets of the daemon's own that compose must not see: compose interpolates "${...}"
-# in the files it reads with its environment, and may hand values to containers.
+# Compose interpolates "${...}" in the files it reads with its environment and may hand
+# values to containers. The user's files may read the user's variables, never the
+# daemon's own settings and keys; the daemon's copy, fully resolved and literal, is run
+# without the Hub token either. Variables that steer compose itself are the daemon's to
+# set on each call.
 _DAEMON_PREFIX = "ORCHESTRATOR_"
-_HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+_HUB_TOKENS = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
+_COMPOSE_STEERING = frozenset(
+    {"COMPOSE_FILE", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_ENV_FILES"}
+)
 
 
-def compose_environment(environ: Mapping[str, str], compose_text: str) -> dict[str, str]:
-    """The daemon's environment without its keys and settings, and without the Hub token
-    unless the user's compose file names it (to pass it to an engine on purpose)."""
+def user_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """What compose reads the user's files with: their variables, none of the daemon's."""
+    return {name: value for name, value in environ.items() if not name.startswith(_DAEMON_PREFIX)}
+
+
+def runtime_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """What compose runs the daemon's copy with: no secrets, nothing that steers it."""
     return {
         name: value
-        for name, value in environ.items()
-        if not name.startswith(_DAEMON_PREFIX) and (name not in _HUB_TOKENS or name in compose_text)
+        for name, value in user_environment(environ).items()
+        if name not in _HUB_TOKENS and name not in _COMPOSE_STEERING
     }
+
+
+async def run_compose(
+    argv: Sequence[str],
+    environment: Mapping[str, str] | None,
+    time_limit: float | None,
+    what: str,
+) -> str:
+    """One compose process, with an argument list; its stdout, or DockerError with its words.
+
+    ``what`` names the call in errors: ``config``, ``up --detach engine``.
+    """
+    log.debug("compose", argv=list(argv))
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=None if environment is None else dict(environment),
+        )
+    except FileNotFoundError as err:
+        raise DockerError(f"the compose CLI {argv[0]!r} is not installed") from err
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), time_limit)
+    except TimeoutError as err:
+        process.kill()
+        await process.wait()
+        raise DockerError(f"docker compose {what} timed out") from err
+    except asyncio.CancelledError:
+        # A start called off, or the daemon stopping: compose must not go on without us.
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await asyncio.shield(process.wait())
+        raise
+    if process.returncode != 0:
+        words = [
+            line for line in stderr.decode(errors="replace").strip().splitlines()
+            if "level=warning" not in line
+        ][-8:]  # fmt: skip
+        raise DockerError(
+            f"docker compose {what} failed (exit {process.returncode}): " + " | ".join(words)
+        )
+    return stdout.decode(errors="replace")
+
+
+async def compose_config(
+    compose_cli: Sequence[str], source: ComposeSource, environment: Mapping[str, str]
+) -> str:
+    """The project as ``docker compose config`` prints it: every file, every profile."""
+    argv = [*compose_cli, "--project-directory", str(source.project_dir)]
+    if source.project_name:
+        argv += ["--project-name", source.project_name]
+    for path in source.files:
+        argv += ["--file", str(path)]
+    for path in source.env_files:
+        argv += ["--env-file", str(path)]
+    return await run_compose(
+        [*argv, "--profile", "*", "config"], environment, time_limit=60, what="config"
+    )
 
 
 async def detect_compose_cli() -> list[str]:
@@ -191,32 +264,10 @@ class Docker:
             str(compose_file or self.compose_file),
             *args,
         ]
-        log.debug("compose", argv=argv[len(self.compose_cli) :])
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=self.environment,
-            )
-        except FileNotFoundError as err:
-            raise DockerError(
-                f"the compose CLI {' '.join(self.compose_cli)!r} is not installed"
-            ) from err
-        try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(), time_limit)
-        except TimeoutError as err:
-            process.kill()
-            await process.wait()
-            raise DockerError(f"docker compose {args[0] if args else ''} timed out") from err
-        if process.returncode != 0:
-            words = stderr.decode(errors="replace").strip().splitlines()[-8:]
-            raise DockerError(
-                f"docker compose {' '.join(args)} failed (exit {process.returncode}): "
-                + " | ".join(words)
-            )
-        return stdout.decode(errors="replace")
+        what = list(args)
+        while what[:1] == ["--profile"]:
+            what = what[2:]
+        return await run_compose(argv, self.environment, time_limit, " ".join(what))
 
     # -- lifecycle (compose CLI) ----------------------------------------------
 

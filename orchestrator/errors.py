@@ -48,6 +48,20 @@ class ModelDisabled(OrchestratorError):
     code = "model_disabled"
 
 
+class ModelUnusable(OrchestratorError):
+    """The daemon cannot run the model as its compose file says; the message says why."""
+
+    status = 409
+    code = "model_unusable"
+
+
+class Cancelled(OrchestratorError):
+    """The switch was called off (by POST /stop) before the model was ready."""
+
+    status = 409
+    code = "cancelled"
+
+
 class Conflict(OrchestratorError):
     """The request is valid but the model's current state forbids it; the message says why."""
 

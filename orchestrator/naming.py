@@ -23,7 +23,10 @@ _UUID = re.compile(
     r"[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}", re.IGNORECASE
 )
 _NOT_IN_ID = re.compile(r"[^A-Za-z0-9_.-]+")
-_PROFILE_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
+# The Compose specification's rule for profile names, and so for model ids. Compose lets
+# others through; holding ids to it keeps them usable as served names and in URLs.
+MODEL_ID_PATTERN = r"[a-zA-Z0-9][a-zA-Z0-9_.-]+"
+MODEL_ID = re.compile(MODEL_ID_PATTERN)
 
 # Where training tools record the model a checkpoint was trained from.
 _METADATA_FILES = (
@@ -89,7 +92,7 @@ def profile_safe(name: str) -> str:
     cleaned = _NOT_IN_ID.sub("-", last)
     cleaned = re.sub(r"-{2,}", "-", cleaned)
     cleaned = re.sub(r"^[^A-Za-z0-9]+", "", cleaned).rstrip("-")[:64]
-    return cleaned if _PROFILE_NAME.fullmatch(cleaned) else FALLBACK_NAME
+    return cleaned if MODEL_ID.fullmatch(cleaned) else FALLBACK_NAME
 
 
 def identify(source: str, *, metadata: Mapping[str, Any] | None = None) -> Identity:

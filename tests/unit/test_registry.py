@@ -78,6 +78,14 @@ def checkpoint(root: Path, *parts: str, base_model: str | None = None) -> Path:
     return folder
 
 
+def mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """A service's mounts in compose's long syntax, by target: (source, read-only)."""
+    return {
+        volume["target"]: (volume["source"], bool(volume.get("read_only")))
+        for volume in service["volumes"]
+    }
+
+
 async def add(client: TestClient[Any, Any], **body: Any) -> tuple[int, dict[str, Any]]:
     response = await client.post("/models", json=body)
     return response.status, await response.json()
@@ -127,7 +135,10 @@ class TestAdding:
         assert command[command.index("--gpu-memory-utilization") + 1] == "0.8"
         assert command[command.index("--dtype") + 1] == "bfloat16"
         assert service["environment"]["HF_HUB_OFFLINE"] == "1"
-        assert f"{root / 'models' / 'hub'}:/root/.cache/huggingface/hub:ro" in service["volumes"]
+        assert mounts(service)["/root/.cache/huggingface/hub"] == (
+            str(root / "models" / "hub"),
+            True,
+        )
         assert "deploy" not in service  # gpus: none
         assert "svc-alpha" in normalized["services"]  # the user's models are still there
         owned = yaml.safe_load((root / "state" / REGISTRY_COMPOSE).read_text())
@@ -148,7 +159,7 @@ class TestAdding:
         assert model["cache"]["status"] == "present"
         normalized = yaml.safe_load((root / "state" / "compose.yml").read_text())
         service = normalized["services"]["model-Llama-3.2-3B"]
-        assert f"{folder}:/models/Llama-3.2-3B:ro" in service["volumes"]
+        assert mounts(service)["/models/Llama-3.2-3B"] == (str(folder), True)
         assert service["command"][1] == "/models/Llama-3.2-3B"
 
     async def test_incomplete_checkpoint_is_refused_at_switch(

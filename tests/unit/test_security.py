@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestClient
 from orchestrator import cache
 from orchestrator.api import create_app
 from orchestrator.cache import Verdicts, verify_local_model
-from orchestrator.docker import compose_environment
+from orchestrator.docker import runtime_environment, user_environment
 from orchestrator.security import AccessPolicy, is_loopback, keys_for_bind, normalise_origin
 from orchestrator.server import QuietExhaustion, connection_bound
 from tests.fakes import TWO_MODEL_COMPOSE, FakeRuntime, WiredCore, make_snapshot
@@ -567,18 +567,20 @@ class TestVerdictBounds:
 
 class TestProcessLimits:
     def test_compose_never_sees_the_daemons_secrets(self) -> None:
+        """The user's files read the user's variables; the daemon's literal copy runs with
+        neither the daemon's settings and keys, nor the Hub token, nor compose's steering."""
         environ = {
             "PATH": "/usr/bin",
             "ORCHESTRATOR_API_KEYS": "k1,k2",
             "ORCHESTRATOR_PORT": "8080",
             "HF_TOKEN": "hf_secret",
+            "COMPOSE_PROFILES": "*",
             "DOCKER_HOST": "unix:///run/docker.sock",
         }
-        plain = compose_environment(environ, "services: {}")
-        assert plain == {"PATH": "/usr/bin", "DOCKER_HOST": "unix:///run/docker.sock"}
-        asks = compose_environment(environ, "environment: [HF_TOKEN]")
-        assert asks["HF_TOKEN"] == "hf_secret"
-        assert "ORCHESTRATOR_API_KEYS" not in asks
+        reading = user_environment(environ)
+        assert set(reading) == {"PATH", "HF_TOKEN", "COMPOSE_PROFILES", "DOCKER_HOST"}
+        running = runtime_environment(environ)
+        assert running == {"PATH": "/usr/bin", "DOCKER_HOST": "unix:///run/docker.sock"}
 
     def test_running_out_of_descriptors_is_logged_once_a_minute(self) -> None:
         now = [0.0]
