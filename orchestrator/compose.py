@@ -37,15 +37,15 @@ DEFAULT_HEALTH_PATH = "/health"
 DEFAULT_STARTUP_TIMEOUT = 900.0
 SETTINGS_KEY = "x-orchestrator"
 
-# What docker compose looks for when no file is named, in its order, and the override
-# file it then loads beside each.
+# What docker compose looks for when no file is named, and the override files it then
+# loads beside it: the first that exists, whatever the main file is called.
 DEFAULT_FILE_NAMES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")
-_OVERRIDES = {
-    "compose.yaml": ("compose.override.yaml", "compose.override.yml"),
-    "compose.yml": ("compose.override.yml", "compose.override.yaml"),
-    "docker-compose.yml": ("docker-compose.override.yml", "docker-compose.override.yaml"),
-    "docker-compose.yaml": ("docker-compose.override.yaml", "docker-compose.override.yml"),
-}
+OVERRIDE_FILE_NAMES = (
+    "compose.override.yml",
+    "compose.override.yaml",
+    "docker-compose.override.yml",
+    "docker-compose.override.yaml",
+)
 
 _OFFLINE_VAR = "HF_HUB_OFFLINE"
 # The engine's own restarts would hide a crash from the daemon and loop forever.
@@ -62,7 +62,14 @@ _LAUNCHERS: tuple[tuple[tuple[str, ...], bool], ...] = (
 _SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh"})
 # Flags of vLLM's whose value the daemon reads; vLLM also accepts "_" for "-".
 _READ_FLAGS = frozenset(
-    {"--model", "--served-model-name", "--port", "--revision", "--tokenizer-revision"}
+    {
+        "--model",
+        "--served-model-name",
+        "--port",
+        "--revision",
+        "--tokenizer-revision",
+        "--download-dir",
+    }
 )
 
 _DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+")
@@ -191,8 +198,8 @@ def compose_files(given: Sequence[Path], environ: Mapping[str, str], cwd: Path) 
         separator = environ.get("COMPOSE_PATH_SEPARATOR") or ":"
         files = [Path(f) for f in environ["COMPOSE_FILE"].split(separator) if f]
     files = [(f if f.is_absolute() else cwd / f).resolve() for f in files]
-    if len(files) == 1:
-        for override in _OVERRIDES.get(files[0].name, ()):
+    if len(files) == 1 and files[0].name in DEFAULT_FILE_NAMES:
+        for override in OVERRIDE_FILE_NAMES:
             candidate = files[0].parent / override
             if candidate.is_file():
                 files.append(candidate)
@@ -240,34 +247,59 @@ _ComposeLoader.add_implicit_resolver(
 
 
 class _RenderDumper(yaml.SafeDumper):
-    """Writes shared parts out in full instead of as &id001 / *id001 references."""
+    """Writes shared parts out in full instead of as &id001 / *id001 references, and quotes
+    every string that compose's YAML 1.2 parser would read as something else."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
 
 
-def _map_strings(value: Any, change: Any) -> Any:
+# PyYAML quotes a string when one of its resolvers would read the plain scalar as another
+# type; YAML 1.2's forms (12345e6, 0o17, .5) are added to the 1.1 ones it knows.
+for _tag, _pattern, _first in (
+    ("int", r"^[-+]?[0-9]+$|^0o[0-7]+$|^0x[0-9a-fA-F]+$", "-+0123456789"),
+    (
+        "float",
+        r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"
+        r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$",
+        "-+0123456789.",
+    ),
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("null", r"^(?:~|null|Null|NULL)$", "~nN"),
+):
+    _RenderDumper.add_implicit_resolver(
+        f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first)
+    )
+
+
+def _map_strings(value: Any, change: Any, keys: bool) -> Any:
     if isinstance(value, str):
         return change(value)
     if isinstance(value, Mapping):
-        return {_map_strings(k, change): _map_strings(v, change) for k, v in value.items()}
+        return {
+            (_map_strings(k, change, keys) if keys else k): _map_strings(v, change, keys)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_map_strings(item, change) for item in value]
+        return [_map_strings(item, change, keys) for item in value]
     return value
 
 
 def canonical(text: str) -> dict[str, Any]:
-    """``docker compose config`` output as values: every ``$$`` back to the ``$`` it is."""
+    """``docker compose config`` output as values: every ``$$`` back to the ``$`` it is.
+
+    Compose escapes keys in its output too, though it never interpolates them on input.
+    """
     document = yaml.load(text, Loader=_ComposeLoader)
     if not isinstance(document, dict) or not isinstance(document.get("services"), dict):
         raise ComposeError("docker compose config printed no services")
-    return dict(_map_strings(document, lambda s: s.replace("$$", "$")))
+    return dict(_map_strings(document, lambda s: s.replace("$$", "$"), keys=True))
 
 
 def dump_literal(document: Mapping[str, Any]) -> str:
     """A compose document as YAML in which compose reads every value literally."""
     return yaml.dump(
-        _map_strings(document, lambda s: s.replace("$", "$$")),
+        _map_strings(document, lambda s: s.replace("$", "$$"), keys=False),
         Dumper=_RenderDumper,
         sort_keys=False,
         default_flow_style=False,
@@ -387,27 +419,46 @@ class EngineCommand:
     tokenizer_revision: str | None
     notes: list[str]
     problems: list[str]
+    download_dir: str | None = None
 
 
-def rewrite_args(
-    tokens: list[str], start: int, positional: bool, model_id: str
-) -> tuple[list[str], EngineCommand] | None:
-    """An engine's arguments with the model as a repo id (a pin as --revision) and a served
-    name; None when they name no model (a sidecar, a proxy)."""
+@dataclass
+class ArgEdits:
+    """How an engine's argument list changes: tokens replaced and dropped in place, and
+    tokens added after the model (a script gets them there, before any redirection)."""
+
+    replaced: dict[int, str]
+    dropped: set[int]
+    added: list[str]
+    after: int  # the index of the last token that names the model
+    command: EngineCommand
+
+    def apply(self, tokens: list[str]) -> list[str]:
+        kept = [self.replaced.get(at, token) for at, token in enumerate(tokens)]
+        return [token for at, token in enumerate(kept) if at not in self.dropped] + self.added
+
+
+def plan_args(tokens: list[str], start: int, positional: bool, model_id: str) -> ArgEdits | None:
+    """What to change in an engine's arguments: the model as a repo id (a pin as --revision)
+    and a served name; None when they name no model (a sidecar, a proxy)."""
     args = _Args.read(tokens, start, positional)
     models = args.flags.get("--model", [])
     if args.positional_at is None and not models:
+        if args.problems:
+            raise ComposeError("; ".join(args.problems))
         return None
     notes: list[str] = []
     problems = list(args.problems)
-    dropped: set[int] = set()
+    edits = ArgEdits({}, set(), [], 0, EngineCommand("", None, None, None, None, notes, problems))
     if args.positional_at is not None:
         written = tokens[args.positional_at]
         model, pinned = _split_cache_path(written)
-        args.tokens[args.positional_at] = model
+        if model != written:
+            edits.replaced[args.positional_at] = model
+        edits.after = args.positional_at
         # `vllm serve` refuses a positional model and --model together.
         for at, width, value in models:
-            dropped.update(range(at, at + width))
+            edits.dropped.update(range(at, at + width))
             notes.append(f"dropped --model {value}: the positional model {model} wins")
             if _split_cache_path(value)[0] != model:
                 problems.append(
@@ -418,14 +469,21 @@ def rewrite_args(
         written = models[-1][2]
         model, pinned = _split_cache_path(written)
         for at, width, value in models:
-            args.replace_value(at, width, _split_cache_path(value)[0])
+            fresh = _split_cache_path(value)[0]
+            if fresh == value:
+                continue
+            if width == 2:
+                edits.replaced[at + 1] = fresh
+            else:
+                edits.replaced[at] = f"{tokens[at].partition('=')[0]}={fresh}"
+        edits.after = models[-1][0] + models[-1][1] - 1
     if model != written:
         notes.append(f"model {written} → {model}")
     revision = args.value("--revision")
     if pinned is not None:
         if revision is None:
             revision = pinned
-            args.tokens += ["--revision", pinned]
+            edits.added += ["--revision", pinned]
             notes.append(f"added --revision {pinned}: the snapshot the path named")
         elif revision != pinned:
             problems.append(
@@ -435,73 +493,151 @@ def rewrite_args(
     served = args.value("--served-model-name")
     if served is None:
         served = model_id
-        args.tokens += ["--served-model-name", model_id]
+        edits.added += ["--served-model-name", model_id]
         notes.append(f"added --served-model-name {model_id}")
-    rewritten = [token for at, token in enumerate(args.tokens) if at not in dropped]
-    found = EngineCommand(
+    edits.command = EngineCommand(
         model, served, args.value("--port"), revision, args.value("--tokenizer-revision"),
-        notes, problems,
+        notes, problems, args.value("--download-dir"),
     )  # fmt: skip
-    return rewritten, found
+    return edits
 
 
-# A shell command line split where it ends: ;, &, |, &&, || and newlines outside quotes.
-def _shell_segments(script: str) -> list[tuple[int, int]]:
-    spans: list[tuple[int, int]] = []
-    start = index = 0
+def rewrite_args(
+    tokens: list[str], start: int, positional: bool, model_id: str
+) -> tuple[list[str], EngineCommand] | None:
+    """An engine's argument list rewritten (see ``plan_args``); None when it names no model."""
+    edits = plan_args(tokens, start, positional, model_id)
+    return None if edits is None else (edits.apply(tokens), edits.command)
+
+
+@dataclass(frozen=True)
+class _Word:
+    """One word of a shell command line: its value, where its text lies, and its kind."""
+
+    value: str
+    start: int
+    end: int
+    kind: str  # word, separator (; & && | || |& newline), redirect (an operator or its target)
+
+
+_SEPARATORS = ("&&", "||", "|&", ";", "&", "|", "\n")
+_REDIRECT = re.compile(r"\d*(?:>>|>&|<&|&>>|&>|>\||<>|>|<)")
+
+
+def _shell_words(script: str) -> list[_Word]:
+    """The words, separators and redirections of a POSIX shell script, with their places.
+
+    Enough of the shell's grammar to find one command and edit it in place: quotes,
+    backslashes, line continuations, comments, separators and redirections.
+    """
+    words: list[_Word] = []
+    at = 0
+    target_next = False
+    while at < len(script):
+        char = script[at]
+        if script.startswith("\\\n", at):  # a line continuation is no word at all
+            at += 2
+            continue
+        if char in " \t":
+            at += 1
+            continue
+        if char == "#":
+            newline = script.find("\n", at)
+            at = len(script) if newline < 0 else newline
+            continue
+        separator = next((sep for sep in _SEPARATORS if script.startswith(sep, at)), None)
+        redirect = _REDIRECT.match(script, at)
+        if redirect is not None and (redirect.group() != "&>" or separator != "&&"):
+            end = redirect.end()
+            if redirect.group().endswith("&"):
+                duplicate = re.compile(r"\d+-?|-").match(script, end)
+                end = duplicate.end() if duplicate else end
+                target_next = False
+            else:
+                target_next = True
+            words.append(_Word(script[at:end], at, end, "redirect"))
+            at = end
+            continue
+        if separator is not None:
+            words.append(_Word(separator, at, at + len(separator), "separator"))
+            at += len(separator)
+            continue
+        end = _word_end(script, at)
+        raw = script[at:end]
+        try:
+            value = "".join(shlex.split(raw.replace("\\\n", ""))) if raw else ""
+        except ValueError as err:
+            raise ComposeError(f"cannot read the shell command at {raw!r}: {err}") from err
+        words.append(_Word(value, at, end, "redirect" if target_next else "word"))
+        target_next = False
+        at = end
+    return words
+
+
+def _word_end(script: str, at: int) -> int:
     quote: str | None = None
-    while index < len(script):
-        char = script[index]
-        if quote is None and char == "\\":
-            index += 2
+    while at < len(script):
+        char = script[at]
+        if quote is None and (char in " \t\n;&|<>" and not script.startswith("\\\n", at)):
+            return at
+        if char == "\\" and quote != "'":
+            at += 2
             continue
-        if quote == '"' and char == "\\":
-            index += 2
-            continue
-        if char in {"'", '"'}:
+        if char in "'\"":
             quote = None if quote == char else (quote or char)
-        elif quote is None and char in ";&|\n":
-            spans.append((start, index))
-            while index + 1 < len(script) and script[index + 1] in "&|":
-                index += 1
-            start = index + 1
-        index += 1
-    spans.append((start, len(script)))
-    return [(a, b) for a, b in spans if script[a:b].strip()]
+        at += 1
+    return at
 
 
 _UNSAFE_IN_SHELL = re.compile(r"\$|`")
 
 
 def rewrite_script(script: str, model_id: str) -> tuple[str, EngineCommand] | None:
-    """A ``sh -c`` script with its engine command rewritten in place; the rest untouched."""
-    for begin, end in _shell_segments(script):
-        text = script[begin:end]
-        try:
-            words = shlex.split(text)
-        except ValueError as err:
-            raise ComposeError(f"cannot read the shell command {text.strip()!r}: {err}") from err
+    """A ``sh -c`` script with its engine command rewritten in place; every other character
+    (other commands, redirections, comments, line continuations, quoting) untouched."""
+    words = _shell_words(script)
+    segment: list[_Word] = []
+    for word in [*words, _Word(";", len(script), len(script), "separator")]:
+        if word.kind != "separator":
+            segment.append(word)
+            continue
+        arguments = [w for w in segment if w.kind == "word"]
+        segment = []
         skip = 0
-        while skip < len(words) and (words[skip] == "exec" or re.fullmatch(r"\w+=.*", words[skip])):
+        while skip < len(arguments) and (
+            arguments[skip].value == "exec" or re.fullmatch(r"\w+=.*", arguments[skip].value)
+        ):
             skip += 1
-        found = _launcher(words[skip:])
+        found = _launcher([w.value for w in arguments[skip:]])
         if found is None:
             continue
-        if _UNSAFE_IN_SHELL.search(text):
+        if any(_UNSAFE_IN_SHELL.search(script[w.start : w.end]) for w in arguments):
+            text = " ".join(script[w.start : w.end] for w in arguments)
             raise ComposeError(
                 "the engine command in the shell script uses shell variables or command"
-                f" substitution ({text.strip()!r}): the daemon cannot tell which model it"
-                " runs; write the model out, or use compose's ${VAR} outside the script"
+                f" substitution ({text!r}): the daemon cannot tell which model it runs; write"
+                " the model out, or use compose's ${VAR} outside the script"
             )
         width, positional = found
-        result = rewrite_args(words, skip + width, positional, model_id)
-        if result is None:
+        edits = plan_args([w.value for w in arguments], skip + width, positional, model_id)
+        if edits is None:
             return None
-        tokens, command = result
-        lead = text[: len(text) - len(text.lstrip())]
-        tail = text[len(text.rstrip()) :]
-        return script[:begin] + lead + shlex.join(tokens) + tail + script[end:], command
+        return _edit(script, arguments, edits), edits.command
     return None
+
+
+def _edit(script: str, words: list[_Word], edits: ArgEdits) -> str:
+    """Apply ``edits`` to the words' text, last first so that earlier places stay true."""
+    changes: list[tuple[int, int, str]] = [
+        (words[at].start, words[at].end, shlex.quote(value)) for at, value in edits.replaced.items()
+    ]
+    changes += [(words[at].start, words[at].end, "") for at in edits.dropped]
+    if edits.added:
+        place = words[edits.after].end
+        changes.append((place, place, " " + shlex.join(edits.added)))
+    for start, end, text in sorted(changes, reverse=True):
+        script = script[:start] + text + script[end:]
+    return script
 
 
 @dataclass
@@ -594,9 +730,15 @@ def _in_script(
 def hub_target(environment: Mapping[str, Any]) -> str:
     """Where the engine's huggingface_hub looks for the cache, by its environment."""
 
+    home = str(environment.get("HOME") or "/root").rstrip("/")
+
     def get(name: str) -> str | None:
         value = environment.get(name)
-        return str(value) if value not in (None, "") else None
+        if value in (None, ""):
+            return None
+        text = str(value)
+        # huggingface_hub expands "~" in these.
+        return home + text[1:] if text == "~" or text.startswith("~/") else text
 
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if get(name):
@@ -605,7 +747,6 @@ def hub_target(environment: Mapping[str, Any]) -> str:
         return f"{str(get('HF_HOME')).rstrip('/')}/hub"
     if get("XDG_CACHE_HOME"):
         return f"{str(get('XDG_CACHE_HOME')).rstrip('/')}/huggingface/hub"
-    home = (get("HOME") or "/root").rstrip("/")
     return f"{home}/.cache/huggingface/hub"
 
 
@@ -634,6 +775,9 @@ def rewrite_volumes(
             continue
         placed = True
         mount = _hub_mount(hub_dir, target, bool(volume.get("read_only")))
+        relabel = (volume.get("bind") or {}).get("selinux")
+        if relabel:  # :z / :Z, which an SELinux host needs to let the engine read it
+            mount["bind"]["selinux"] = relabel
         kept.append(mount)
         if _describe_mount(volume) != _describe_mount(mount):
             notes.append(f"volume {_describe_mount(volume)} → {_describe_mount(mount)}")
@@ -645,7 +789,13 @@ def rewrite_volumes(
 
 
 def _hub_mount(hub_dir: Path, target: str, read_only: bool) -> dict[str, Any]:
-    mount: dict[str, Any] = {"type": "bind", "source": str(hub_dir), "target": target}
+    # As the short syntax did: a missing folder is made rather than failing the start.
+    mount: dict[str, Any] = {
+        "type": "bind",
+        "source": str(hub_dir),
+        "target": target,
+        "bind": {"create_host_path": True},
+    }
     if read_only:
         mount["read_only"] = True
     return mount
@@ -657,6 +807,8 @@ def rewrite_environment(environment: Mapping[str, Any] | None) -> tuple[dict[str
     if previous is not None and str(previous) == "1":
         return variables, []
     variables[_OFFLINE_VAR] = "1"
+    if _OFFLINE_VAR in (environment or {}) and previous is None:
+        return variables, [f"{_OFFLINE_VAR} (passed on unset) → {_OFFLINE_VAR}=1"]
     if previous is None:
         return variables, [f"added {_OFFLINE_VAR}=1"]
     return variables, [f"{_OFFLINE_VAR}={previous} → {_OFFLINE_VAR}=1"]
@@ -726,11 +878,12 @@ class _Member:
 
 def _choose_engine(
     model_id: str, members: list[_Member], named: str | None
-) -> tuple[_Member, list[str]]:
+) -> tuple[_Member, bool, list[str]]:
+    """The engine service, whether the user named it, and any doubt about it."""
     if named is not None:
         for member in members:
             if member.name == named:
-                return member, []
+                return member, True, []
         names = ", ".join(m.name for m in members)
         raise ComposeError(
             f"settings for model {model_id!r}: engine {named!r} is not one of its services"
@@ -744,9 +897,9 @@ def _choose_engine(
                 f"{', '.join(m.name for m in marked)} all say engine: true;"
                 f" using {marked[0].name} as the engine"
             )
-        return marked[0], problems
+        return marked[0], True, problems
     serving = [m for m in members if m.serves and m.settings.engine is not False]
-    return (serving or members)[0], []
+    return (serving or members)[0], False, []
 
 
 def _unsupported(name: str, service: Mapping[str, Any]) -> list[str]:
@@ -805,6 +958,10 @@ def rewrite_project(
                 f" {model_id!r} (profiles: {', '.join(members) or 'none'})"
             )
         configured[model_id] = model_settings(raw, f"settings for model {model_id!r}")
+        if isinstance(configured[model_id].engine, bool):
+            raise ComposeError(
+                f"settings for model {model_id!r}: engine must name one of its services"
+            )
 
     hub_dir = models_dir.resolve() / "hub"
     models: dict[str, ModelSpec] = {}
@@ -840,11 +997,18 @@ def _model(
 ) -> tuple[ModelSpec, list[RewriteNote], list[str]]:
     """One profile's services rewritten (those not done yet) and its model's spec."""
     named = configured.engine if configured is not None else None
-    engine, problems = _choose_engine(model_id, group, named if isinstance(named, str) else None)
+    engine, chosen, problems = _choose_engine(
+        model_id, group, named if isinstance(named, str) else None
+    )
     unusable = next((f"{m.name}: {m.error}" for m in group if m.error is not None), None)
     problems += [f"{m.name}: {m.error}" for m in group if m.error is not None]
-    # The model is what vLLM runs; the engine may be a proxy in front of it.
-    serving = [m for m in [engine, *group] if m.serves]
+    # What runs vLLM: the engine the user named, when it passes a model (then another
+    # service's --model is another program's, such as llama.cpp's); else every service
+    # that passes one, which lets the engine be a proxy in front of vLLM.
+    if chosen and engine.serves:
+        serving = [engine]
+    else:
+        serving = [m for m in group if m.serves and m.settings.engine is not False]
     if not serving and unusable is None:
         problems.append(
             f"no service of profile {model_id} passes vLLM a model (--model or a positional model)"
@@ -852,13 +1016,14 @@ def _model(
     notes = [
         RewriteNote(member.name, what)
         for member in fresh
-        for what in _rewrite_member(member, member in serving or member is engine, hub_dir)
+        for what in _rewrite_member(member, member in serving, hub_dir)
     ]
-    for member in group:
+    for member in serving:
         command = member.engine_command
         problems += [
             f"{member.name}: {problem}" for problem in (command.problems if command else [])
         ]
+    for member in group:
         if member is not engine and member.settings.model_dump(
             exclude_defaults=True, exclude={"engine"}
         ):
@@ -913,24 +1078,46 @@ def _rewrite_member(member: _Member, runs_vllm: bool, hub_dir: Path) -> list[str
     service = member.service
     notes: list[str] = []
     rewritten = member.rewritten
-    if member.error is None and rewritten is not None and rewritten.engine is not None:
+    if runs_vllm and member.error is None and rewritten and rewritten.engine:
         before = shlex.join([*(service.get("entrypoint") or []), *(service.get("command") or [])])
-        service["entrypoint"] = rewritten.entrypoint
+        if rewritten.entrypoint is not None or "entrypoint" in service:
+            service["entrypoint"] = rewritten.entrypoint
         service["command"] = rewritten.command
         after = shlex.join([*(rewritten.entrypoint or []), *(rewritten.command or [])])
         if before != after:
             notes.append(f"command: {before} → {after}")
         notes += rewritten.engine.notes
+    notes += _own_restarts(service)
+    if runs_vllm:
+        environment, environment_notes = rewrite_environment(service.get("environment"))
+        # vLLM reads weights from --download-dir when given, else from the hub cache.
+        download_dir = rewritten.engine.download_dir if rewritten and rewritten.engine else None
+        targets = dict.fromkeys(
+            [hub_target(environment), *([download_dir] if download_dir else [])]
+        )
+        volumes = service.get("volumes")
+        for target in targets:
+            volumes, volume_notes = rewrite_volumes(volumes, hub_dir, target.rstrip("/"))
+            notes += volume_notes
+        service["volumes"] = volumes
+        service["environment"] = environment
+        notes += environment_notes
+    return notes
+
+
+def _own_restarts(service: dict[str, Any]) -> list[str]:
+    """``restart: "no"``, and no swarm-style restart policy, which compose would apply too."""
+    notes = []
     restart = service.get("restart")
     if restart not in (None, _RESTART):
         notes.append(f"restart: {restart} → {_RESTART} (overridden: the daemon restarts models)")
     service["restart"] = _RESTART
-    if runs_vllm:
-        environment, environment_notes = rewrite_environment(service.get("environment"))
-        target = hub_target(environment)
-        service["volumes"], volume_notes = rewrite_volumes(service.get("volumes"), hub_dir, target)
-        service["environment"] = environment
-        notes += volume_notes + environment_notes
+    deploy = service.get("deploy")
+    if isinstance(deploy, dict) and "restart_policy" in deploy:
+        policy = deploy.pop("restart_policy")
+        notes.append(
+            f"deploy.restart_policy {policy} removed (overridden: the daemon restarts models)"
+        )
     return notes
 
 

@@ -62,3 +62,38 @@ def test_invalid_compose_is_reported(tmp_path: Path) -> None:
     result = check(bad, tmp_path)
     assert result.returncode != 0
     assert "compose" in (result.stdout + result.stderr).lower()
+
+
+def test_check_shows_its_work_and_names_what_cannot_run(tmp_path: Path) -> None:
+    """Files read, the engine's command before and after, an overridden restart policy, a
+    command the daemon cannot rewrite (named with its service and why), and --show."""
+    make_snapshot(tmp_path / "hub", "org/ok")
+    compose = tmp_path / "docker-compose.yml"
+    compose.write_text(
+        """
+services:
+  good:
+    image: vllm/vllm-openai:v0.11.0
+    profiles: [good]
+    restart: unless-stopped
+    command: --model org/ok --max-model-len 4096
+  split:
+    image: vllm/vllm-openai:v0.11.0
+    profiles: [split]
+    entrypoint: ["/bin/bash", "-c"]
+    command: vllm serve org/ok --port 8000
+"""
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "check", "--compose", str(compose),
+         "--models-dir", str(tmp_path), "--show"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert f"files read: {compose}" in out
+    assert "restart: unless-stopped → no (overridden" in out
+    assert "command: --model org/ok --max-model-len 4096 → --model org/ok" in out
+    assert "ERROR: split: the shell runs only the first word" in out
+    assert "--- the rewritten project, as the daemon runs it ---" in out
+    assert "--served-model-name" in out.split("--- the rewritten project")[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,23 @@ class TestBadInput:
         )
         assert response.status == 413
         assert "64 KiB" in (await error_of(response))["message"]
+
+    async def test_a_model_the_daemon_cannot_run_is_409_and_nothing_moves(
+        self, client: TestClient[Any, Any], switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """A model whose command could not be rewritten is refused before anything stops."""
+        await client.post("/switch", json={"model": "a"})
+        switcher.set_models(
+            {**switcher.models, "split": replace(spec("split"), unusable="svc-split: why")}
+        )
+        calls = list(runtime.calls)
+        response = await client.post("/switch", json={"model": "split"})
+        assert response.status == 409
+        error = await error_of(response)
+        assert error["code"] == "model_unusable"
+        assert "svc-split: why" in error["message"] and "check" in error["message"]
+        assert runtime.calls == calls
+        assert switcher.status.active == "a"
 
     async def test_unknown_model_is_404(self, client: TestClient[Any, Any]) -> None:
         """A model id outside the known set is a 404 naming the known ones."""
