@@ -86,6 +86,33 @@ services:
     profiles: [hung]
     environment: {{STANDIN_HANG: "1"}}
     command: ["--model", "org/over"]
+
+  # A sidecar that waits for the engine's health, and an engine that crashes.
+  guarded:
+    <<: *engine
+    profiles: [guarded]
+    environment: {{STANDIN_CRASH: "1", STANDIN_LOAD_DELAY: "0.3"}}
+    command: ["--model", "org/over"]
+    healthcheck:
+      test: ["CMD", "python3", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health')"]
+      interval: 1s
+      retries: 30
+  guard-sidecar:
+    image: {image}
+    profiles: [guarded]
+    entrypoint: ["python3", "-c", "import time; time.sleep(3600)"]
+    depends_on: {{guarded: {{condition: service_healthy}}}}
+
+  # An engine that waits for a set-up step of its profile, which fails.
+  prepared:
+    <<: *engine
+    profiles: [prepared]
+    command: ["--model", "org/over"]
+    depends_on: {{prepare: {{condition: service_completed_successfully}}}}
+  prepare:
+    image: {image}
+    profiles: [prepared]
+    entrypoint: ["python3", "-c", "print('fetching the chat template: 404'); raise SystemExit(3)"]
 """
 
 OVERRIDE = """
@@ -281,3 +308,24 @@ async def test_sigterm_during_a_start_leaves_what_the_next_daemon_adopts(
         await asyncio.sleep(0.1)
     assert status["active"] == "inc"
     assert len(project.containers(running_only=False)) == 1
+
+
+@pytest.mark.parametrize(
+    ("model", "service", "words"),
+    [
+        ("guarded", "guarded", "CUDA out of memory"),
+        ("prepared", "prepare", "fetching the chat template: 404"),
+    ],
+)
+async def test_a_failed_dependency_is_named_with_its_own_log(
+    project: Rig, http: aiohttp.ClientSession, model: str, service: str, words: str
+) -> None:
+    """When compose's up fails on a container of the model (the engine a sidecar waits for,
+    or a step the engine waits for), the 502 names that container and carries its log."""
+    project.start_daemon()
+    code, body = await call(http, "POST", f"{project.url}/switch", json={"model": model})
+    assert code == 502, body
+    assert body["error"]["code"] == "model_exited"
+    assert body["error"]["service"] == service
+    assert words in body["error"]["log_tail"]
+    assert project.model_containers() == []
