@@ -34,6 +34,7 @@ from .errors import (
 )
 from .events import EventHub
 from .gateway import MAX_V1_BODY, Gateway, error_response
+from .history import History, Operation, SwitchRecord
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
@@ -48,8 +49,9 @@ from .security import (
     is_gateway_path,
 )
 from .server import ConnectionGuard
-from .store import SwitchRecord
-from .switcher import Operation, State, Status, Switcher
+from .states import State
+from .switcher import Switcher
+from .watcher import Watcher
 
 log = structlog.get_logger(__name__)
 
@@ -58,14 +60,16 @@ MAX_BODY = 64 * 1024
 BODY_TIMEOUT = 30.0
 HEALTH_JSON = "application/health+json"
 
-SWITCHER: web.AppKey[Switcher] = web.AppKey("switcher", Switcher)
-RUNTIME: web.AppKey[ModelRuntime] = web.AppKey("runtime", object)  # type: ignore[arg-type]
-CATALOG: web.AppKey[Catalog | None] = web.AppKey("catalog", object)  # type: ignore[arg-type]
-GATEWAY: web.AppKey[Gateway | None] = web.AppKey("gateway", object)  # type: ignore[arg-type]
-EVENTS: web.AppKey[EventHub] = web.AppKey("events", EventHub)
-METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+SWITCHER = web.AppKey[Switcher]("switcher")
+RUNTIME = web.AppKey[ModelRuntime]("runtime")
+WATCHER = web.AppKey[Watcher]("watcher")
+HISTORY = web.AppKey[History]("history")
+CATALOG = web.AppKey[Catalog | None]("catalog")
+GATEWAY = web.AppKey[Gateway | None]("gateway")
+EVENTS = web.AppKey[EventHub]("events")
+METRICS = web.AppKey[Metrics]("metrics")
 # Clients that may follow /events at once; each model's log has the same bound.
-STREAM_LIMIT = web.AppKey("stream_limit", int)
+STREAM_LIMIT = web.AppKey[int]("stream_limit")
 
 WEB_DIR = Path(__file__).parent / "web"
 DASHBOARD_ASSETS = frozenset(p.name for p in WEB_DIR.iterdir() if p.is_file())
@@ -166,13 +170,7 @@ async def cache_verdicts(switcher: Switcher) -> dict[str, SnapshotVerdict | None
 
 
 def render_pull(progress: PullProgress | None) -> dict[str, Any] | None:
-    if progress is None:
-        return None
-    body = dataclasses.asdict(progress)
-    body["fraction"] = (
-        round(progress.bytes_done / progress.bytes_total, 4) if progress.bytes_total else None
-    )
-    return body
+    return None if progress is None else progress.to_json()
 
 
 def render_entry(entry: ModelEntry | None) -> dict[str, Any]:
@@ -194,16 +192,14 @@ def render_entry(entry: ModelEntry | None) -> dict[str, Any]:
 
 
 def render_models(
-    switcher: Switcher,
-    runtime: ModelRuntime,
-    verdicts: dict[str, SnapshotVerdict | None],
-    catalog: Catalog | None = None,
+    app: web.Application, verdicts: dict[str, SnapshotVerdict | None]
 ) -> list[dict[str, Any]]:
+    switcher, runtime, watcher, catalog = app[SWITCHER], app[RUNTIME], app[WATCHER], app[CATALOG]
     status = switcher.status
     now = time.time()
     models = []
     for spec in switcher.models.values():
-        engine = switcher.containers.get(spec.engine_service)
+        engine = watcher.container(spec.engine_service)
         running = engine is not None and engine.running
         started = (
             engine.started_at.timestamp() if running and engine and engine.started_at else None
@@ -235,18 +231,18 @@ def render_models(
                 "uptime": None if started is None else round(now - started, 1),
                 "checkpoint": None if spec.checkpoint is None else str(spec.checkpoint),
                 "cache": render_verdict(verdicts.get(spec.id)),
-                "pull": render_pull(catalog.pulls.get(spec.id)) if catalog else None,
-                **render_entry(catalog.entries.get(spec.id) if catalog else None),
+                "pull": render_pull(catalog.pull_progress(spec.id)) if catalog else None,
+                **render_entry(catalog.entry_or_none(spec.id) if catalog else None),
             }
         )
     return models
 
 
 async def render_status(app: web.Application) -> dict[str, Any]:
-    switcher, runtime, catalog, gateway = app[SWITCHER], app[RUNTIME], app[CATALOG], app[GATEWAY]
+    switcher, catalog, gateway = app[SWITCHER], app[CATALOG], app[GATEWAY]
     status = switcher.status
-    verdicts = await cache_verdicts(switcher)
-    models = render_models(switcher, runtime, verdicts, catalog)
+    models = render_models(app, await cache_verdicts(switcher))
+    last = app[HISTORY].last
     return {
         "state": str(status.state),
         "active": status.active,
@@ -257,28 +253,17 @@ async def render_status(app: web.Application) -> dict[str, Any]:
         "upstream": status.upstream,
         "queue": [op.describe() for op in switcher.queued()],
         "models": models,
-        "last_switch": None
-        if switcher.last_switch is None
-        else render_switch(switcher.last_switch),
+        "last_switch": None if last is None else render_switch(last),
         "pulls": {
             model_id: render_pull(progress)
-            for model_id, progress in (catalog.pulls.items() if catalog else [])
+            for model_id, progress in (catalog.pulls().items() if catalog else [])
         },
         "gateway": None if gateway is None else render_traffic(gateway),
     }
 
 
 def render_traffic(gateway: Gateway) -> dict[str, Any]:
-    traffic = gateway.traffic
-    waiting: dict[str, int] = {}
-    for waiter in traffic.waiting:
-        waiting[waiter.model] = waiting.get(waiter.model, 0) + 1
-    return {
-        "in_flight": dict(traffic.inflight),
-        "waiting": waiting,
-        "swaps_requested": traffic.swaps_requested,
-        "auto_switch": traffic.auto_switch,
-    }
+    return dataclasses.asdict(gateway.traffic.snapshot())
 
 
 def render_switch(record: SwitchRecord) -> dict[str, Any]:
@@ -335,18 +320,18 @@ async def get_status(request: web.Request) -> web.Response:
 
 async def get_switch(request: web.Request) -> web.Response:
     switch_id = request.match_info["switch_id"]
-    switcher = request.app[SWITCHER]
-    op = switcher.operation(switch_id)
+    history = request.app[HISTORY]
+    op = history.operation(switch_id)
     if op is not None and not op.future.done():
         return web.json_response({"switch": op.describe()})
-    record = await switcher.store.get_switch(switch_id)
+    record = await history.get(switch_id)
     if record is None:
         raise SwitchNotFound(f"no switch with id {switch_id!r}")
     return web.json_response({"switch": render_switch(record)})
 
 
 async def get_switches(request: web.Request) -> web.Response:
-    records = await request.app[SWITCHER].store.recent_switches(limit=50)
+    records = await request.app[HISTORY].recent(limit=50)
     return web.json_response({"switches": [render_switch(r) for r in records]})
 
 
@@ -384,9 +369,7 @@ def _health_reason(switcher: Switcher, wanted: str | None) -> str:
 
 
 async def _rendered_models(request: web.Request) -> list[dict[str, Any]]:
-    switcher, catalog = request.app[SWITCHER], request.app[CATALOG]
-    verdicts = await cache_verdicts(switcher)
-    return render_models(switcher, request.app[RUNTIME], verdicts, catalog)
+    return render_models(request.app, await cache_verdicts(request.app[SWITCHER]))
 
 
 async def _rendered_model(request: web.Request, model_id: str) -> dict[str, Any]:
@@ -467,9 +450,7 @@ async def get_live(request: web.Request) -> web.Response:
 async def get_v1_models(request: web.Request) -> web.Response:
     gateway = _gateway(request)
     catalog = request.app[CATALOG]
-    lengths: dict[str, int | None] = {}
-    if catalog is not None:
-        lengths = {i: e.capabilities.get("context_length") for i, e in catalog.entries.items()}
+    lengths = catalog.context_lengths() if catalog is not None else {}
     return web.json_response(gateway.list_models(lengths))
 
 
@@ -550,7 +531,7 @@ async def get_model_logs(request: web.Request) -> web.StreamResponse:
     switcher, runtime = request.app[SWITCHER], request.app[RUNTIME]
     spec = switcher.spec(request.match_info["model_id"])
     tail, follow = _tail_parameter(request), _follow_parameter(request)
-    engine = switcher.containers.get(spec.engine_service)
+    engine = request.app[WATCHER].container(spec.engine_service)
     if not follow:
         text = await runtime.logs_tail(engine.id, tail) if engine is not None else ""
         return web.json_response(
@@ -600,53 +581,29 @@ async def get_dashboard_asset(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_DIR / filename)
 
 
-def _publish_to(events: EventHub, switcher: Switcher, catalog: Catalog | None) -> None:
-    """Everything the dashboard and /events watch flows into the hub from here."""
-
-    def on_status(status: Status) -> None:
-        events.publish(
-            "state",
-            state=str(status.state),
-            active=status.active,
-            target=status.target,
-            reason=status.reason,
-            serving=switcher.serving,
-        )
-
-    switcher.listeners.append(on_status)
-    switcher.event_listeners.append(lambda kind, data: events.publish(kind, **data))
-    if catalog is not None:
-        catalog.pull_listeners.append(
-            lambda model, progress: events.publish(
-                "pull", model=model, **(render_pull(progress) or {})
-            )
-        )
-
-
 def create_app(
+    *,
     switcher: Switcher,
     runtime: ModelRuntime,
+    watcher: Watcher,
+    history: History,
+    events: EventHub,
+    metrics: Metrics,
     catalog: Catalog | None = None,
     gateway: Gateway | None = None,
     policy: AccessPolicy | None = None,
     max_streams: int = 64,
     connections: ConnectionGuard | None = None,
 ) -> web.Application:
+    """The HTTP API over the daemon's parts, which ``build_daemon`` wires together."""
     middlewares = [error_middleware, guard_middleware(policy or AccessPolicy())]
     if connections is not None:
         middlewares.insert(0, connections.middleware)
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app.on_response_prepare.append(add_response_headers)
     app[STREAM_LIMIT] = max_streams
-    app[SWITCHER] = switcher
-    app[RUNTIME] = runtime
-    app[CATALOG] = catalog
-    app[GATEWAY] = gateway
-    app[EVENTS] = EventHub()
-    _publish_to(app[EVENTS], switcher, catalog)
-    app[METRICS] = Metrics(switcher)
-    if gateway is not None:
-        gateway.observers.append(app[METRICS].observe_request)
+    app[SWITCHER], app[RUNTIME], app[WATCHER], app[HISTORY] = switcher, runtime, watcher, history
+    app[CATALOG], app[GATEWAY], app[EVENTS], app[METRICS] = catalog, gateway, events, metrics
     app.router.add_post("/switch", post_switch)
     app.router.add_post("/stop", post_stop)
     app.router.add_get("/status", get_status)

@@ -47,7 +47,7 @@ from .registry import (
     validate_source,
 )
 from .store import Store
-from .switcher import cancel_all
+from .tasks import cancel_all
 
 log = structlog.get_logger(__name__)
 
@@ -104,15 +104,15 @@ class Catalog:
         )
         # None: huggingface_hub's own (HF_ENDPOINT, else the public Hub).
         self.hub_endpoint = hub_endpoint
-        self.entries: dict[str, ModelEntry] = {}
+        self._entries: dict[str, ModelEntry] = {}
         self.project: ComposeProject | None = None
-        self.pulls: dict[str, PullProgress] = {}
+        self._pulls: dict[str, PullProgress] = {}
         self._pull_tasks: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
         self._validate: Validator | None = None
         self._listeners: list[ModelsChanged] = []
         self._in_use: Callable[[str], bool] = lambda _model_id: False
-        self.pull_listeners: list[Callable[[str, PullProgress], None]] = []
+        self._on_pull: Callable[[str, PullProgress], None] = lambda _model, _progress: None
         # The user's project as compose read it at start: a registry change does not pick
         # up edits to their files that the daemon was not restarted for.
         self._user_document: dict[str, Any] = {}
@@ -140,7 +140,7 @@ class Catalog:
                     continue
                 entries[entry.id] = entry
         project = await self._build(entries)
-        self.entries = self._with_compose_defaults(project, entries)
+        self._entries = self._with_compose_defaults(project, entries)
         self._install(project)
         return project
 
@@ -150,11 +150,15 @@ class Catalog:
         validate: Validator | None,
         on_change: ModelsChanged,
         in_use: Callable[[str], bool],
+        on_pull: Callable[[str, PullProgress], None] | None = None,
     ) -> None:
-        """Wire the catalog to Docker (for validation) and to whoever runs the models."""
+        """Wire the catalog to Docker (for validation), to whoever runs the models, and to
+        whoever shows pull progress."""
         self._validate = validate
         self._in_use = in_use
         self._listeners.append(on_change)
+        if on_pull is not None:
+            self._on_pull = on_pull
         on_change(self.specs(), self.disabled())
 
     # -- reading ---------------------------------------------------------------------
@@ -163,19 +167,33 @@ class Catalog:
         assert self.project is not None, "load() first"
         specs = {}
         for model_id, spec in self.project.models.items():
-            entry = self.entries.get(model_id)
+            entry = self._entries.get(model_id)
             name = entry.display_name if entry and entry.display_name else spec.display_name
             specs[model_id] = replace(spec, display_name=name)
         return specs
 
+    def entry_or_none(self, model_id: str) -> ModelEntry | None:
+        return self._entries.get(model_id)
+
+    def pull_progress(self, model_id: str) -> PullProgress | None:
+        return self._pulls.get(model_id)
+
+    def pulls(self) -> dict[str, PullProgress]:
+        """Every pull this daemon ran, by model, as last reported."""
+        return dict(self._pulls)
+
+    def context_lengths(self) -> dict[str, int | None]:
+        """What each model's capabilities say of its context length (for /v1/models)."""
+        return {i: e.capabilities.get("context_length") for i, e in self._entries.items()}
+
     def disabled(self) -> frozenset[str]:
-        return frozenset(e.id for e in self.entries.values() if not e.enabled)
+        return frozenset(e.id for e in self._entries.values() if not e.enabled)
 
     def entry(self, model_id: str) -> ModelEntry:
         try:
-            return self.entries[model_id]
+            return self._entries[model_id]
         except KeyError:
-            known = ", ".join(sorted(self.entries)) or "none"
+            known = ", ".join(sorted(self._entries)) or "none"
             raise ModelNotFound(
                 f"unknown model {model_id!r}; known models: {known}", model=model_id
             ) from None
@@ -205,13 +223,13 @@ class Catalog:
         if path is not None:
             entry = replace(entry, metadata={**entry.metadata, "model_path": path})
         async with self._lock:
-            if model_id in self.entries:
+            if model_id in self._entries:
                 raise BadRequest(
                     f'id: a model with id {model_id!r} exists already; give another "id"',
                     field="id",
                 )
             self._refuse_duplicate_name(entry)
-            entries = {**self.entries, model_id: entry}
+            entries = {**self._entries, model_id: entry}
             await self._commit(entries, changed=entry)
         log.info("model added", model=model_id, repo=repo, path=path)
         return entry
@@ -230,7 +248,7 @@ class Catalog:
             if changed.enabled is False and self._in_use(model_id):
                 raise self._refusal_in_use(model_id, "disable")
             self._refuse_duplicate_name(changed)
-            await self._commit({**self.entries, model_id: changed}, changed=changed)
+            await self._commit({**self._entries, model_id: changed}, changed=changed)
         log.info("model updated", model=model_id, fields=sorted(body))
         return changed
 
@@ -249,7 +267,7 @@ class Catalog:
                 )
             if self._in_use(model_id):
                 raise self._refusal_in_use(model_id, "remove")
-            entries = {k: v for k, v in self.entries.items() if k != model_id}
+            entries = {k: v for k, v in self._entries.items() if k != model_id}
             await self._commit(entries, removed=model_id)
         log.info("model removed", model=model_id)
 
@@ -268,20 +286,19 @@ class Catalog:
             )
         running = self._pull_tasks.get(model_id)
         if running is not None and not running.done():
-            return self.pulls[model_id]
+            return self._pulls[model_id]
         progress = PullProgress(spec.repo, revision or "main", 0, 0, 0, 0, "downloading")
-        self.pulls[model_id] = progress
+        self._pulls[model_id] = progress
 
         announced = [0.0]
 
         def record(update: PullProgress) -> None:
-            self.pulls[model_id] = update
+            self._pulls[model_id] = update
             # Downloads report every few kilobytes; listeners hear at most 4 a second.
             now = time.monotonic()
             if update.state != "downloading" or now - announced[0] >= PULL_REPORT_INTERVAL:
                 announced[0] = now
-                for listener in self.pull_listeners:
-                    listener(model_id, update)
+                self._on_pull(model_id, update)
 
         async def download() -> None:
             with contextlib.suppress(OrchestratorError):
@@ -311,7 +328,7 @@ class Catalog:
     def _refuse_duplicate_name(self, entry: ModelEntry) -> None:
         if entry.display_name is None:
             return
-        for other in self.entries.values():
+        for other in self._entries.values():
             if other.id != entry.id and (other.display_name or other.id) == entry.display_name:
                 raise BadRequest(
                     f"display_name: {entry.display_name!r} is already the name of model"
@@ -347,7 +364,7 @@ class Catalog:
     def _install(self, project: ComposeProject) -> None:
         private_folder(self.paths.state_dir)
         _write_atomically(self.paths.normalized, render(project))
-        added = render_document(self.entries, self.paths.hub_dir.resolve(), self.engine_defaults)
+        added = render_document(self._entries, self.paths.hub_dir.resolve(), self.engine_defaults)
         _write_atomically(
             self.paths.registry,
             "# Rendered by model-orchestrator from its registry; edits are overwritten.\n"
@@ -392,7 +409,7 @@ class Catalog:
             )
         if removed is not None:
             await self.store.delete_model_entry(removed)
-        self.entries = entries
+        self._entries = entries
         self._install(project)
 
 

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -20,40 +20,30 @@ from urllib.parse import quote
 import structlog
 from aiohttp import web
 
-from .api import create_app
 from .cache import Verdicts, looks_like_path
-from .catalog import NORMALIZED_COMPOSE, Catalog, CatalogPaths
+from .catalog import NORMALIZED_COMPOSE
 from .client import DEFAULT_URL, DaemonRefused, DaemonUnavailable, call, format_models
-from .compose import ComposeError, ComposeProject, ComposeSource, canonical, render, rewrite_project
+from .compose import ComposeError, ComposeProject, canonical, render, rewrite_project
 from .config import Settings, load_settings
+from .daemon import DATABASE, build_daemon, compose_reader
 from .docker import (
     Docker,
-    compose_config,
     detect_compose_cli,
     runtime_environment,
-    user_environment,
 )
 from .errors import OrchestratorError
-from .gateway import Gateway
 from .logs import configure_logging
 from .pull import PullError, PullProgress, pull
-from .registry import EngineDefaults, ModelEntry, RegistryLimits
-from .runtime import DockerRuntime
-from .security import AccessPolicy, keys_for_bind
+from .registry import ModelEntry
 from .server import (
-    ConnectionGuard,
     QuietExhaustion,
-    connection_bound,
     listen,
     raise_descriptor_limit,
 )
 from .store import Store
-from .switcher import Switcher
-from .traffic import Traffic
 
 log = structlog.get_logger(__name__)
 
-DATABASE = "orchestrator.db"
 
 
 def _common_flags(parser: argparse.ArgumentParser) -> None:
@@ -234,20 +224,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(flags, config_file=args.config)
 
 
-async def _read_config(settings: Settings) -> Callable[[ComposeSource], Awaitable[str]]:
-    """How the daemon asks compose for a project: the user's variables, none of its own."""
-    cli = await detect_compose_cli()
-    environment = user_environment(os.environ)
-
-    async def read(source: ComposeSource) -> str:
-        return await compose_config(cli, source, environment)
-
-    return read
-
-
 async def _project(settings: Settings) -> ComposeProject:
     """The user's project as compose reads it, rewritten (without the registry's models)."""
-    text = await (await _read_config(settings))(settings.compose_source)
+    text = await (await compose_reader())(settings.compose_source)
     return rewrite_project(
         settings.compose_source, canonical(text), settings.models_dir, settings.models
     )
@@ -260,7 +239,6 @@ async def _docker(settings: Settings, normalized: Path, project_name: str) -> Do
         project_dir=settings.compose_source.project_dir,
         project_name=project_name,
         compose_cli=await detect_compose_cli(),
-        max_log_followers=settings.max_streams,
         environment=runtime_environment(os.environ),
     )
 
@@ -270,108 +248,42 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(QuietExhaustion())
     descriptors = raise_descriptor_limit()
-    keys = keys_for_bind(
-        host=settings.host,
-        keys=settings.api_keys,
-        state_dir=settings.state_dir,
-        insecure_no_auth=settings.insecure_no_auth,
-    )
     async with contextlib.AsyncExitStack() as stack:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-        store = await Store.open(settings.state_dir / DATABASE)
-        stack.push_async_callback(store.close)
-        catalog = Catalog(
-            paths=CatalogPaths(settings.compose_source, settings.models_dir, settings.state_dir),
-            store=store,
-            read_config=await _read_config(settings),
-            overrides=settings.models,
-            engine_defaults=EngineDefaults(image=settings.engine_image, gpus=settings.engine_gpus),
-            limits=RegistryLimits(settings.checkpoint_roots, settings.allowed_images),
-        )
-        stack.push_async_callback(catalog.close)
-        project = await catalog.load()
+        daemon = await build_daemon(settings, descriptor_limit=descriptors)
+        stack.push_async_callback(daemon.close)
+        project = daemon.project
         for model_id, problems in project.problems.items():
             for problem in problems:
                 log.warning("compose problem", model=model_id, problem=problem)
         for model_id, spec in project.models.items():
             if spec.unusable:
                 log.error("model cannot be run", model=model_id, reason=spec.unusable)
-        normalized = catalog.paths.normalized
-        docker = await _docker(settings, normalized, project.name)
-        await docker.validate(project.models)
-        runtime = DockerRuntime(docker, upstream_host=settings.upstream_host)
-        stack.push_async_callback(runtime.close)
-        switcher = Switcher(
-            models=catalog.specs(),
-            runtime=runtime,
-            store=store,
-            verdicts=Verdicts(settings.models_dir / "hub"),
-            rollback=settings.rollback,
-            restore_on_start=settings.restore_on_start,
-            probe_interval=settings.probe_interval,
-            probe_failures=settings.probe_failures,
-            preload=settings.preload,
-        )
-        stack.push_async_callback(switcher.close)
-        traffic = Traffic(
-            switcher,
-            auto_switch=settings.auto_switch,
-            max_queue=settings.max_queue,
-            drain_timeout=settings.drain_timeout,
-            default_ttl=settings.ttl,
-        )
-        stack.push_async_callback(traffic.close)
-        gateway = Gateway(switcher, traffic, aliases=settings.aliases)
-        stack.push_async_callback(gateway.close)
-        catalog.connect(
-            validate=lambda candidate, profiles: docker.validate(profiles, compose_file=candidate),
-            on_change=switcher.set_models,
-            in_use=switcher.involves,
-        )
-        connections = ConnectionGuard(connection_bound(settings.max_connections, descriptors))
-        policy = AccessPolicy.build(
-            keys=keys,
-            bind_host=settings.host,
-            allowed_hosts=settings.allowed_hosts,
-            allowed_origins=settings.allowed_origins,
-            protect_reads=settings.protect_reads,
-        )
-        app = create_app(
-            switcher,
-            runtime,
-            catalog,
-            gateway,
-            policy=policy,
-            max_streams=settings.max_streams,
-            connections=connections,
-        )
+        stopping = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        await daemon.start()
         # Cancelling the handler of a client that hung up is what cancels its request to
         # the engine and frees its place in the queue. The keep-alive timeout also runs
         # from a connection's start: one that sends no complete request in time is closed.
         runner = web.AppRunner(
-            app,
+            daemon.app,
             access_log=None,
             handler_cancellation=True,
             keepalive_timeout=settings.header_timeout,
         )
-        stopping = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stopping.set)
-        await switcher.start(docker.events)
-        traffic.start()
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        listener = await listen(runner, connections, settings.host, settings.port)
+        listener = await listen(runner, daemon.connections, settings.host, settings.port)
         stack.callback(listener.close)
         log.info(
             "serving",
             host=settings.host,
             port=settings.port,
-            project=docker.project_name,
+            project=project.name,
             models=list(project.models),
-            compose=str(normalized),
-            keys=len(keys),
-            max_connections=connections.max_connections,
+            compose=str(daemon.catalog.paths.normalized),
+            keys=len(daemon.keys),
+            max_connections=daemon.connections.max_connections,
         )
         await stopping.wait()
         log.info("shutting down; the running model is left running")

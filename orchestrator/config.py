@@ -85,6 +85,8 @@ class Settings:
     allowed_images: tuple[str, ...] = ()
     # Clients that may follow /events at once, and each model's log.
     max_streams: int = 64
+    # Where pulls download from; None: huggingface_hub's own (HF_ENDPOINT, else the Hub).
+    hub_endpoint: str | None = None
     # Seconds a client has to send a request's headers (and an idle connection stays open).
     header_timeout: float = 10.0
     # Open connections before the oldest idle one is closed; 0: from the descriptor limit.
@@ -144,6 +146,7 @@ _FIELD_TYPES: dict[str, type] = {
     "allowed_images": tuple,
     "max_streams": int,
     "header_timeout": float,
+    "hub_endpoint": str,
     "max_connections": int,
 }
 

@@ -11,9 +11,13 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .pull import PullProgress
+    from .states import Status
 
 SUBSCRIBER_QUEUE = 256
 
@@ -54,3 +58,31 @@ class EventHub:
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
+
+
+class EventFeed:
+    """What /events and the dashboard watch, published into the hub: the switcher's states
+    and happenings (as its observer) and the catalog's pull progress."""
+
+    def __init__(self, hub: EventHub, serving: Callable[[], bool]) -> None:
+        self._hub = hub
+        self._serving = serving
+
+    def status_changed(self, status: Status) -> None:
+        self._hub.publish(
+            "state",
+            state=str(status.state),
+            active=status.active,
+            target=status.target,
+            reason=status.reason,
+            serving=self._serving(),
+        )
+
+    def happened(self, event: str, data: Mapping[str, Any]) -> None:
+        self._hub.publish(event, **data)
+
+    def released(self) -> None:
+        pass
+
+    def pull(self, model: str, progress: PullProgress) -> None:
+        self._hub.publish("pull", model=model, **progress.to_json())

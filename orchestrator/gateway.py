@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import aiohttp
 import structlog
@@ -21,7 +21,8 @@ from multidict import CIMultiDict
 
 from .errors import BadRequest, ModelNotFound, OrchestratorError, RequestTimeout, UpstreamError
 from .security import is_gateway_path
-from .switcher import State, Switcher
+from .states import State
+from .switcher import Switcher
 from .traffic import Traffic
 
 log = structlog.get_logger(__name__)
@@ -63,6 +64,10 @@ def openai_error(status: int, code: str, message: str, param: str | None = None)
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class RequestObserver(Protocol):
+    def observe_request(self, model: str, code: int, seconds: float) -> None: ...
+
+
 class Gateway:
     def __init__(
         self,
@@ -70,13 +75,14 @@ class Gateway:
         traffic: Traffic,
         *,
         aliases: Mapping[str, str] | None = None,
+        observers: Sequence[RequestObserver] = (),
     ) -> None:
         self.switcher = switcher
         self.traffic = traffic
         self.aliases = dict(aliases or {})
         self._session: aiohttp.ClientSession | None = None
-        # Told of every forwarded request: (model, status code, seconds).
-        self.observers: list[Callable[[str, int, float], None]] = []
+        # Told of every forwarded request: its model, status code and seconds.
+        self._observers = tuple(observers)
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -148,8 +154,8 @@ class Gateway:
             code = 499  # the client closed the connection first (nginx's convention)
             raise
         finally:
-            for observe in self.observers:
-                observe(model_id, code, time.monotonic() - began)
+            for observer in self._observers:
+                observer.observe_request(model_id, code, time.monotonic() - began)
 
     async def _serve(
         self, request: web.Request, model_id: str, body: bytes, payload: dict[str, Any] | None

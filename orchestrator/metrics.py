@@ -8,14 +8,15 @@ present are read from the switcher when Prometheus scrapes.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .switcher import State, Status, Switcher
+from .states import State, Status
+from .switcher import Switcher
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -93,11 +94,11 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_PresentState(self))
-        switcher.event_listeners.append(self._on_event)
-        switcher.listeners.append(self._on_status)
         self._observe_serving()
 
-    def _on_event(self, event: str, data: dict[str, Any]) -> None:
+    # -- as the switcher's observer --------------------------------------------------
+
+    def happened(self, event: str, data: Mapping[str, Any]) -> None:
         self._observe_serving()
         if event != "switch_finished":
             return
@@ -106,8 +107,11 @@ class Metrics:
         if data.get("duration") is not None:
             self.switch_seconds.labels(*labels).observe(float(data["duration"]))
 
-    def _on_status(self, _status: Status) -> None:
+    def status_changed(self, status: Status) -> None:
         self._observe_serving()
+
+    def released(self) -> None:
+        pass
 
     def _observe_serving(self) -> None:
         """Called at every change: if /health passed until now, it last passed now."""

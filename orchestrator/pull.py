@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,6 +69,13 @@ class PullProgress:
     bytes_done: int
     state: PullState
     error: str | None = None  # the failure's message when state is "failed"
+
+    def to_json(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["fraction"] = (
+            round(self.bytes_done / self.bytes_total, 4) if self.bytes_total else None
+        )
+        return body
 
 
 class PullError(OrchestratorError):

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+from .history import Kind, Outcome, SwitchRecord
 
 MIGRATIONS: Sequence[str] = (
     """
@@ -47,24 +48,6 @@ MIGRATIONS: Sequence[str] = (
 _COLUMNS = (
     "id, kind, from_model, to_model, requested_at, finished_at, outcome, duration, timings, error"
 )
-
-
-@dataclass(frozen=True)
-class SwitchRecord:
-    id: str
-    kind: str  # switch or stop
-    from_model: str | None
-    to_model: str | None
-    requested_at: float
-    finished_at: float | None
-    outcome: str  # pending, running, ok, noop, rolled_back, failed, refused
-    duration: float | None
-    error: dict[str, Any] | None
-    # Seconds spent in each phase (stop, up, ready), for people and the benchmark.
-    timings: dict[str, float] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Store:
@@ -179,12 +162,12 @@ class Store:
 def _record(row: Sequence[Any]) -> SwitchRecord:
     return SwitchRecord(
         id=row[0],
-        kind=row[1],
+        kind=Kind(row[1]),
         from_model=row[2],
         to_model=row[3],
         requested_at=row[4],
         finished_at=row[5],
-        outcome=row[6],
+        outcome=Outcome(row[6]),
         duration=row[7],
         timings=json.loads(row[8]) if row[8] else None,
         error=json.loads(row[9]) if row[9] else None,

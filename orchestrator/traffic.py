@@ -18,13 +18,16 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from .errors import OrchestratorError, TooBusy
-from .switcher import State, Switcher, cancel_all
+from .states import State, Status
+from .switcher import Switcher
+from .tasks import cancel_all
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +42,14 @@ class Waiter:
     future: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+
+
+@dataclass(frozen=True)
+class TrafficSnapshot:
+    in_flight: dict[str, int]
+    waiting: dict[str, int]
+    swaps_requested: int
+    auto_switch: bool
 
 
 def choose_next(
@@ -89,9 +100,6 @@ class Traffic:
         self._switching: asyncio.Task[None] | None = None
         self._idle: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        switcher.listeners.append(self._dispatch_soon)
-        switcher.done_listeners.append(self._dispatch_soon)
-        switcher.drain = self.drain
 
     # -- what the gateway uses ---------------------------------------------------------
 
@@ -130,6 +138,13 @@ class Traffic:
             yield upstream
         finally:
             self._release(model_id)
+
+    def snapshot(self) -> TrafficSnapshot:
+        """Requests in flight and waiting per model, for /status."""
+        waiting = Counter(waiter.model for waiter in self.waiting)
+        return TrafficSnapshot(
+            dict(self.inflight), dict(waiting), self.swaps_requested, self.auto_switch
+        )
 
     # -- what the switcher uses ------------------------------------------------------------
 
@@ -183,9 +198,18 @@ class Traffic:
                 idle.set()
         self._dispatch()
 
-    def _dispatch_soon(self, *_: object) -> None:
-        # The switcher calls its listeners from inside a transition or its worker's
-        # clean-up; let that finish before acting on what changed.
+    # -- as the switcher's observer: look again once its transition or clean-up is done -----
+
+    def status_changed(self, status: Status) -> None:
+        self._dispatch_soon()
+
+    def happened(self, event: str, data: Mapping[str, Any]) -> None:
+        pass
+
+    def released(self) -> None:
+        self._dispatch_soon()
+
+    def _dispatch_soon(self) -> None:
         asyncio.get_running_loop().call_soon(self._dispatch)
 
     def _dispatch(self) -> None:

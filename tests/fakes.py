@@ -9,15 +9,21 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 import compose
 from orchestrator.cache import Verdicts
-from orchestrator.catalog import Catalog, CatalogPaths
 from orchestrator.compose import ComposeSource, ModelSpec
+from orchestrator.config import load_settings
+from orchestrator.daemon import Daemon, build_daemon
 from orchestrator.docker import ContainerInfo, compose_config, user_environment
-from orchestrator.registry import EngineDefaults
+from orchestrator.history import History
+from orchestrator.states import Status
 from orchestrator.store import Store
 from orchestrator.switcher import Switcher
+from orchestrator.watcher import Watcher
 
 # Two models as a user's compose file declares them; WiredCore reads it from its root.
 TWO_MODEL_COMPOSE = """
@@ -59,18 +65,23 @@ def make_snapshot(hub: Path, repo: str, revision: str = "abc123") -> Path:
 async def running_switcher(
     root: Path, runtime: FakeRuntime, models: Mapping[str, ModelSpec]
 ) -> AsyncIterator[Switcher]:
-    """A started switcher over ``runtime``, every model's repo cached except "nocache"."""
+    """A started switcher over ``runtime``, every model's repo cached except "nocache".
+
+    The switcher alone, with its watcher and history: for tests of its policy with models
+    that no compose file needs to declare.
+    """
     hub = root / "hub"
     for model in models.values():
-        if model.id != "nocache":
+        if model.id != "nocache" and model.repo is not None:
             make_snapshot(hub, model.repo)
     store = await Store.open(root / "db.sqlite")
     made = Switcher(
         models=dict(models),
         runtime=runtime,
         store=store,
+        history=History(store),
         verdicts=Verdicts(hub),
-        probe_interval=0.05,
+        watcher=Watcher(runtime, probe_interval=0.05),
     )
     await made.start()
     try:
@@ -80,47 +91,77 @@ async def running_switcher(
         await store.close()
 
 
-@dataclass
-class WiredCore:
-    """The store, catalog and switcher wired as serve() wires them, under ``root``.
+def models_compose(*model_ids: str, timeout: float = 5.0) -> str:
+    """A compose file declaring each model as ``spec`` makes it: service svc-<id>, repo
+    org/<id>, display name in capitals."""
+    services = {
+        f"svc-{model_id}": {
+            "image": "vllm/vllm-openai:v0.11.0",
+            "profiles": [model_id],
+            "command": ["--model", f"org/{model_id}"],
+            "x-orchestrator": {"display_name": model_id.upper(), "startup_timeout": timeout},
+        }
+        for model_id in model_ids
+    }
+    return yaml.safe_dump({"services": services}, sort_keys=False)
 
-    ``root`` holds docker-compose.yml, models/hub and state/.
+
+@asynccontextmanager
+async def daemon_of(
+    root: Path, runtime: FakeRuntime, *model_ids: str, **settings: Any
+) -> AsyncIterator[Daemon]:
+    """A started daemon over ``runtime`` for the models ``spec`` describes, every model's
+    repo cached except "nocache"."""
+    (root / "docker-compose.yml").write_text(models_compose(*model_ids))
+    for model_id in model_ids:
+        if model_id != "nocache":
+            make_snapshot(root / "models" / "hub", f"org/{model_id}")
+    daemon = await open_daemon(root, runtime, **settings)
+    try:
+        yield daemon
+    finally:
+        await daemon.close()
+
+
+async def open_daemon(root: Path, runtime: FakeRuntime, **settings: Any) -> Daemon:
+    """The daemon as ``serve`` builds it, over ``runtime``, started.
+
+    ``root`` holds docker-compose.yml, models/hub and state/; ``settings`` add to or
+    replace the test defaults (registry models on the stand-in image with no GPUs, fast
+    probes).
     """
+    flags: dict[str, Any] = {
+        "compose_files": [str(root / "docker-compose.yml")],
+        "models_dir": str(root / "models"),
+        "state_dir": str(root / "state"),
+        "engine_image": "standin:test",
+        "engine_gpus": "none",
+        "probe_interval": 0.05,
+        **settings,
+    }
+    daemon = await build_daemon(
+        load_settings(flags, environ={}), runtime=runtime, read_config=read_config
+    )
+    await daemon.start()
+    return daemon
 
-    store: Store
-    catalog: Catalog
-    switcher: Switcher
 
-    @classmethod
-    async def open(
-        cls, root: Path, runtime: FakeRuntime, hub_endpoint: str | None = None
-    ) -> WiredCore:
-        store = await Store.open(root / "state" / "db.sqlite")
-        catalog = Catalog(
-            paths=CatalogPaths(
-                ComposeSource((root / "docker-compose.yml",)), root / "models", root / "state"
-            ),
-            store=store,
-            read_config=read_config,
-            engine_defaults=EngineDefaults(image="standin:test", gpus="none"),
-            hub_endpoint=hub_endpoint,
-        )
-        await catalog.load()
-        switcher = Switcher(
-            models=catalog.specs(),
-            runtime=runtime,
-            store=store,
-            verdicts=Verdicts(root / "models" / "hub"),
-            probe_interval=0.05,
-        )
-        catalog.connect(validate=None, on_change=switcher.set_models, in_use=switcher.involves)
-        await switcher.start()
-        return cls(store, catalog, switcher)
+@dataclass
+class Recorder:
+    """A switcher observer that keeps what it is told."""
 
-    async def close(self) -> None:
-        await self.catalog.close()
-        await self.switcher.close()
-        await self.store.close()
+    statuses: list[Status] = field(default_factory=list)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    releases: int = 0
+
+    def status_changed(self, status: Status) -> None:
+        self.statuses.append(status)
+
+    def happened(self, event: str, data: Mapping[str, Any]) -> None:
+        self.events.append((event, dict(data)))
+
+    def released(self) -> None:
+        self.releases += 1
 
 
 def spec(model_id: str, *, repo: str | None = None, timeout: float = 5.0) -> ModelSpec:

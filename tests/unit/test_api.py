@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from orchestrator.api import create_app
+from orchestrator.daemon import Daemon
 from orchestrator.switcher import Switcher
-from tests.fakes import Behaviour, FakeRuntime, running_switcher, spec
+from tests.fakes import Behaviour, FakeRuntime, daemon_of, spec
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -24,17 +24,19 @@ def runtime() -> FakeRuntime:
 
 
 @pytest.fixture
-async def switcher(tmp_path: Path, runtime: FakeRuntime) -> AsyncIterator[Switcher]:
-    models = {"a": spec("a"), "b": spec("b"), "nocache": spec("nocache")}
-    async with running_switcher(tmp_path, runtime, models) as made:
+async def daemon(tmp_path: Path, runtime: FakeRuntime) -> AsyncIterator[Daemon]:
+    async with daemon_of(tmp_path, runtime, "alpha", "beta", "nocache") as made:
         yield made
 
 
 @pytest.fixture
-async def client(
-    aiohttp_client: ClientFactory, switcher: Switcher, runtime: FakeRuntime
-) -> TestClient[Any, Any]:
-    return await aiohttp_client(create_app(switcher, runtime))
+def switcher(daemon: Daemon) -> Switcher:
+    return daemon.switcher
+
+
+@pytest.fixture
+async def client(aiohttp_client: ClientFactory, daemon: Daemon) -> TestClient[Any, Any]:
+    return await aiohttp_client(daemon.app)
 
 
 async def error_of(response: Any) -> dict[str, Any]:
@@ -49,25 +51,25 @@ class TestSwitchEndpoint:
         self, client: TestClient[Any, Any]
     ) -> None:
         """POST /switch waits for readiness and returns the switch and the new status."""
-        response = await client.post("/switch", json={"model": "a"})
+        response = await client.post("/switch", json={"model": "alpha"})
         assert response.status == 200
         body = await response.json()
         assert body["switch"]["outcome"] == "ok"
-        assert body["switch"]["to"] == "a"
+        assert body["switch"]["to"] == "alpha"
         assert body["status"]["state"] == "ready"
-        assert body["status"]["active"] == "a"
+        assert body["status"]["active"] == "alpha"
 
     async def test_seed_field_model_id_is_accepted(self, client: TestClient[Any, Any]) -> None:
         """The seed's {"model_id": ...} body works like {"model": ...}."""
-        response = await client.post("/switch", json={"model_id": "b"})
+        response = await client.post("/switch", json={"model_id": "beta"})
         assert response.status == 200
-        assert (await response.json())["status"]["active"] == "b"
+        assert (await response.json())["status"]["active"] == "beta"
 
     async def test_no_wait_answers_202_with_where_to_poll(
         self, client: TestClient[Any, Any]
     ) -> None:
         """wait=false answers 202 at once with a Location that later shows the outcome."""
-        response = await client.post("/switch", json={"model": "a", "wait": False})
+        response = await client.post("/switch", json={"model": "alpha", "wait": False})
         assert response.status == 202
         location = response.headers["Location"]
         assert location == (await response.json())["poll"]
@@ -82,21 +84,21 @@ class TestSwitchEndpoint:
         self, client: TestClient[Any, Any], runtime: FakeRuntime
     ) -> None:
         """A crashing target answers 502 with its log tail and says it rolled back."""
-        await client.post("/switch", json={"model": "a"})
-        runtime.behaviours["b"] = Behaviour(crash=True)
-        response = await client.post("/switch", json={"model": "b"})
+        await client.post("/switch", json={"model": "alpha"})
+        runtime.behaviours["beta"] = Behaviour(crash=True)
+        response = await client.post("/switch", json={"model": "beta"})
         assert response.status == 502
         error = await error_of(response)
         assert error["code"] == "model_exited"
         assert error["rolled_back"] is True
         assert "CUDA out of memory" in error["log_tail"]
         status = await (await client.get("/status")).json()
-        assert status["active"] == "a"
+        assert status["active"] == "alpha"
         assert status["last_switch"]["outcome"] == "failed"
 
     async def test_stop_unloads(self, client: TestClient[Any, Any]) -> None:
         """POST /stop leaves the daemon idle and /health failing."""
-        await client.post("/switch", json={"model": "a"})
+        await client.post("/switch", json={"model": "alpha"})
         response = await client.post("/stop", json={})
         assert response.status == 200
         assert (await response.json())["status"]["state"] == "idle"
@@ -112,8 +114,8 @@ class TestBadInput:
             (b"{}", 'missing "model"'),
             (b'{"model": 5}', "non-empty string"),
             (b'{"model": ""}', "non-empty string"),
-            (b'{"model": "a", "model_id": "b"}', "different models"),
-            (b'{"model": "a", "wait": "no"}', '"wait"'),
+            (b'{"model": "alpha", "model_id": "beta"}', "different models"),
+            (b'{"model": "alpha", "wait": "no"}', '"wait"'),
         ],
     )
     async def test_bad_bodies_are_400(
@@ -140,7 +142,7 @@ class TestBadInput:
         self, client: TestClient[Any, Any], switcher: Switcher, runtime: FakeRuntime
     ) -> None:
         """A model whose command could not be rewritten is refused before anything stops."""
-        await client.post("/switch", json={"model": "a"})
+        await client.post("/switch", json={"model": "alpha"})
         switcher.set_models(
             {**switcher.models, "split": replace(spec("split"), unusable="svc-split: why")}
         )
@@ -151,7 +153,7 @@ class TestBadInput:
         assert error["code"] == "model_unusable"
         assert "svc-split: why" in error["message"] and "check" in error["message"]
         assert runtime.calls == calls
-        assert switcher.status.active == "a"
+        assert switcher.status.active == "alpha"
 
     async def test_unknown_model_is_404(self, client: TestClient[Any, Any]) -> None:
         """A model id outside the known set is a 404 naming the known ones."""
@@ -163,14 +165,14 @@ class TestBadInput:
         self, client: TestClient[Any, Any], runtime: FakeRuntime
     ) -> None:
         """A cache miss is a 409 naming repo and cache path; the ready model keeps serving."""
-        await client.post("/switch", json={"model": "a"})
+        await client.post("/switch", json={"model": "alpha"})
         response = await client.post("/switch", json={"model": "nocache"})
         assert response.status == 409
         error = await error_of(response)
         assert error["repo"] == "org/nocache"
         assert error["cache_path"].endswith("hub")
         assert (await client.get("/health")).status == 200
-        assert runtime.calls == [("start", "a")]
+        assert runtime.calls == [("start", "alpha")]
 
     async def test_unknown_route_and_method_are_json(self, client: TestClient[Any, Any]) -> None:
         """aiohttp's own 404 and 405 come out in the same JSON error shape."""
@@ -189,27 +191,27 @@ class TestHealth:
         assert response.status == 503
         assert response.content_type == "application/health+json"
         assert (await response.json())["status"] == "fail"
-        await client.post("/switch", json={"model": "a"})
+        await client.post("/switch", json={"model": "alpha"})
         response = await client.get("/health")
         assert response.status == 200
-        assert (await response.json()) == {"status": "pass", "model": "a"}
+        assert (await response.json()) == {"status": "pass", "model": "alpha"}
 
     async def test_health_for_a_named_model(self, client: TestClient[Any, Any]) -> None:
         """/health?model= passes only for the ready model and 404s for unknown ones."""
-        await client.post("/switch", json={"model": "a"})
-        assert (await client.get("/health", params={"model": "a"})).status == 200
-        other = await client.get("/health", params={"model": "b"})
+        await client.post("/switch", json={"model": "alpha"})
+        assert (await client.get("/health", params={"model": "alpha"})).status == 200
+        other = await client.get("/health", params={"model": "beta"})
         assert other.status == 503
-        assert "b is not loaded" in (await other.json())["output"]
+        assert "beta is not loaded" in (await other.json())["output"]
         assert (await client.get("/health", params={"model": "zzz"})).status == 404
 
     async def test_health_fails_during_a_switch(
         self, client: TestClient[Any, Any], runtime: FakeRuntime
     ) -> None:
         """While a switch is under way /health answers 503 at once, not after the switch."""
-        await client.post("/switch", json={"model": "a"})
+        await client.post("/switch", json={"model": "alpha"})
         runtime.gate = asyncio.Event()
-        pending = asyncio.ensure_future(client.post("/switch", json={"model": "b"}))
+        pending = asyncio.ensure_future(client.post("/switch", json={"model": "beta"}))
         await asyncio.sleep(0.05)
         response = await client.get("/health")
         assert response.status == 503
@@ -221,15 +223,15 @@ class TestHealth:
 
     async def test_status_lists_every_model(self, client: TestClient[Any, Any]) -> None:
         """/status names each model with its container, upstream and uptime."""
-        await client.post("/switch", json={"model": "a"})
+        await client.post("/switch", json={"model": "alpha"})
         status = await (await client.get("/status")).json()
         by_id = {m["id"]: m for m in status["models"]}
-        assert set(by_id) == {"a", "b", "nocache"}
-        assert by_id["a"]["active"] is True
-        assert by_id["a"]["upstream"] == "http://fake/a"
-        assert by_id["a"]["display_name"] == "A"
-        assert by_id["b"]["container"] is None
-        assert status["last_switch"]["to"] == "a"
+        assert set(by_id) == {"alpha", "beta", "nocache"}
+        assert by_id["alpha"]["active"] is True
+        assert by_id["alpha"]["upstream"] == "http://fake/alpha"
+        assert by_id["alpha"]["display_name"] == "ALPHA"
+        assert by_id["beta"]["container"] is None
+        assert status["last_switch"]["to"] == "alpha"
 
 
 class TestModels:
@@ -237,14 +239,14 @@ class TestModels:
         """GET /models lists every model with its cache verdict and the reason for a miss."""
         body = await (await client.get("/models")).json()
         by_id = {m["id"]: m for m in body["models"]}
-        assert by_id["a"]["cache"]["status"] == "present"
+        assert by_id["alpha"]["cache"]["status"] == "present"
         assert by_id["nocache"]["cache"]["status"] == "missing"
         assert "org/nocache" in by_id["nocache"]["cache"]["reason"]
 
     async def test_one_model_and_an_unknown_one(self, client: TestClient[Any, Any]) -> None:
         """GET /models/{id} shows one model; an unknown id is a 404 in the JSON error shape."""
-        body = await (await client.get("/models/b")).json()
-        assert body["model"]["id"] == "b"
+        body = await (await client.get("/models/beta")).json()
+        assert body["model"]["id"] == "beta"
         assert body["model"]["cache"]["status"] == "present"
         response = await client.get("/models/zzz")
         assert response.status == 404

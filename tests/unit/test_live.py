@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from orchestrator.api import create_app
+from orchestrator.daemon import Daemon
 from orchestrator.switcher import Switcher
-from tests.fakes import Behaviour, FakeRuntime, running_switcher, spec
+from tests.fakes import Behaviour, FakeRuntime, daemon_of
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -24,16 +24,19 @@ def runtime() -> FakeRuntime:
 
 
 @pytest.fixture
-async def switcher(tmp_path: Path, runtime: FakeRuntime) -> AsyncIterator[Switcher]:
-    async with running_switcher(tmp_path, runtime, {"a": spec("a"), "b": spec("b")}) as made:
+async def daemon(tmp_path: Path, runtime: FakeRuntime) -> AsyncIterator[Daemon]:
+    async with daemon_of(tmp_path, runtime, "alpha", "beta") as made:
         yield made
 
 
 @pytest.fixture
-async def client(
-    aiohttp_client: ClientFactory, switcher: Switcher, runtime: FakeRuntime
-) -> TestClient[Any, Any]:
-    return await aiohttp_client(create_app(switcher, runtime))
+def switcher(daemon: Daemon) -> Switcher:
+    return daemon.switcher
+
+
+@pytest.fixture
+async def client(aiohttp_client: ClientFactory, daemon: Daemon) -> TestClient[Any, Any]:
+    return await aiohttp_client(daemon.app)
 
 
 def metric(text: str, name: str) -> float | None:
@@ -67,7 +70,7 @@ class TestMetrics:
         assert metric(before, 'orchestrator_state{state="idle"}') == 1.0
         assert metric(before, "orchestrator_serving") == 0.0
         assert (metric(before, "orchestrator_seconds_since_health_pass") or 0) >= 0
-        assert (await client.post("/switch", json={"model": "a"})).status == 200
+        assert (await client.post("/switch", json={"model": "alpha"})).status == 200
         response = await client.get("/metrics")
         assert response.headers["Content-Type"].startswith("text/plain")
         text = await response.text()
@@ -75,17 +78,17 @@ class TestMetrics:
         count = 'orchestrator_switch_duration_seconds_count{operation="switch",outcome="ok"}'
         assert metric(text, count) == 1
         assert metric(text, 'orchestrator_state{state="ready"}') == 1.0
-        assert metric(text, 'orchestrator_active_model{model="a"}') == 1.0
-        assert metric(text, 'orchestrator_active_model{model="b"}') == 0.0
+        assert metric(text, 'orchestrator_active_model{model="alpha"}') == 1.0
+        assert metric(text, 'orchestrator_active_model{model="beta"}') == 0.0
         assert metric(text, "orchestrator_seconds_since_health_pass") == 0.0
 
     async def test_failed_switch_counts_as_failed(
         self, client: TestClient[Any, Any], runtime: FakeRuntime
     ) -> None:
         """A crash is counted under its outcome, and health age grows while nothing serves."""
-        await client.post("/switch", json={"model": "a"})
-        runtime.behaviours["b"] = Behaviour(crash=True)
-        assert (await client.post("/switch", json={"model": "b"})).status == 502
+        await client.post("/switch", json={"model": "alpha"})
+        runtime.behaviours["beta"] = Behaviour(crash=True)
+        assert (await client.post("/switch", json={"model": "beta"})).status == 502
         await client.post("/stop", json={})
         await asyncio.sleep(0.2)
         text = await (await client.get("/metrics")).text()
@@ -100,7 +103,7 @@ class TestEvents:
             assert response.headers["Content-Type"] == "text/event-stream"
             first = await read_events(response, lambda event, _data: event == "status")
             assert first[0][1]["state"] == "idle"
-            switching = asyncio.create_task(client.post("/switch", json={"model": "b"}))
+            switching = asyncio.create_task(client.post("/switch", json={"model": "beta"}))
             seen = await read_events(response, lambda event, _data: event == "switch_finished")
             await switching
         kinds = [event for event, _ in seen]
@@ -108,7 +111,7 @@ class TestEvents:
         states = [data["state"] for event, data in seen if event == "state"]
         assert states == ["starting", "ready"]
         finished = seen[-1][1]
-        assert (finished["to_model"], finished["outcome"]) == ("b", "ok")
+        assert (finished["to_model"], finished["outcome"]) == ("beta", "ok")
         ids = [data["id"] for _, data in seen]
         assert ids == sorted(ids)
 
@@ -116,12 +119,12 @@ class TestEvents:
         self, client: TestClient[Any, Any], runtime: FakeRuntime, switcher: Switcher
     ) -> None:
         """A model dying behind the daemon's back is announced."""
-        await client.post("/switch", json={"model": "a"})
+        await client.post("/switch", json={"model": "alpha"})
         async with client.get("/events") as response:
             await read_events(response, lambda event, _data: event == "status")
-            runtime.kill("a")
+            runtime.kill("alpha")
             seen = await read_events(response, lambda event, _data: event == "model_died")
-        assert seen[-1][1]["model"] == "a"
+        assert seen[-1][1]["model"] == "alpha"
 
 
 class TestLogs:
@@ -129,16 +132,18 @@ class TestLogs:
         self, client: TestClient[Any, Any], runtime: FakeRuntime
     ) -> None:
         """The last lines as JSON; follow streams them and ends when the engine stops."""
-        await client.post("/switch", json={"model": "a"})
-        body = await (await client.get("/models/a/logs", params={"tail": "5"})).json()
-        assert body["model"] == "a" and body["container"].endswith("svc-a-1")
+        await client.post("/switch", json={"model": "alpha"})
+        body = await (await client.get("/models/alpha/logs", params={"tail": "5"})).json()
+        assert body["model"] == "alpha" and body["container"].endswith("svc-alpha-1")
         assert body["lines"][-1] == "CUDA out of memory"
-        async with client.get("/models/a/logs", params={"follow": "true", "tail": "3"}) as response:
+        async with client.get(
+            "/models/alpha/logs", params={"follow": "true", "tail": "3"}
+        ) as response:
             assert response.headers["Content-Type"] == "text/event-stream"
             lines = await read_events(
                 response, lambda event, _data: event == "log" and _data.endswith("2")
             )
-            runtime.kill("a")
+            runtime.kill("alpha")
             rest = await read_events(response, lambda event, _data: event == "end")
         assert [data for event, data in lines if event == "log"][-1].endswith("line 2")
         assert rest[-1][0] == "end"
@@ -146,15 +151,15 @@ class TestLogs:
     async def test_bad_requests(self, client: TestClient[Any, Any]) -> None:
         """Unknown models, bad tails and following a model with no container are refused."""
         assert (await client.get("/models/zz/logs")).status == 404
-        response = await client.get("/models/a/logs", params={"tail": "0"})
+        response = await client.get("/models/alpha/logs", params={"tail": "0"})
         assert response.status == 400
         assert (await response.json())["error"]["field"] == "tail"
-        assert (await client.get("/models/a/logs", params={"follow": "maybe"})).status == 400
-        response = await client.get("/models/b/logs", params={"follow": "1"})
+        assert (await client.get("/models/alpha/logs", params={"follow": "maybe"})).status == 400
+        response = await client.get("/models/beta/logs", params={"follow": "1"})
         assert response.status == 404
         assert "no container" in (await response.json())["error"]["message"]
-        body = await (await client.get("/models/b/logs")).json()
-        assert body == {"model": "b", "container": None, "lines": []}
+        body = await (await client.get("/models/beta/logs")).json()
+        assert body == {"model": "beta", "container": None, "lines": []}
 
 
 async def test_dashboard_files_are_served(client: TestClient[Any, Any]) -> None:

@@ -39,15 +39,11 @@ from schemathesis.checks import (
 )
 
 import orchestrator
-from orchestrator.api import create_app
 from orchestrator.compose import ModelSpec
 from orchestrator.docker import ContainerInfo
-from orchestrator.gateway import Gateway
 from orchestrator.openapi import PROXY_METHODS, openapi_document
-from orchestrator.security import AccessPolicy
-from orchestrator.switcher import State
-from orchestrator.traffic import Traffic
-from tests.fakes import TWO_MODEL_COMPOSE, FakeRuntime, WiredCore, make_snapshot
+from orchestrator.states import State
+from tests.fakes import TWO_MODEL_COMPOSE, FakeRuntime, make_snapshot, open_daemon
 from tests.hubserver import FakeHub
 
 T = TypeVar("T")
@@ -168,7 +164,7 @@ def test_every_route_is_documented(daemon: LiveDaemon) -> None:
     for label in documented_operations():
         method, path = label.split(" ", 1)
         documented.add(Routed(path, method.lower()))
-    missing = routed_operations(daemon.app) - documented
+    missing = routed_operations(daemon.daemon.app) - documented
     assert not missing, f"routes without an operation in the document: {sorted(missing)}"
 
 
@@ -178,7 +174,7 @@ def test_every_documented_operation_is_routed(daemon: LiveDaemon) -> None:
     unrouted = []
     for label in documented_operations():
         method, path = label.split(" ", 1)
-        reached = daemon.call(_resolves_to(daemon.app, method.lower(), path))
+        reached = daemon.call(_resolves_to(daemon.daemon.app, method.lower(), path))
         expected = {Routed(path, method.lower())}
         if path.startswith("/v1/"):
             expected.add(Routed(catch_all, method.lower()))
@@ -256,31 +252,25 @@ class LiveDaemon:
         engines.router.add_route("*", "/{model}/{tail:.*}", _engine_answer)
         self.runtime = StubRuntime()
         self.runtime.engine_url = await self._serve(engines)
-        self.core = await WiredCore.open(self.root, self.runtime, self.hub_url)
-        self.store, self.catalog, self.switcher = (
-            self.core.store,
-            self.core.catalog,
-            self.core.switcher,
-        )
-        self.traffic = Traffic(self.switcher, drain_timeout=2.0)
-        self.traffic.start()
-        self.gateway = Gateway(self.switcher, self.traffic)
-        self.app = create_app(
-            self.switcher,
+        self.daemon = await open_daemon(
+            self.root,
             self.runtime,
-            self.catalog,
-            self.gateway,
-            policy=AccessPolicy.build(keys=[API_KEY], bind_host="127.0.0.1"),
+            hub_endpoint=self.hub_url,
+            api_keys=[API_KEY],
+            drain_timeout=2.0,
         )
-        self.base_url = await self._serve(self.app)
+        self.store, self.catalog, self.switcher = (
+            self.daemon.store,
+            self.daemon.catalog,
+            self.daemon.switcher,
+        )
+        self.base_url = await self._serve(self.daemon.app)
         await self._load_alpha()
 
     async def _close(self) -> None:
         for runner in reversed(self.runners):
             await runner.cleanup()
-        await self.gateway.close()
-        await self.traffic.close()
-        await self.core.close()
+        await self.daemon.close()
 
     async def _load_alpha(self) -> None:
         while queued := self.switcher.queued():

@@ -14,17 +14,17 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient
 
-from orchestrator.api import create_app
 from orchestrator.catalog import REGISTRY_COMPOSE, Catalog
 from orchestrator.errors import BadRequest, DockerError
-from tests.fakes import TWO_MODEL_COMPOSE, FakeRuntime, WiredCore, make_snapshot
+from tests.fakes import TWO_MODEL_COMPOSE, FakeRuntime, make_snapshot, open_daemon
 from tests.hubserver import FakeHub
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 class Daemon:
-    """The pieces serve() wires together, over the fake Docker boundary."""
+    """The daemon as serve() builds it, over the fake Docker boundary; opened again after
+    a close, as a restarted daemon would be."""
 
     def __init__(self, root: Path, hub_endpoint: str | None = None) -> None:
         self.root = root
@@ -32,16 +32,17 @@ class Daemon:
         self.runtime = FakeRuntime()
 
     async def open(self) -> Catalog:
-        self.core = await WiredCore.open(self.root, self.runtime, self.hub_endpoint)
+        self.built = await open_daemon(self.root, self.runtime, hub_endpoint=self.hub_endpoint)
         self.store, self.catalog, self.switcher = (
-            self.core.store,
-            self.core.catalog,
-            self.core.switcher,
+            self.built.store,
+            self.built.catalog,
+            self.built.switcher,
         )
+        self.app = self.built.app
         return self.catalog
 
     async def close(self) -> None:
-        await self.core.close()
+        await self.built.close()
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ async def daemon(root: Path) -> AsyncIterator[Daemon]:
 
 @pytest.fixture
 async def client(aiohttp_client: ClientFactory, daemon: Daemon) -> TestClient[Any, Any]:
-    return await aiohttp_client(create_app(daemon.switcher, daemon.runtime, daemon.catalog))
+    return await aiohttp_client(daemon.app)
 
 
 def checkpoint(root: Path, *parts: str, base_model: str | None = None) -> Path:
@@ -332,7 +333,8 @@ async def test_registry_survives_a_restart(root: Path) -> None:
     catalog = await second.open()
     try:
         assert set(catalog.specs()) == {"alpha", "beta", "extra"}
-        assert catalog.entries["extra"].capabilities == {"tools": True}
+        entry = catalog.entry_or_none("extra")
+        assert entry is not None and entry.capabilities == {"tools": True}
         assert catalog.disabled() == {"beta"}
         assert second.switcher.disabled == {"beta"}
         assert catalog.specs()["alpha"].display_name == "Model A"
@@ -353,9 +355,9 @@ async def test_pull_through_the_api_shows_progress(
 ) -> None:
     """POST /models/{id}/pull downloads in the background; /models and /status show it."""
     made = Daemon(root, hub_endpoint=hub.url)
-    catalog = await made.open()
+    await made.open()
     try:
-        client = await aiohttp_client(create_app(made.switcher, made.runtime, catalog))
+        client = await aiohttp_client(made.app)
         code, body = await add(client, repo="org/pulled", id="pulled")
         assert code == 201 and body["model"]["cache"]["status"] == "missing"
         response = await client.post("/models/pulled/pull", json={})

@@ -24,12 +24,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from orchestrator import cache
-from orchestrator.api import create_app
 from orchestrator.cache import Verdicts, verify_local_model
+from orchestrator.daemon import Daemon
 from orchestrator.docker import runtime_environment, user_environment
-from orchestrator.security import AccessPolicy, is_loopback, keys_for_bind, normalise_origin
+from orchestrator.security import is_loopback, keys_for_bind, normalise_origin
 from orchestrator.server import QuietExhaustion, connection_bound
-from tests.fakes import TWO_MODEL_COMPOSE, FakeRuntime, WiredCore, make_snapshot
+from tests.fakes import TWO_MODEL_COMPOSE, FakeRuntime, make_snapshot, open_daemon
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -48,34 +48,48 @@ def root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def core(root: Path) -> AsyncIterator[WiredCore]:
-    made = await WiredCore.open(root, FakeRuntime())
-    yield made
-    await made.close()
-
-
-def daemon_app(core: WiredCore, **policy: Any) -> web.Application:
-    settings: dict[str, Any] = {"keys": (), "bind_host": "127.0.0.1", **policy}
-    return create_app(
-        core.switcher,
-        core.switcher.runtime,
-        core.catalog,
-        policy=AccessPolicy.build(**settings),
-        max_streams=2,
-    )
+async def opened() -> AsyncIterator[list[Daemon]]:
+    """Daemons a test opened; closed when it ends."""
+    daemons: list[Daemon] = []
+    yield daemons
+    for daemon in reversed(daemons):
+        await daemon.close()
 
 
 @pytest.fixture
-async def client(aiohttp_client: ClientFactory, core: WiredCore) -> TestClient[Any, Any]:
-    return await aiohttp_client(daemon_app(core, allowed_origins=[WEBUI]))
+async def open_with(root: Path, opened: list[Daemon]) -> Callable[..., Awaitable[Daemon]]:
+    """Opens the daemon with settings of the test's choosing (policy and limits)."""
+
+    async def make(**settings: Any) -> Daemon:
+        made = await open_daemon(root, FakeRuntime(), max_streams=2, **settings)
+        opened.append(made)
+        return made
+
+    return make
 
 
-def nothing_moved(core: WiredCore) -> None:
+@pytest.fixture
+async def core(open_with: Callable[..., Awaitable[Daemon]]) -> Daemon:
+    return await open_with(allowed_origins=[WEBUI])
+
+
+async def daemon_app(
+    open_with: Callable[..., Awaitable[Daemon]], **settings: Any
+) -> web.Application:
+    return (await open_with(**settings)).app
+
+
+@pytest.fixture
+async def client(aiohttp_client: ClientFactory, core: Daemon) -> TestClient[Any, Any]:
+    return await aiohttp_client(core.app)
+
+
+def nothing_moved(core: Daemon) -> None:
     runtime = core.switcher.runtime
     assert isinstance(runtime, FakeRuntime)
     assert runtime.calls == [], runtime.calls
     assert core.switcher.queued() == []
-    assert set(core.catalog.entries) == {"alpha", "beta"}
+    assert set(core.catalog.specs()) == {"alpha", "beta"}
 
 
 ATTACK_BODY = b'{"repo": "Org/Name", "id": "x", "image": "attacker/image"}'
@@ -94,7 +108,7 @@ class TestContentType:
     )
     @pytest.mark.parametrize("path", ["/models", "/switch"])
     async def test_bodies_a_page_can_send_without_asking_are_415(
-        self, client: TestClient[Any, Any], core: WiredCore, content_type: str | None, path: str
+        self, client: TestClient[Any, Any], core: Daemon, content_type: str | None, path: str
     ) -> None:
         """text/plain, forms, multipart and no type at all: 415 before the body is read."""
         headers = {} if content_type is None else {"Content-Type": content_type}
@@ -146,7 +160,7 @@ class TestContentType:
 
 class TestOrigin:
     async def test_a_foreign_page_is_refused(
-        self, client: TestClient[Any, Any], core: WiredCore
+        self, client: TestClient[Any, Any], core: Daemon
     ) -> None:
         """A foreign Origin is 403, for a change and for a read, and nothing moves."""
         response = await client.post("/switch", json={"model": "alpha"}, headers={"Origin": EVIL})
@@ -163,7 +177,7 @@ class TestOrigin:
         assert response.status == 403
 
     async def test_cross_site_fetch_is_refused_even_without_origin(
-        self, client: TestClient[Any, Any], core: WiredCore
+        self, client: TestClient[Any, Any], core: Daemon
     ) -> None:
         """Sec-Fetch-Site: cross-site is 403 for anything but opening a page."""
         response = await client.post(
@@ -240,7 +254,7 @@ class TestHost:
 
     @pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "192.168.1.5:8080"])
     async def test_a_rebinding_name_is_refused(
-        self, client: TestClient[Any, Any], core: WiredCore, host: str
+        self, client: TestClient[Any, Any], core: Daemon, host: str
     ) -> None:
         """DNS rebinding: the page's own name pointed at 127.0.0.1 is 403, reads included."""
         for method, path in (("GET", "/status"), ("GET", "/models"), ("POST", "/stop")):
@@ -250,17 +264,17 @@ class TestHost:
         nothing_moved(core)
 
     async def test_allowed_hosts_are_answered(
-        self, aiohttp_client: ClientFactory, core: WiredCore
+        self, aiohttp_client: ClientFactory, open_with: Callable[..., Awaitable[Daemon]]
     ) -> None:
-        client = await aiohttp_client(daemon_app(core, allowed_hosts=["gpu-box.lan"]))
+        client = await aiohttp_client(await daemon_app(open_with, allowed_hosts=["gpu-box.lan"]))
         assert (await client.get("/status", headers={"Host": "gpu-box.lan:8080"})).status == 200
         assert (await client.get("/status", headers={"Host": "other.lan"})).status == 403
 
     async def test_off_the_loopback_any_host_is_answered(
-        self, aiohttp_client: ClientFactory, core: WiredCore
+        self, aiohttp_client: ClientFactory, open_with: Callable[..., Awaitable[Daemon]]
     ) -> None:
         """On a LAN address the key is the guard, not the name."""
-        client = await aiohttp_client(daemon_app(core, bind_host="0.0.0.0", keys=KEYS))
+        client = await aiohttp_client(await daemon_app(open_with, host="0.0.0.0", api_keys=KEYS))
         assert (await client.get("/status", headers={"Host": "gpu-box:8080"})).status == 200
 
     def test_loopback_addresses(self) -> None:
@@ -272,9 +286,11 @@ class TestHost:
 
 class TestKeys:
     async def test_protect_reads_closes_everything_but_probes_and_pages(
-        self, aiohttp_client: ClientFactory, core: WiredCore
+        self, aiohttp_client: ClientFactory, open_with: Callable[..., Awaitable[Daemon]]
     ) -> None:
-        client = await aiohttp_client(daemon_app(core, keys=KEYS, protect_reads=True))
+        client = await aiohttp_client(
+            await daemon_app(open_with, api_keys=KEYS, protect_reads=True)
+        )
         for path in ("/status", "/models", "/switches", "/metrics", "/openapi.json"):
             assert (await client.get(path)).status == 401, path
             keyed = await client.get(path, headers={"Authorization": f"Bearer {KEYS[1]}"})
@@ -284,9 +300,9 @@ class TestKeys:
         assert (await client.get("/health")).status == 503  # answered: nothing is loaded
 
     async def test_reads_stay_open_without_protect_reads(
-        self, aiohttp_client: ClientFactory, core: WiredCore
+        self, aiohttp_client: ClientFactory, open_with: Callable[..., Awaitable[Daemon]]
     ) -> None:
-        client = await aiohttp_client(daemon_app(core, keys=KEYS))
+        client = await aiohttp_client(await daemon_app(open_with, api_keys=KEYS))
         assert (await client.get("/status")).status == 200
         assert (await client.post("/stop", json={})).status == 401
 
@@ -321,9 +337,9 @@ class TestKeys:
 
 class TestAudit:
     async def test_changes_are_logged_with_address_and_key_index_never_the_key(
-        self, aiohttp_client: ClientFactory, core: WiredCore, root: Path
+        self, aiohttp_client: ClientFactory, open_with: Callable[..., Awaitable[Daemon]], root: Path
     ) -> None:
-        client = await aiohttp_client(daemon_app(core, keys=KEYS))
+        client = await aiohttp_client(await daemon_app(open_with, api_keys=KEYS))
         folder = root / "models" / "checkpoints" / "run" / "merged"
         folder.mkdir(parents=True)
         (folder / "config.json").write_text("{}")
@@ -361,7 +377,7 @@ class TestRegistryLimits:
         ],
     )
     async def test_dollar_where_it_has_no_business_is_400(
-        self, client: TestClient[Any, Any], core: WiredCore, field: str, body: dict[str, Any]
+        self, client: TestClient[Any, Any], core: Daemon, field: str, body: dict[str, Any]
     ) -> None:
         code, answer = await self.add(client, **body)
         assert code == 400, answer
@@ -402,7 +418,7 @@ class TestRegistryLimits:
         assert service["x-orchestrator"]["display_name"] == "$${HF_TOKEN:?x} $$HOME"
 
     async def test_paths_outside_the_checkpoint_roots_are_400(
-        self, client: TestClient[Any, Any], core: WiredCore, root: Path
+        self, client: TestClient[Any, Any], core: Daemon, root: Path
     ) -> None:
         """/, the state dir, '..' and a symlink out of the root: 400 naming the setting."""
         inside = root / "models" / "checkpoints"
@@ -439,7 +455,7 @@ class TestRegistryLimits:
         assert answer["model"]["metadata"]["model_path"] == str(real)
 
     async def test_images_outside_allowed_images_are_400(
-        self, client: TestClient[Any, Any], core: WiredCore
+        self, client: TestClient[Any, Any], core: Daemon
     ) -> None:
         code, answer = await self.add(client, repo="org/extra", image="attacker/image")
         assert code == 400
@@ -452,12 +468,12 @@ class TestRegistryLimits:
         ["../../../../etc", "/dev/zero", "main/../x", "a b", "x\x07", "v1.lock", "@", "a//b", ""],
     )
     async def test_bad_revisions_are_400_and_start_no_pull(
-        self, client: TestClient[Any, Any], core: WiredCore, revision: str
+        self, client: TestClient[Any, Any], core: Daemon, revision: str
     ) -> None:
         response = await client.post("/models/alpha/pull", json={"revision": revision})
         assert response.status == 400
         assert (await response.json())["error"]["field"] == "revision"
-        assert core.catalog.pulls == {}
+        assert core.catalog.pulls() == {}
 
 
 class TestStreams:

@@ -10,16 +10,12 @@ import pytest
 
 from orchestrator.cache import Verdicts
 from orchestrator.errors import ModelExited, ModelNotCached, ModelNotFound, StartTimeout
+from orchestrator.history import History
+from orchestrator.states import IllegalTransition, State, Status
 from orchestrator.store import Store
-from orchestrator.switcher import (
-    DESIRED_MODEL_KEY,
-    IllegalTransition,
-    ModelDied,
-    State,
-    Status,
-    Switcher,
-)
-from tests.fakes import Behaviour, FakeRuntime, make_snapshot, spec
+from orchestrator.switcher import DESIRED_MODEL_KEY, Switcher
+from orchestrator.watcher import ModelDied, Watcher
+from tests.fakes import Behaviour, FakeRuntime, Recorder, make_snapshot, spec
 
 
 @pytest.fixture
@@ -56,8 +52,9 @@ def build(
         models=models,
         runtime=runtime,
         store=store,
+        history=History(store),
         verdicts=Verdicts(hub),
-        probe_interval=0.05,
+        watcher=Watcher(runtime, probe_interval=0.05),
         rollback=rollback,
     )
 
@@ -99,10 +96,11 @@ class TestSwitching:
         self, switcher: Switcher, runtime: FakeRuntime
     ) -> None:
         """A→B stops A first; B never starts while A is up."""
-        seen: list[tuple[State, str | None]] = []
         await switch(switcher, "a")
-        switcher.listeners.append(lambda s: seen.append((s.state, s.active)))
+        recorder = Recorder()
+        switcher.connect(drain=None, observers=[recorder])
         await switch(switcher, "b")
+        seen = [(status.state, status.active) for status in recorder.statuses]
         assert runtime.calls == [("start", "a"), ("stop", "a"), ("start", "b")]
         assert runtime.overlaps == []
         assert [state for state, _ in seen] == [
@@ -171,7 +169,7 @@ class TestFailures:
         ]
         assert runtime.overlaps == []
         assert switcher.status.state is State.READY and switcher.status.active == "a"
-        assert switcher.last_switch is not None and switcher.last_switch.outcome == "failed"
+        assert switcher.history.last is not None and switcher.history.last.outcome == "failed"
 
     async def test_timeout_rolls_back(self, runtime: FakeRuntime, store: Store, hub: Path) -> None:
         """A target that never turns healthy times out, is stopped, and the previous comes back."""

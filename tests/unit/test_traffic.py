@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import ModelExited, TooBusy
-from orchestrator.switcher import State, Switcher
+from orchestrator.states import State
+from orchestrator.switcher import Switcher
 from orchestrator.traffic import Traffic, choose_next
 from tests.fakes import Behaviour, FakeRuntime, running_switcher, spec
 
@@ -57,6 +58,7 @@ async def switcher(tmp_path: Path, runtime: FakeRuntime) -> AsyncIterator[Switch
 @pytest.fixture
 async def traffic(switcher: Switcher) -> AsyncIterator[Traffic]:
     made = Traffic(switcher, max_queue=2, drain_timeout=5.0)
+    switcher.connect(drain=made, observers=[made])
     made.start()
     yield made
     await made.close()
@@ -143,6 +145,7 @@ async def test_request_waiting_while_a_switch_finishes_is_served(
 async def test_drain_is_bounded(switcher: Switcher, runtime: FakeRuntime) -> None:
     """A request that outlasts the drain timeout does not hold the switch forever."""
     traffic = Traffic(switcher, drain_timeout=0.2)
+    switcher.connect(drain=traffic, observers=[traffic])
     release = asyncio.Event()
     log: list[str] = []
     holder = asyncio.create_task(hold(traffic, "b", release, log))

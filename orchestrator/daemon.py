@@ -1,0 +1,228 @@
+"""The daemon assembled: every part built and wired in one place, ``build_daemon``.
+
+``cli serve`` and the tests both build the daemon here; the tests hand in a fake runtime
+(and no Docker), everything else is the same. Each part is given what it needs when it is
+made, and the few links that go both ways (the switcher and the gateway's traffic, the
+catalog and the switcher) are made by explicit ``connect`` calls below, nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .api import create_app
+from .cache import Verdicts
+from .catalog import Catalog, CatalogPaths, ConfigReader
+from .docker import (
+    Docker,
+    compose_config,
+    detect_compose_cli,
+    runtime_environment,
+    user_environment,
+)
+from .events import EventFeed, EventHub
+from .gateway import Gateway
+from .history import History
+from .metrics import Metrics
+from .registry import EngineDefaults, RegistryLimits
+from .runtime import DockerRuntime, ModelRuntime
+from .security import AccessPolicy, keys_for_bind
+from .server import ConnectionGuard, connection_bound
+from .store import Store
+from .switcher import Switcher
+from .traffic import Traffic
+from .watcher import Watcher
+
+if TYPE_CHECKING:
+    from .compose import ComposeProject, ComposeSource
+    from .config import Settings
+
+DATABASE = "orchestrator.db"
+
+
+@dataclass
+class Daemon:
+    settings: Settings
+    project: ComposeProject
+    store: Store
+    catalog: Catalog
+    runtime: ModelRuntime
+    watcher: Watcher
+    history: History
+    switcher: Switcher
+    traffic: Traffic
+    gateway: Gateway
+    events: EventHub
+    metrics: Metrics
+    connections: ConnectionGuard
+    app: web.Application
+    docker: Docker | None
+    keys: tuple[str, ...]
+    _closing: contextlib.AsyncExitStack
+
+    async def start(self) -> None:
+        """Reconcile with Docker and start the background work (the worker, the watcher)."""
+        await self.switcher.start(self.docker.events if self.docker is not None else None)
+        self.traffic.start()
+
+    async def close(self) -> None:
+        """Stop the background work and close what was opened; the models keep running."""
+        await self._closing.aclose()
+
+
+async def compose_reader(environment: dict[str, str] | None = None) -> ConfigReader:
+    """How the daemon asks compose for a project: the user's variables, none of its own."""
+    cli = await detect_compose_cli()
+    variables = user_environment(os.environ) if environment is None else environment
+
+    async def read(source: ComposeSource) -> str:
+        return await compose_config(cli, source, variables)
+
+    return read
+
+
+async def build_daemon(
+    settings: Settings,
+    *,
+    runtime: ModelRuntime | None = None,
+    read_config: ConfigReader | None = None,
+    descriptor_limit: int = 1024,
+) -> Daemon:
+    """Open the store, read the compose project, and build and wire every part.
+
+    Without ``runtime`` the daemon drives Docker (and compose validates its copy); a test
+    gives a fake. Whatever fails on the way closes what was already opened.
+    """
+    closing = contextlib.AsyncExitStack()
+    try:
+        return await _build(settings, runtime, read_config, descriptor_limit, closing)
+    except BaseException:
+        await closing.aclose()
+        raise
+
+
+async def _build(
+    settings: Settings,
+    runtime: ModelRuntime | None,
+    read_config: ConfigReader | None,
+    descriptor_limit: int,
+    closing: contextlib.AsyncExitStack,
+) -> Daemon:
+    keys = keys_for_bind(
+        host=settings.host,
+        keys=settings.api_keys,
+        state_dir=settings.state_dir,
+        insecure_no_auth=settings.insecure_no_auth,
+    )
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    store = await Store.open(settings.state_dir / DATABASE)
+    closing.push_async_callback(store.close)
+    catalog = Catalog(
+        paths=CatalogPaths(settings.compose_source, settings.models_dir, settings.state_dir),
+        store=store,
+        read_config=read_config or await compose_reader(),
+        overrides=settings.models,
+        engine_defaults=EngineDefaults(image=settings.engine_image, gpus=settings.engine_gpus),
+        limits=RegistryLimits(settings.checkpoint_roots, settings.allowed_images),
+        hub_endpoint=settings.hub_endpoint,
+    )
+    closing.push_async_callback(catalog.close)
+    project = await catalog.load()
+    docker: Docker | None = None
+    if runtime is None:
+        docker = Docker(
+            compose_file=catalog.paths.normalized,
+            project_dir=settings.compose_source.project_dir,
+            project_name=project.name,
+            compose_cli=await detect_compose_cli(),
+            max_log_followers=settings.max_streams,
+            environment=runtime_environment(os.environ),
+        )
+        await docker.validate(project.models)
+        docker_runtime = DockerRuntime(docker, upstream_host=settings.upstream_host)
+        closing.push_async_callback(docker_runtime.close)
+        runtime = docker_runtime
+    history = History(store)
+    watcher = Watcher(
+        runtime, probe_interval=settings.probe_interval, probe_failures=settings.probe_failures
+    )
+    switcher = Switcher(
+        models=catalog.specs(),
+        runtime=runtime,
+        store=store,
+        history=history,
+        verdicts=Verdicts(settings.models_dir / "hub"),
+        watcher=watcher,
+        rollback=settings.rollback,
+        restore_on_start=settings.restore_on_start,
+        preload=settings.preload,
+    )
+    closing.push_async_callback(switcher.close)
+    traffic = Traffic(
+        switcher,
+        auto_switch=settings.auto_switch,
+        max_queue=settings.max_queue,
+        drain_timeout=settings.drain_timeout,
+        default_ttl=settings.ttl,
+    )
+    closing.push_async_callback(traffic.close)
+    events = EventHub()
+    feed = EventFeed(events, serving=lambda: switcher.serving)
+    metrics = Metrics(switcher)
+    gateway = Gateway(switcher, traffic, aliases=settings.aliases, observers=[metrics])
+    closing.push_async_callback(gateway.close)
+    # The links that go both ways, made here and nowhere else.
+    switcher.connect(drain=traffic, observers=[traffic, metrics, feed])
+    validate = docker.validate if docker is not None else None
+    catalog.connect(
+        validate=(lambda candidate, profiles: validate(profiles, compose_file=candidate))
+        if validate is not None
+        else None,
+        on_change=switcher.set_models,
+        in_use=switcher.involves,
+        on_pull=feed.pull,
+    )
+    connections = ConnectionGuard(connection_bound(settings.max_connections, descriptor_limit))
+    app = create_app(
+        switcher=switcher,
+        runtime=runtime,
+        watcher=watcher,
+        history=history,
+        events=events,
+        metrics=metrics,
+        catalog=catalog,
+        gateway=gateway,
+        policy=AccessPolicy.build(
+            keys=keys,
+            bind_host=settings.host,
+            allowed_hosts=settings.allowed_hosts,
+            allowed_origins=settings.allowed_origins,
+            protect_reads=settings.protect_reads,
+        ),
+        max_streams=settings.max_streams,
+        connections=connections,
+    )
+    return Daemon(
+        settings=settings,
+        project=project,
+        store=store,
+        catalog=catalog,
+        runtime=runtime,
+        watcher=watcher,
+        history=history,
+        switcher=switcher,
+        traffic=traffic,
+        gateway=gateway,
+        events=events,
+        metrics=metrics,
+        connections=connections,
+        app=app,
+        docker=docker,
+        keys=keys,
+        _closing=closing,
+    )

@@ -1,0 +1,16 @@
+"""Background tasks: started by their owner, and ended by it whatever they raised."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel background tasks and wait until each has ended, whatever it raised."""
+    for task in tasks:
+        task.cancel()
+    for task in list(tasks):
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    tasks.clear()
