@@ -294,7 +294,8 @@ def _judge_snapshot(
     commit. ``incomplete``: the snapshot exists but lacks config.json or weights, a shard
     its index names, or a blob one of its symlinks points to, or a blob of the repo is
     still being (or was never finished being) downloaded. Only stat calls and the index
-    are read, so the check stays fast on a cache of large models.
+    are read, so the check stays fast on a cache of large models. Also returns what the
+    verdict was read from (see Verdicts).
     """
     hub_dir = hub_dir.resolve()
     try:
@@ -307,77 +308,73 @@ def _judge_snapshot(
         reason = f"revision {revision!r} of {repo} {problem}"
         return SnapshotVerdict(repo, "missing", None, reason, revision), ()
     repo_dir = hub_dir / repo_folder_name(repo_id=repo, repo_type=REPO_TYPE_MODEL)
-    hint = _download_hint(repo, hub_dir, revision)
-    # A change to any of these can change the verdict (see Verdicts).
-    watched: tuple[Stamp, ...] = tuple(
-        _stamp(path)
-        for path in (
-            hub_dir,
-            repo_dir,
-            repo_dir / "refs",
-            repo_dir / "refs" / revision,
-            repo_dir / "snapshots",
-            repo_dir / "blobs",
-        )
-    )
-    at_revision = "" if revision == "main" else f" for revision {revision}"
+    places = (hub_dir, repo_dir, repo_dir / "refs", repo_dir / "refs" / revision)
+    watched = tuple(_stamp(path) for path in (*places, repo_dir / "snapshots", repo_dir / "blobs"))
     commit = _resolve_commit(repo_dir, revision) if repo_dir.is_dir() else None
-    if commit is None:
-        return SnapshotVerdict(
-            repo,
-            "missing",
-            None,
-            f"{repo} is not in the cache: no snapshot{at_revision} with {_MARKER_FILE}"
-            f" under {repo_dir} ({hint})",
-            revision,
-        ), watched
-    snapshot = repo_dir / "snapshots" / commit
-    if not snapshot.is_dir():
-        ref = "" if commit == revision else f"refs/{revision} points to {commit}, but "
-        return SnapshotVerdict(
-            repo,
-            "missing",
-            None,
-            f"{repo} is not in the cache: {ref}{snapshot} does not exist ({hint})",
-            revision,
-            commit,
-        ), watched
+    snapshot = repo_dir / "snapshots" / commit if commit else None
+    if commit is None or snapshot is None or not snapshot.is_dir():
+        return _missing(hub_dir, repo_dir, repo, revision, commit, snapshot), watched
     contents = _contents(snapshot)
-    watched += contents.folders
-    if (
-        _MARKER_FILE not in contents.files
-        and try_to_load_from_cache(repo, _MARKER_FILE, cache_dir=hub_dir, revision=commit)
-        is _CACHED_NO_EXIST
-    ):
+    return _judge_contents(hub_dir, repo_dir, repo, revision, commit, contents), (
+        *watched,
+        *contents.folders,
+    )
+
+
+def _missing(
+    hub_dir: Path,
+    repo_dir: Path,
+    repo: str,
+    revision: str,
+    commit: str | None,
+    snapshot: Path | None,
+) -> SnapshotVerdict:
+    hint = _download_hint(repo, hub_dir, revision)
+    if commit is None or snapshot is None:
+        at_revision = "" if revision == "main" else f" for revision {revision}"
+        reason = (
+            f"{repo} is not in the cache: no snapshot{at_revision} with {_MARKER_FILE}"
+            f" under {repo_dir} ({hint})"
+        )
+        return SnapshotVerdict(repo, "missing", None, reason, revision)
+    ref = "" if commit == revision else f"refs/{revision} points to {commit}, but "
+    reason = f"{repo} is not in the cache: {ref}{snapshot} does not exist ({hint})"
+    return SnapshotVerdict(repo, "missing", None, reason, revision, commit)
+
+
+def _judge_contents(
+    hub_dir: Path, repo_dir: Path, repo: str, revision: str, commit: str, contents: _Contents
+) -> SnapshotVerdict:
+    """The verdict on a snapshot that exists, from what it holds."""
+    snapshot = repo_dir / "snapshots" / commit
+    no_config = _MARKER_FILE not in contents.files
+    if no_config and _hub_has_no(repo, _MARKER_FILE, hub_dir, commit):
         # Downloading again cannot help: the Hub said it has no such file.
-        return SnapshotVerdict(
-            repo,
-            "missing",
-            None,
+        at_revision = "" if revision == "main" else f" for revision {revision}"
+        reason = (
             f"{repo} has no {_MARKER_FILE}{at_revision}: the cache under {repo_dir} records"
-            " that the Hub has none, so it is not a model vLLM can serve (check the repo id)",
-            revision,
-            commit,
-        ), watched
+            " that the Hub has none, so it is not a model vLLM can serve (check the repo id)"
+        )
+        return SnapshotVerdict(repo, "missing", None, reason, revision, commit)
     problems = tuple(_snapshot_problems(repo_dir, snapshot, contents))
     if not problems:
         reason = f"{repo} is in {snapshot}"
     else:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        hint = _download_hint(repo, hub_dir, revision)
         reason = (
             f"{repo} is incomplete in the cache: {problems[0]}{more};"
             f" download it again to complete it ({hint})"
         )
-    return SnapshotVerdict(
-        repo,
-        "incomplete" if problems else "present",
-        snapshot,
-        reason,
-        revision,
-        commit,
-        contents.size_bytes,
-        problems,
-    ), watched
+    status: VerdictStatus = "incomplete" if problems else "present"
+    size = contents.size_bytes
+    return SnapshotVerdict(repo, status, snapshot, reason, revision, commit, size, problems)
+
+
+def _hub_has_no(repo: str, filename: str, hub_dir: Path, commit: str) -> bool:
+    """Whether the cache records that the Hub has no such file at that commit."""
+    cached = try_to_load_from_cache(repo, filename, cache_dir=hub_dir, revision=commit)
+    return cached is _CACHED_NO_EXIST
 
 
 def verify_local_model(folder: Path) -> SnapshotVerdict:

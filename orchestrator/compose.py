@@ -21,7 +21,7 @@ import copy
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -442,41 +442,14 @@ def plan_args(tokens: list[str], start: int, positional: bool, model_id: str) ->
     """What to change in an engine's arguments: the model as a repo id (a pin as --revision)
     and a served name; None when they name no model (a sidecar, a proxy)."""
     args = _Args.read(tokens, start, positional)
-    models = args.flags.get("--model", [])
-    if args.positional_at is None and not models:
+    if args.positional_at is None and not args.flags.get("--model"):
         if args.problems:
             raise ComposeError("; ".join(args.problems))
         return None
     notes: list[str] = []
     problems = list(args.problems)
     edits = ArgEdits({}, set(), [], 0, EngineCommand("", None, None, None, None, notes, problems))
-    if args.positional_at is not None:
-        written = tokens[args.positional_at]
-        model, pinned = _split_cache_path(written)
-        if model != written:
-            edits.replaced[args.positional_at] = model
-        edits.after = args.positional_at
-        # `vllm serve` refuses a positional model and --model together.
-        for at, width, value in models:
-            edits.dropped.update(range(at, at + width))
-            notes.append(f"dropped --model {value}: the positional model {model} wins")
-            if _split_cache_path(value)[0] != model:
-                problems.append(
-                    f"the command names two models, positional {model} and --model {value};"
-                    f" kept {model}"
-                )
-    else:
-        written = models[-1][2]
-        model, pinned = _split_cache_path(written)
-        for at, width, value in models:
-            fresh = _split_cache_path(value)[0]
-            if fresh == value:
-                continue
-            if width == 2:
-                edits.replaced[at + 1] = fresh
-            else:
-                edits.replaced[at] = f"{tokens[at].partition('=')[0]}={fresh}"
-        edits.after = models[-1][0] + models[-1][1] - 1
+    written, model, pinned = _plan_model(tokens, args, edits)
     if model != written:
         notes.append(f"model {written} → {model}")
     revision = args.value("--revision")
@@ -500,6 +473,38 @@ def plan_args(tokens: list[str], start: int, positional: bool, model_id: str) ->
         notes, problems, args.value("--download-dir"),
     )  # fmt: skip
     return edits
+
+
+def _plan_model(tokens: list[str], args: _Args, edits: ArgEdits) -> tuple[str, str, str | None]:
+    """The model as written, as a repo id, and the commit a cache path pinned; ``edits``
+    gets the tokens to replace or drop."""
+    notes, problems = edits.command.notes, edits.command.problems
+    models = args.flags.get("--model", [])
+    if args.positional_at is None:
+        for at, width, value in models:
+            fresh = _split_cache_path(value)[0]
+            if fresh != value and width == 2:
+                edits.replaced[at + 1] = fresh
+            elif fresh != value:
+                edits.replaced[at] = f"{tokens[at].partition('=')[0]}={fresh}"
+        edits.after = models[-1][0] + models[-1][1] - 1
+        written = models[-1][2]  # vLLM's parser keeps the last one
+        return (written, *_split_cache_path(written))
+    written = tokens[args.positional_at]
+    model, pinned = _split_cache_path(written)
+    if model != written:
+        edits.replaced[args.positional_at] = model
+    edits.after = args.positional_at
+    # `vllm serve` refuses a positional model and --model together.
+    for at, width, value in models:
+        edits.dropped.update(range(at, at + width))
+        notes.append(f"dropped --model {value}: the positional model {model} wins")
+        if _split_cache_path(value)[0] != model:
+            problems.append(
+                f"the command names two models, positional {model} and --model {value};"
+                f" kept {model}"
+            )
+    return written, model, pinned
 
 
 def rewrite_args(
@@ -926,43 +931,8 @@ def rewrite_project(
 ) -> ComposeProject:
     """Rewrite a canonical project (``canonical``'s output, registry services merged in)."""
     services: dict[str, Any] = copy.deepcopy(dict(document["services"]))
-    shared: list[str] = []
-    members: dict[str, list[_Member]] = {}
-    for name, service in services.items():
-        profiles = _profiles_of(service, name)
-        if not profiles:
-            shared.append(name)
-            continue
-        settings = model_settings(service.get(SETTINGS_KEY, {}), f"services.{name}.{SETTINGS_KEY}")
-        if isinstance(settings.engine, str):
-            raise ComposeError(f"services.{name}.{SETTINGS_KEY}.engine must be true or false")
-        image = service.get("image")
-        member = _Member(name, service, settings)
-        try:
-            member.rewritten = rewrite_service_command(
-                service.get("entrypoint"),
-                service.get("command"),
-                profiles[0],  # a service in several profiles can carry one served name
-                vllm_image=isinstance(image, str) and "vllm" in image.lower(),
-            )
-        except ComposeError as err:
-            member.error = str(err)
-        for profile in profiles:
-            members.setdefault(profile, []).append(member)
-
-    configured: dict[str, ModelSettings] = {}
-    for model_id, raw in (overrides or {}).items():
-        if model_id not in members:
-            raise ComposeError(
-                f"settings for model {model_id!r}: the compose project has no profile"
-                f" {model_id!r} (profiles: {', '.join(members) or 'none'})"
-            )
-        configured[model_id] = model_settings(raw, f"settings for model {model_id!r}")
-        if isinstance(configured[model_id].engine, bool):
-            raise ComposeError(
-                f"settings for model {model_id!r}: engine must name one of its services"
-            )
-
+    shared, members = _members(services)
+    configured = _configured(overrides or {}, members)
     hub_dir = models_dir.resolve() / "hub"
     models: dict[str, ModelSpec] = {}
     notes: dict[str, list[RewriteNote]] = {}
@@ -986,6 +956,53 @@ def rewrite_project(
         notes=notes,
         problems=problems,
     )
+
+
+def _members(services: Mapping[str, Any]) -> tuple[list[str], dict[str, list[_Member]]]:
+    """The shared services, and each profile's services with their commands read."""
+    shared: list[str] = []
+    members: dict[str, list[_Member]] = {}
+    for name, service in services.items():
+        profiles = _profiles_of(service, name)
+        if not profiles:
+            shared.append(name)
+            continue
+        settings = model_settings(service.get(SETTINGS_KEY, {}), f"services.{name}.{SETTINGS_KEY}")
+        if isinstance(settings.engine, str):
+            raise ComposeError(f"services.{name}.{SETTINGS_KEY}.engine must be true or false")
+        image = service.get("image")
+        member = _Member(name, service, settings)
+        try:
+            member.rewritten = rewrite_service_command(
+                service.get("entrypoint"),
+                service.get("command"),
+                profiles[0],  # a service in several profiles can carry one served name
+                vllm_image=isinstance(image, str) and "vllm" in image.lower(),
+            )
+        except ComposeError as err:
+            member.error = str(err)
+        for profile in profiles:
+            members.setdefault(profile, []).append(member)
+    return shared, members
+
+
+def _configured(
+    overrides: Mapping[str, Mapping[str, Any]], members: Mapping[str, list[_Member]]
+) -> dict[str, ModelSettings]:
+    """The config file's per-model settings, each for a profile the project has."""
+    configured: dict[str, ModelSettings] = {}
+    for model_id, raw in overrides.items():
+        if model_id not in members:
+            raise ComposeError(
+                f"settings for model {model_id!r}: the compose project has no profile"
+                f" {model_id!r} (profiles: {', '.join(members) or 'none'})"
+            )
+        configured[model_id] = model_settings(raw, f"settings for model {model_id!r}")
+        if isinstance(configured[model_id].engine, bool):
+            raise ComposeError(
+                f"settings for model {model_id!r}: engine must name one of its services"
+            )
+    return configured
 
 
 def _model(
@@ -1032,8 +1049,20 @@ def _model(
                 " engine service; move it there"
             )
     problems += _unsupported(engine.name, engine.service)
-    settings = _merged(engine.settings, configured)
-    command = serving[0].engine_command if serving else None
+    runs = serving[0].engine_command if serving else None
+    spec = _spec(model_id, group, engine, runs, _merged(engine.settings, configured), problems)
+    return replace(spec, unusable=unusable), notes, problems
+
+
+def _spec(
+    model_id: str,
+    group: list[_Member],
+    engine: _Member,
+    command: EngineCommand | None,
+    settings: ModelSettings,
+    problems: list[str],
+) -> ModelSpec:
+    """The model as the daemon runs it: what vLLM loads (``command``), where it answers."""
     model_arg = command.model_arg if command else ""
     is_repo = bool(model_arg) and not looks_like_path(model_arg) and is_repo_id(model_arg)
     flag_port = engine.engine_command.port if engine.engine_command else None
@@ -1041,7 +1070,7 @@ def _model(
     if port_problem:
         problems.append(f"{engine.name}: {port_problem}")
     grace = engine.service.get("stop_grace_period")
-    spec = ModelSpec(
+    return ModelSpec(
         id=model_id,
         display_name=settings.display_name or model_id,
         repo=model_arg if is_repo else None,
@@ -1062,9 +1091,7 @@ def _model(
         aliases=settings.aliases,
         revision=command.revision if command and is_repo else None,
         tokenizer_revision=command.tokenizer_revision if command and is_repo else None,
-        unusable=unusable,
     )
-    return spec, notes, problems
 
 
 def _merged(declared: ModelSettings, configured: ModelSettings | None) -> ModelSettings:

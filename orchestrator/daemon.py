@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .api import create_app
 from .cache import Verdicts
-from .catalog import Catalog, CatalogPaths, ConfigReader
+from .catalog import Catalog, CatalogPaths, ConfigReader, Validator
 from .docker import (
     Docker,
     compose_config,
@@ -119,50 +121,14 @@ async def _build(
         state_dir=settings.state_dir,
         insecure_no_auth=settings.insecure_no_auth,
     )
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    store = await Store.open(settings.state_dir / DATABASE)
-    closing.push_async_callback(store.close)
-    catalog = Catalog(
-        paths=CatalogPaths(settings.compose_source, settings.models_dir, settings.state_dir),
-        store=store,
-        read_config=read_config or await compose_reader(),
-        overrides=settings.models,
-        engine_defaults=EngineDefaults(image=settings.engine_image, gpus=settings.engine_gpus),
-        limits=RegistryLimits(settings.checkpoint_roots, settings.allowed_images),
-        hub_endpoint=settings.hub_endpoint,
-    )
-    closing.push_async_callback(catalog.close)
+    store, catalog = await _store_and_catalog(settings, read_config, closing)
     project = await catalog.load()
     docker: Docker | None = None
     if runtime is None:
-        docker = Docker(
-            compose_file=catalog.paths.normalized,
-            project_dir=settings.compose_source.project_dir,
-            project_name=project.name,
-            compose_cli=await detect_compose_cli(),
-            max_log_followers=settings.max_streams,
-            environment=runtime_environment(os.environ),
-        )
-        await docker.validate(project.models)
-        docker_runtime = DockerRuntime(docker, upstream_host=settings.upstream_host)
-        closing.push_async_callback(docker_runtime.close)
-        runtime = docker_runtime
-    history = History(store)
-    watcher = Watcher(
-        runtime, probe_interval=settings.probe_interval, probe_failures=settings.probe_failures
-    )
-    switcher = Switcher(
-        models=catalog.specs(),
-        runtime=runtime,
-        store=store,
-        history=history,
-        verdicts=Verdicts(settings.models_dir / "hub"),
-        watcher=watcher,
-        rollback=settings.rollback,
-        restore_on_start=settings.restore_on_start,
-        preload=settings.preload,
-    )
+        docker, runtime = await _docker(settings, catalog, project, closing)
+    switcher = _switcher(settings, catalog, store, runtime)
     closing.push_async_callback(switcher.close)
+    watcher, history = switcher.watcher, switcher.history
     traffic = Traffic(
         switcher,
         auto_switch=settings.auto_switch,
@@ -178,11 +144,8 @@ async def _build(
     closing.push_async_callback(gateway.close)
     # The links that go both ways, made here and nowhere else.
     switcher.connect(drain=traffic, observers=[traffic, metrics, feed])
-    validate = docker.validate if docker is not None else None
     catalog.connect(
-        validate=(lambda candidate, profiles: validate(profiles, compose_file=candidate))
-        if validate is not None
-        else None,
+        validate=_validator(docker),
         on_change=switcher.set_models,
         in_use=switcher.involves,
         on_pull=feed.pull,
@@ -197,32 +160,91 @@ async def _build(
         metrics=metrics,
         catalog=catalog,
         gateway=gateway,
-        policy=AccessPolicy.build(
-            keys=keys,
-            bind_host=settings.host,
-            allowed_hosts=settings.allowed_hosts,
-            allowed_origins=settings.allowed_origins,
-            protect_reads=settings.protect_reads,
-        ),
+        policy=_policy(settings, keys),
         max_streams=settings.max_streams,
         connections=connections,
     )
     return Daemon(
-        settings=settings,
-        project=project,
-        store=store,
-        catalog=catalog,
+        settings, project, store, catalog, runtime, watcher, history, switcher, traffic,
+        gateway, events, metrics, connections, app, docker, keys, closing,
+    )  # fmt: skip
+
+
+def _switcher(
+    settings: Settings, catalog: Catalog, store: Store, runtime: ModelRuntime
+) -> Switcher:
+    watcher = Watcher(
+        runtime, probe_interval=settings.probe_interval, probe_failures=settings.probe_failures
+    )
+    return Switcher(
+        models=catalog.specs(),
         runtime=runtime,
+        store=store,
+        history=History(store),
+        verdicts=Verdicts(settings.models_dir / "hub"),
         watcher=watcher,
-        history=history,
-        switcher=switcher,
-        traffic=traffic,
-        gateway=gateway,
-        events=events,
-        metrics=metrics,
-        connections=connections,
-        app=app,
-        docker=docker,
+        rollback=settings.rollback,
+        restore_on_start=settings.restore_on_start,
+        preload=settings.preload,
+    )
+
+
+async def _store_and_catalog(
+    settings: Settings, read_config: ConfigReader | None, closing: contextlib.AsyncExitStack
+) -> tuple[Store, Catalog]:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    store = await Store.open(settings.state_dir / DATABASE)
+    closing.push_async_callback(store.close)
+    catalog = Catalog(
+        paths=CatalogPaths(settings.compose_source, settings.models_dir, settings.state_dir),
+        store=store,
+        read_config=read_config or await compose_reader(),
+        overrides=settings.models,
+        engine_defaults=EngineDefaults(image=settings.engine_image, gpus=settings.engine_gpus),
+        limits=RegistryLimits(settings.checkpoint_roots, settings.allowed_images),
+        hub_endpoint=settings.hub_endpoint,
+    )
+    closing.push_async_callback(catalog.close)
+    return store, catalog
+
+
+async def _docker(
+    settings: Settings,
+    catalog: Catalog,
+    project: ComposeProject,
+    closing: contextlib.AsyncExitStack,
+) -> tuple[Docker, ModelRuntime]:
+    """Docker for the daemon's copy of the project, checked by compose, and its runtime."""
+    docker = Docker(
+        compose_file=catalog.paths.normalized,
+        project_dir=settings.compose_source.project_dir,
+        project_name=project.name,
+        compose_cli=await detect_compose_cli(),
+        max_log_followers=settings.max_streams,
+        environment=runtime_environment(os.environ),
+    )
+    await docker.validate(project.models)
+    runtime = DockerRuntime(docker, upstream_host=settings.upstream_host)
+    closing.push_async_callback(runtime.close)
+    return docker, runtime
+
+
+def _validator(docker: Docker | None) -> Validator | None:
+    """How the catalog has compose check a candidate copy; none without Docker (tests)."""
+    if docker is None:
+        return None
+
+    async def validate(candidate: Path, profiles: Iterable[str]) -> None:
+        await docker.validate(profiles, compose_file=candidate)
+
+    return validate
+
+
+def _policy(settings: Settings, keys: tuple[str, ...]) -> AccessPolicy:
+    return AccessPolicy.build(
         keys=keys,
-        _closing=closing,
+        bind_host=settings.host,
+        allowed_hosts=settings.allowed_hosts,
+        allowed_origins=settings.allowed_origins,
+        protect_reads=settings.protect_reads,
     )
