@@ -147,6 +147,17 @@ class TestRefusals:
         assert runtime.calls == [("start", "a")]
         assert switcher.status.active == "a" and switcher.serving
 
+    async def test_incomplete_cache_is_refused_like_a_missing_one(
+        self, switcher: Switcher, runtime: FakeRuntime, hub: Path
+    ) -> None:
+        """A cached snapshot without its weights is refused before anything is stopped."""
+        await switch(switcher, "a")
+        (hub / "models--org--b" / "snapshots" / "abc123" / "model.safetensors").unlink()
+        with pytest.raises(ModelNotCached, match="org/b is incomplete in the cache"):
+            await switcher.switch_to("b")
+        assert runtime.calls == [("start", "a")]
+        assert switcher.status.active == "a" and switcher.serving
+
 
 class TestFailures:
     async def test_crash_rolls_back_to_previous(
