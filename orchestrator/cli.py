@@ -45,7 +45,6 @@ from .store import Store
 log = structlog.get_logger(__name__)
 
 
-
 def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML settings file (ORCHESTRATOR_CONFIG)")
     parser.add_argument(
