@@ -20,9 +20,16 @@ Condition = Callable[[], bool | Awaitable[bool]]
 INTERVAL = 0.01
 
 
-def _name(condition: Callable[..., object]) -> str:
+def _failure(
+    condition: Callable[..., object],
+    what: str | None,
+    within: float,
+    context: Callable[[], object] | None,
+) -> AssertionError:
     name = getattr(condition, "__name__", "")
-    return "the condition" if not name or name == "<lambda>" else name
+    what = what or ("the condition" if not name or name == "<lambda>" else name)
+    message = f"{what} did not hold within {within:g} s"
+    return AssertionError(message if context is None else f"{message}: {context()}")
 
 
 async def eventually(
@@ -31,9 +38,11 @@ async def eventually(
     within: float = 5.0,
     interval: float = INTERVAL,
     what: str | None = None,
+    context: Callable[[], object] | None = None,
 ) -> None:
     """Return as soon as ``condition()`` (sync, or a coroutine function) is true; raise
-    AssertionError naming ``what`` if it is still false after ``within`` seconds."""
+    AssertionError naming ``what`` if it is still false after ``within`` seconds, with
+    what ``context()`` says then (a log, the last answer) when given."""
     deadline = time.monotonic() + within
     while True:
         result = condition()
@@ -42,7 +51,7 @@ async def eventually(
         if result:
             return
         if time.monotonic() >= deadline:
-            raise AssertionError(f"{what or _name(condition)} did not hold within {within:g} s")
+            raise _failure(condition, what, within, context)
         await asyncio.sleep(interval)
 
 
@@ -52,10 +61,11 @@ def eventually_blocking(
     within: float = 5.0,
     interval: float = INTERVAL,
     what: str | None = None,
+    context: Callable[[], object] | None = None,
 ) -> None:
     """``eventually`` for code that cannot await: the rig's process start, sync fixtures."""
     deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() >= deadline:
-            raise AssertionError(f"{what or _name(condition)} did not hold within {within:g} s")
+            raise _failure(condition, what, within, context)
         time.sleep(interval)
