@@ -228,8 +228,7 @@ class TestEventSubscription:
         subscription.close()
 
     async def test_fields_of_older_engines_and_odd_codes(self) -> None:
-        """Without Actor and Action (engines before API 1.22), "id" and "status" are read;
-        an exit code that is not a number is None."""
+        """Old engines' "id"/"status" are read; an exit code that is no number is None."""
         die = next(e for e in events() if e["Action"] == "die")
         old = {"id": die["id"], "status": die["status"]}
         odd = {**die, "Actor": {**die["Actor"], "Attributes": {"exitCode": "-1"}}}
@@ -327,8 +326,7 @@ def docker(tmp_path: Path, fake_compose: Path) -> Docker:
 
 class TestCompose:
     async def test_lifecycle_argv(self, docker: Docker, fake_compose: Path, tmp_path: Path) -> None:
-        """up, create, rm --stop and config name the project, its folder and the daemon's copy
-        first, then the profile and the services, as an argument list."""
+        """Each lifecycle call is one argv: project, folder and file, then profile and services."""
         candidate = tmp_path / "candidate.yml"
         await docker.up("alpha", ["engine-alpha", "sidecar"])
         await docker.create("alpha", ["engine-alpha"])
@@ -363,8 +361,7 @@ class TestCompose:
     async def test_failure_names_the_call_and_compose_words(
         self, docker: Docker, fake_compose: Path
     ) -> None:
-        """A failed call is a DockerError naming it (profile left out), with the exit code and
-        compose's last eight lines, its warnings left out."""
+        """A failure names the call, the exit code and compose's last 8 lines, not warnings."""
         warning = 'time="2026-11-30T06:43:16Z" level=warning msg="orphan containers"'
         stderr = [f"error line {n}" for n in range(1, 7)] + [warning]
         stderr += [f"error line {n}" for n in range(7, 11)]
@@ -474,8 +471,7 @@ class TestLogs:
     async def test_tail_then_live_lines_without_duplicates(
         self, tmp_path: Path, recorded_log: list[str]
     ) -> None:
-        """A follower gets the last lines, then each new line once, whole, however docker cuts
-        its chunks, and none of the backlog's lines docker sends again."""
+        """A follower gets its tail, then each new line once and whole, however docker cuts it."""
         client = LogClient(recorded_log)
         docker = log_docker(tmp_path, client)
         follower = docker.follow_logs("cid", tail=3)
@@ -510,8 +506,7 @@ class TestLogs:
     async def test_followers_share_one_stream_up_to_the_limit(
         self, tmp_path: Path, recorded_log: list[str]
     ) -> None:
-        """Followers of one container share one docker stream; past the limit a new one is
-        refused with TooManyStreams, and a place freed can be taken again."""
+        """Followers share one docker stream; past the limit TooManyStreams, until one leaves."""
         client = LogClient(recorded_log)
         docker = log_docker(tmp_path, client, max_followers=2)
         first, second = docker.follow_logs("cid", tail=1), docker.follow_logs("cid", tail=2)
@@ -556,8 +551,7 @@ class TestLogs:
     async def test_followers_end_with_the_container(
         self, tmp_path: Path, recorded_log: list[str]
     ) -> None:
-        """When docker ends the stream (the container is gone), each follower's lines end,
-        after the lines that came before."""
+        """When docker ends the stream, followers get the lines left (even unended), then stop."""
         client = LogClient(recorded_log)
         docker = log_docker(tmp_path, client)
         lines = docker.follow_logs("cid", tail=0).lines()

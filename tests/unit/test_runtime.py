@@ -167,8 +167,7 @@ class TestBlame:
     async def test_the_container_that_failed_is_named_with_its_log(
         self, tmp_path: Path, engine: Any, cause: str, code: int
     ) -> None:
-        """When up fails because the engine died, the error names it, with its log and
-        compose's words."""
+        """When up fails because the engine died, the error names it with its log and compose's."""
         failed = info(engine)
         docker = RecordedDocker(tmp_path, [sidecar(), failed])
         docker.up_error = UP_FAILED
@@ -215,8 +214,7 @@ class TestStopAndSettle:
     async def test_stop_returns_at_the_death_and_settle_collects_the_removal(
         self, tmp_path: Path
     ) -> None:
-        """stop returns once docker reports the engine dead, with its removal still running
-        and the container listed, exited; settle waits for the removal."""
+        """stop returns at the engine's death, its removal still running; settle waits for it."""
         engine = info("running")
         docker = RecordedDocker(tmp_path, [engine])
         docker.removal_may_end.clear()
@@ -251,8 +249,7 @@ class TestStopAndSettle:
         await runtime.settle()  # reported once
 
     async def test_a_start_waits_for_its_services_removal(self, tmp_path: Path) -> None:
-        """Starting a model again while its stopped containers are being removed waits for
-        the removal, so compose never races itself over one container."""
+        """A start of services still being removed waits for the removal: no compose race."""
         engine = info("running")
         docker = RecordedDocker(tmp_path, [engine])
         docker.removal_may_end.clear()
@@ -285,8 +282,7 @@ class TestStopAndSettle:
             await DockerRuntime(docker).stop(model())
 
     async def test_the_fake_runtime_keeps_the_same_timing(self) -> None:
-        """FakeRuntime, which the switcher's tests run on, also leaves a stopped model's
-        containers listed, exited, until settle removes them."""
+        """FakeRuntime too keeps stopped containers listed, exited, until settle removes them."""
         fake = FakeRuntime()
         alpha = spec("alpha")
         await fake.start(alpha)
@@ -380,8 +376,7 @@ async def wait(scripted: Scripted, seen: list[ContainerInfo] | None = None) -> R
 
 class TestWaitReady:
     async def test_ready_once_the_health_check_passes(self) -> None:
-        """The engine found (after a look that found none) is probed at its health path until
-        it answers; each look at it is reported."""
+        """The engine, once found, is probed at its health path until it answers; looks reported."""
         engine = info("running")
         scripted = Scripted(listings=[[], [sidecar(), engine]], probes_until_ready=3)
         seen: list[ContainerInfo] = []

@@ -227,8 +227,7 @@ class TestFailures:
     async def test_stale_death_report_is_ignored(
         self, switcher: Switcher, runtime: FakeRuntime
     ) -> None:
-        """A die event for a container a switch already replaced changes nothing: the report
-        that follows it, for the ready engine, is the one that fails the switcher."""
+        """A die report for a replaced container is ignored; the next, for the engine, counts."""
         await switch(switcher, "a")
         old = switcher.status.engine_container
         assert old is not None

@@ -118,12 +118,9 @@ async def test_switch_drains_requests_in_flight_first(
 async def test_request_waiting_while_a_switch_finishes_is_served(
     traffic: Traffic, switcher: Switcher, runtime: FakeRuntime
 ) -> None:
-    """A request that arrives while a finished switch still tidies up is not forgotten: its
-    swap is asked for at once, and runs when the clean-up ends.
-
-    The switch answers before docker's clean-up of stopped containers ends; requests
-    coming and going in that window used to find the switcher busy and wait forever.
-    """
+    """A request during a switch's clean-up gets its swap asked for at once, then is served."""
+    # The switch answers before docker's clean-up of stopped containers ends; requests
+    # coming and going in that window used to find the switcher busy and wait forever.
     runtime.settle_gate = asyncio.Event()
     log: list[str] = []
     release = asyncio.Event()
