@@ -64,11 +64,12 @@ class ContainerEvent:
 def _parse_time(value: str | None) -> datetime | None:
     if not value or value.startswith("0001-"):
         return None
-    # Docker gives nanoseconds; fromisoformat takes at most microseconds.
-    head, _, rest = value.partition(".")
-    fraction = "".join(ch for ch in rest if ch.isdigit())[:6]
-    zone = rest[len(rest.rstrip("Z+-0123456789:")) :] if rest else ""
-    zone = "+00:00" if zone.endswith("Z") or not zone else zone[-6:]
+    # Docker gives nanoseconds, less trailing zeros: none at all, point included, on a
+    # whole second. fromisoformat takes at most microseconds.
+    head, rest = value[:19], value[19:].removeprefix(".")
+    digits = len(rest) - len(rest.lstrip("0123456789"))
+    fraction, zone = rest[:digits][:6], rest[digits:]
+    zone = "+00:00" if zone in {"", "Z"} else zone
     text = f"{head}.{fraction or '0'}{zone}"
     try:
         return datetime.fromisoformat(text)

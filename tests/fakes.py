@@ -6,7 +6,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from orchestrator.config import load_settings
 from orchestrator.daemon import Daemon, build_daemon
 from orchestrator.docker import ContainerInfo, compose_config, user_environment
 from orchestrator.history import History
+from orchestrator.runtime import LogStream, ModelRuntime
 from orchestrator.states import Status
 from orchestrator.store import Store
 from orchestrator.switcher import Switcher
@@ -63,7 +64,7 @@ def make_snapshot(hub: Path, repo: str, revision: str = "abc123") -> Path:
 
 @asynccontextmanager
 async def running_switcher(
-    root: Path, runtime: FakeRuntime, models: Mapping[str, ModelSpec]
+    root: Path, runtime: ModelRuntime, models: Mapping[str, ModelSpec]
 ) -> AsyncIterator[Switcher]:
     """A started switcher over ``runtime``, every model's repo cached except "nocache".
 
@@ -108,7 +109,7 @@ def models_compose(*model_ids: str, timeout: float = 5.0) -> str:
 
 @asynccontextmanager
 async def daemon_of(
-    root: Path, runtime: FakeRuntime, *model_ids: str, **settings: Any
+    root: Path, runtime: ModelRuntime, *model_ids: str, **settings: Any
 ) -> AsyncIterator[Daemon]:
     """A started daemon over ``runtime`` for the models ``spec`` describes, every model's
     repo cached except "nocache"."""
@@ -123,7 +124,7 @@ async def daemon_of(
         await daemon.close()
 
 
-async def open_daemon(root: Path, runtime: FakeRuntime, **settings: Any) -> Daemon:
+async def open_daemon(root: Path, runtime: ModelRuntime, **settings: Any) -> Daemon:
     """The daemon as ``serve`` builds it, over ``runtime``, started.
 
     ``root`` holds docker-compose.yml, models/hub and state/; ``settings`` add to or
@@ -190,23 +191,52 @@ class Behaviour:
 
 @dataclass
 class FakeRuntime:
+    """The Docker boundary of the switcher (a ``ModelRuntime``), in memory, recording calls.
+
+    It keeps the real runtime's timing where the switcher's policy depends on it: ``stop``
+    returns once the model's running containers have exited, and they stay listed, exited,
+    until ``settle`` removes them, as ``DockerRuntime`` leaves docker's removal running
+    behind the switch; a start of a service still being removed waits for that removal.
+    """
+
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
     # Set whenever a start finds another model's container still up: must stay empty.
     overlaps: list[str] = field(default_factory=list)
     settles: int = 0
-    _containers: dict[str, ContainerInfo] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)  # container ids, in order of removal
+    gate: asyncio.Event | None = None  # when set, start waits on it
+    settle_gate: asyncio.Event | None = None  # when set, settle waits on it
+    _containers: dict[str, ContainerInfo] = field(default_factory=dict)  # by service
+    _removing: dict[str, str] = field(default_factory=dict)  # service -> container id
+    _ended: dict[str, asyncio.Event] = field(default_factory=dict)  # container id -> not running
     _probes: dict[str, int] = field(default_factory=dict)
     _counter: int = 0
     _services: dict[str, str] = field(default_factory=dict)  # model -> its engine service
-    gate: asyncio.Event | None = None  # when set, start waits on it
-    settle_gate: asyncio.Event | None = None  # when set, settle waits on it
-
-    def _model_of(self, service: str) -> str:
-        return service.removeprefix("svc-")
 
     def _service(self, model_id: str) -> str:
         return self._services.get(model_id, f"svc-{model_id}")
+
+    def ended(self, container_id: str) -> asyncio.Event:
+        """Set once the container no longer runs (exited, removed or replaced)."""
+        event = self._ended.setdefault(container_id, asyncio.Event())
+        if not any(c.id == container_id and c.running for c in self._containers.values()):
+            event.set()
+        return event
+
+    def _put(self, info: ContainerInfo) -> None:
+        old = self._containers.get(info.service)
+        self._containers[info.service] = info
+        if old is not None and old.id != info.id:
+            self.ended(old.id)
+        if not info.running:
+            self.ended(info.id)
+
+    def _remove(self, service: str) -> None:
+        gone = self._containers.pop(service, None)
+        if gone is not None:
+            self.removed.append(gone.id)
+            self.ended(gone.id)
 
     def run_container(
         self, model_id: str, *, running: bool = True, service: str | None = None
@@ -221,10 +251,10 @@ class FakeRuntime:
             status="running" if running else "exited",
             exit_code=None if running else 1,
             started_at=datetime.now(UTC),
-            ports={8000: ("0.0.0.0", 9000 + self._counter)},
-            addresses=("172.18.0.2",),
+            ports={8000: ("0.0.0.0", 9000 + self._counter)} if running else {},
+            addresses=("172.18.0.2",) if running else (),
         )
-        self._containers[info.service] = info
+        self._put(info)
         return info
 
     async def prepare(self, spec: ModelSpec) -> None:
@@ -232,6 +262,10 @@ class FakeRuntime:
 
     async def start(self, spec: ModelSpec) -> None:
         self.calls.append(("start", spec.id))
+        # As DockerRuntime does: a service still being removed is gone before it starts.
+        for service in set(spec.services) & set(self._removing):
+            self._remove(service)
+            del self._removing[service]
         others = [
             c for c in self._containers.values() if c.running and c.service not in spec.services
         ]
@@ -245,15 +279,31 @@ class FakeRuntime:
         self.run_container(spec.id, service=spec.engine_service)
 
     async def stop(self, spec: ModelSpec) -> None:
+        """Every running container of the model exits (SIGTERM, exit 0); their removal is
+        left to ``settle``. A model with nothing running is removed at once."""
         self.calls.append(("stop", spec.id))
         await asyncio.sleep(0)
-        for service in spec.services:
-            self._containers.pop(service, None)
+        mine = [c for c in self._containers.values() if c.service in spec.services]
+        if not any(c.running for c in mine):
+            for container in mine:
+                self._remove(container.service)
+            return
+        for container in mine:
+            if container.running:
+                self._put(replace(container, status="exited", exit_code=0, ports={}, addresses=()))
+            self._removing[container.service] = container.id
 
     async def settle(self) -> None:
+        """Finish the removals that stops left running."""
         self.settles += 1
         if self.settle_gate is not None:
             await self.settle_gate.wait()
+        await asyncio.sleep(0)
+        removing, self._removing = self._removing, {}
+        for service, container_id in removing.items():
+            container = self._containers.get(service)
+            if container is not None and container.id == container_id:
+                self._remove(service)
 
     async def containers(self, services: frozenset[str] | None = None) -> list[ContainerInfo]:
         await asyncio.sleep(0)
@@ -287,18 +337,10 @@ class FakeRuntime:
         return FakeLogStream(self, container_id, tail)
 
     def kill(self, model_id: str, exit_code: int = 137) -> ContainerInfo:
+        """The engine's container exits behind the daemon's back."""
         old = self._containers[self._service(model_id)]
-        dead = ContainerInfo(
-            id=old.id,
-            name=old.name,
-            service=old.service,
-            status="exited",
-            exit_code=exit_code,
-            started_at=old.started_at,
-            ports={},
-            addresses=(),
-        )
-        self._containers[old.service] = dead
+        dead = replace(old, status="exited", exit_code=exit_code, ports={}, addresses=())
+        self._put(dead)
         return dead
 
 
@@ -316,8 +358,9 @@ class FakeLogStream:
         for number in range(self.tail):
             yield f"{self.container_id} line {number}"
         # Follows until the container stops running, as docker's stream does.
-        running = self.runtime._containers.values
-        for _ in range(10_000):
-            if self.container_id not in {c.id for c in running() if c.running}:
-                return
-            await asyncio.sleep(0.05)
+        await self.runtime.ended(self.container_id).wait()
+
+
+# mypy holds the fakes to the protocols they stand in for.
+_RUNTIME: ModelRuntime = FakeRuntime()
+_LOG_STREAM: LogStream = FakeLogStream(FakeRuntime(), "cid", 0)

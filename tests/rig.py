@@ -10,11 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
+
+from tests.waiting import eventually_blocking
 
 STANDIN_IMAGE = os.environ.get("STANDIN_IMAGE", "model-orchestrator/standin:test")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -75,16 +76,24 @@ class Rig:
             stderr=subprocess.STDOUT,
         )
         self.processes.append(process)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+
+        def listening() -> bool:
             if process.poll() is not None:
                 raise RuntimeError(f"daemon exited: {self.daemon_log()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return process
+                    return True
             except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"daemon did not listen: {self.daemon_log()}")
+                return False
+
+        eventually_blocking(
+            listening,
+            within=wait,
+            interval=0.05,
+            what="the daemon listening",
+            context=self.daemon_log,
+        )
+        return process
 
     def daemon_log(self) -> str:
         logs = sorted(self.root.glob("daemon-*.log"))

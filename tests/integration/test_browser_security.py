@@ -123,7 +123,12 @@ def test_a_hostile_page_cannot_start_anything(
         browser, 60, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
     )
     selector = 'tr[data-model="alpha"] button[data-action="switch"]'
-    wait.until(lambda b: b.find_element(By.CSS_SELECTOR, selector).click() or True)
+
+    def click(browser: webdriver.Chrome) -> bool:
+        browser.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+
+    wait.until(click)
     wait.until(
         lambda b: b.execute_script(
             "const row = document.querySelector('tr[data-model=\"alpha\"]');"

@@ -10,12 +10,14 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.rig import Rig
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
-HELLO = [{"role": "user", "content": "hello there"}]
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
 
 
 @pytest.fixture
@@ -31,6 +33,12 @@ def client(rig: Rig, key: str = "unused") -> openai.AsyncOpenAI:
 async def get(http: aiohttp.ClientSession, rig: Rig, path: str) -> dict[str, Any]:
     async with http.get(rig.url + path) as response:
         return dict(await response.json())
+
+
+def error_body(err: openai.APIStatusError) -> dict[str, Any]:
+    """The error object of an OpenAI-style answer, as the client parsed it."""
+    assert isinstance(err.body, dict), err.body
+    return err.body
 
 
 async def switches(http: aiohttp.ClientSession, rig: Rig) -> list[dict[str, Any]]:
@@ -60,7 +68,7 @@ async def test_chat_request_switches_on_demand(rig: Rig, http: aiohttp.ClientSes
 
     with pytest.raises(openai.NotFoundError) as missing:
         await llm.chat.completions.create(model="gamma", messages=HELLO)
-    assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
+    assert error_body(missing.value)["code"] == "model_not_found"
     with pytest.raises(openai.ConflictError) as uncached:
         await llm.chat.completions.create(model="nocache", messages=HELLO)
     assert "org/not-downloaded" in uncached.value.message
@@ -102,11 +110,13 @@ async def test_stream_under_way_completes_before_the_swap(
     stream_ended_at = time.monotonic()
     assert finish == "stop"
     assert "".join(pieces).split()[-1] == "tok119"
-    for _ in range(200):
-        record = (await get(http, rig, poll))["switch"]
-        if record["outcome"] != "running" and record["outcome"] != "pending":
-            break
-        await asyncio.sleep(0.1)
+    record: dict[str, Any] = {}
+
+    async def switch_finished() -> bool:
+        record.update((await get(http, rig, poll))["switch"])
+        return record["outcome"] not in {"running", "pending"}
+
+    await eventually(switch_finished, within=20, interval=0.1)
     assert record["outcome"] == "ok", record
     assert record["timings"]["drain"] >= (stream_ended_at - switch_sent_at) - 0.3
     assert "cut_off" not in record["timings"]
@@ -129,7 +139,7 @@ async def test_two_clients_alternating_share_the_swaps(
 
     first, second = ["alpha", "beta"] * 2, ["beta", "alpha"] * 2
     results = await asyncio.gather(alternate(first), alternate(second))
-    assert results == [first, second]
+    assert list(results) == [first, second]
     swaps = await switches(http, rig)
     assert len(swaps) <= 5, [(s["from"], s["to"]) for s in swaps]
 
@@ -140,17 +150,14 @@ async def test_idle_model_is_unloaded_after_ttl(rig: Rig, http: aiohttp.ClientSe
     llm = client(rig)
     await llm.chat.completions.create(model="alpha", messages=HELLO, max_tokens=1)
     assert rig.model_containers() == ["engine-alpha"]
-    for _ in range(100):
+
+    async def idle() -> bool:
         status = await get(http, rig, "/status")
-        if status["state"] == "idle":
-            break
-        await asyncio.sleep(0.1)
-    assert status["state"] == "idle" and status["active"] is None
-    for _ in range(50):  # docker's clean-up runs behind the engine's exit
-        if not rig.model_containers():
-            break
-        await asyncio.sleep(0.1)
-    assert rig.model_containers() == []
+        return bool(status["state"] == "idle" and status["active"] is None)
+
+    await eventually(idle, within=10, interval=0.1)
+    # docker's clean-up runs behind the engine's exit
+    await eventually(lambda: rig.model_containers() == [], within=5, interval=0.1)
 
 
 async def test_api_keys(rig: Rig, http: aiohttp.ClientSession) -> None:
@@ -163,7 +170,7 @@ async def test_api_keys(rig: Rig, http: aiohttp.ClientSession) -> None:
     assert set(unauthenticated["error"]) == {"message", "type", "param", "code"}
     with pytest.raises(openai.PermissionDeniedError) as denied:
         await client(rig, key="wrong").models.list()
-    assert denied.value.body["type"] == "permission_error"  # type: ignore[index]
+    assert error_body(denied.value)["type"] == "permission_error"
     assert "wrong" not in rig.daemon_log()
     listed = await client(rig, key="key-two").models.list()
     assert listed.data
@@ -202,15 +209,22 @@ async def test_queue_bound_answers_429(rig: Rig, http: aiohttp.ClientSession) ->
                 finish = chunk.choices[0].finish_reason or finish
         return finish
 
+    async def gateway_holds(in_flight: int, waiting: int) -> bool:
+        gateway = (await get(http, rig, "/status"))["gateway"]
+        return bool(
+            gateway["in_flight"].get("alpha", 0) == in_flight
+            and gateway["waiting"].get("alpha", 0) == waiting
+        )
+
     running = asyncio.create_task(slow())
-    await asyncio.sleep(0.2)
+    await eventually(lambda: gateway_holds(in_flight=1, waiting=0), interval=0.05)
     queued = asyncio.create_task(slow())
-    await asyncio.sleep(0.2)
+    await eventually(lambda: gateway_holds(in_flight=1, waiting=1), interval=0.05)
     with pytest.raises(openai.RateLimitError) as refused:
         await llm.chat.completions.create(model="alpha", messages=HELLO, max_tokens=1)
     assert refused.value.response.headers["Retry-After"] == "1"
-    assert refused.value.body["type"] == "rate_limit_error"  # type: ignore[index]
-    assert await asyncio.gather(running, queued) == ["stop", "stop"]
+    assert error_body(refused.value)["type"] == "rate_limit_error"
+    assert list(await asyncio.gather(running, queued)) == ["stop", "stop"]
 
 
 async def test_client_that_hangs_up_cancels_its_request(
@@ -230,10 +244,10 @@ async def test_client_that_hangs_up_cancels_its_request(
     gateway = (await get(http, rig, "/status"))["gateway"]
     assert gateway["in_flight"] == {"alpha": 1}
     await stream.close()
-    # Left alone, the stream would run for 10 s more.
-    for _ in range(30):
+
+    async def nothing_in_flight() -> bool:
         gateway = (await get(http, rig, "/status"))["gateway"]
-        if not gateway["in_flight"]:
-            break
-        await asyncio.sleep(0.1)
-    assert gateway["in_flight"] == {}
+        return not gateway["in_flight"]
+
+    # Left alone, the stream would run for 10 s more.
+    await eventually(nothing_in_flight, within=3, interval=0.1)

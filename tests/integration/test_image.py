@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -26,6 +25,7 @@ import pytest
 
 from tests.fakes import make_snapshot
 from tests.rig import REPO_ROOT, STANDIN_IMAGE, Rig, free_port
+from tests.waiting import eventually_blocking
 
 pytestmark = pytest.mark.integration
 
@@ -75,6 +75,17 @@ def call(
         return err.code, json.loads(err.read() or b"{}")
 
 
+def listening(url: str, container: Any) -> bool:
+    """Whether the daemon in ``container`` answers; fails the test if the container exited."""
+    container.reload()
+    assert container.status != "exited", container.logs().decode(errors="replace")
+    try:
+        call(f"{url}/health/live", timeout=1)
+    except OSError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def daemon(
     docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory
@@ -110,18 +121,13 @@ def daemon(
             },
         )  # fmt: skip
         made = Daemon(container=container, rig=rig)
-        deadline = time.monotonic() + 60
-        while True:
-            container.reload()
-            if container.status == "exited":
-                pytest.fail(f"the daemon's container exited:\n{made.logs()}")
-            try:
-                call(f"{rig.url}/health/live", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the daemon in the container never listened:\n{made.logs()}")
-                time.sleep(0.2)
+        eventually_blocking(
+            lambda: listening(rig.url, container),
+            within=60,
+            interval=0.2,
+            what="the daemon in the container listening",
+            context=made.logs,
+        )
         yield made
     finally:
         if container is not None:
@@ -136,16 +142,19 @@ def test_liveness_passes(daemon: Daemon) -> None:
 
 def test_docker_healthcheck_turns_healthy(daemon: Daemon) -> None:
     """The image's HEALTHCHECK follows ORCHESTRATOR_PORT: Docker reports the container healthy."""
-    deadline = time.monotonic() + HEALTHY_WITHIN
-    health: dict[str, Any] = {}
-    while time.monotonic() < deadline:
+
+    def health() -> dict[str, Any]:
         daemon.container.reload()
-        health = daemon.container.attrs["State"].get("Health") or {}
-        if health.get("Status") == "healthy":
-            break
-        time.sleep(0.5)
-    assert health.get("Status") == "healthy", (health, daemon.logs())
-    assert health["Log"][-1]["ExitCode"] == 0
+        return dict(daemon.container.attrs["State"].get("Health") or {})
+
+    eventually_blocking(
+        lambda: health().get("Status") == "healthy",
+        within=HEALTHY_WITHIN,
+        interval=0.5,
+        what="docker's verdict: healthy",
+        context=lambda: (health(), daemon.logs()),
+    )
+    assert health()["Log"][-1]["ExitCode"] == 0
 
 
 def test_help_runs_in_image(docker_client: docker.DockerClient) -> None:
@@ -234,16 +243,13 @@ def test_default_command_requires_the_key_it_generates(
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                call(f"{url}/health/live", timeout=1)
-                break
-            except OSError:
-                container.reload()
-                assert container.status != "exited", container.logs().decode()
-                assert time.monotonic() < deadline, container.logs().decode()
-                time.sleep(0.2)
+        eventually_blocking(
+            lambda: listening(url, container),
+            within=60,
+            interval=0.2,
+            what="the daemon listening",
+            context=lambda: container.logs().decode(errors="replace"),
+        )
         assert call(f"{url}/stop", "POST", {})[0] == 401
         read = container.exec_run(["cat", "/var/lib/model-orchestrator/api-key"])
         assert read.exit_code == 0

@@ -23,6 +23,7 @@ import pytest
 
 from tests.fakes import make_snapshot
 from tests.rig import STANDIN_IMAGE, Rig
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -265,10 +266,7 @@ async def test_stop_during_a_hung_start_answers_at_once(
         _, status = await call(http, "GET", f"{project.url}/status")
         return bool(status["state"] == "starting" and status["target"] == "hung")
 
-    deadline = time.monotonic() + 30
-    while not await starting():
-        assert time.monotonic() < deadline, "the switch never reached starting"
-        await asyncio.sleep(0.1)
+    await eventually(starting, within=30, interval=0.1, what="the switch reaching starting")
     began = time.monotonic()
     code, body = await call(http, "POST", f"{project.url}/stop", json={})
     assert code == 200, body
@@ -290,22 +288,20 @@ async def test_sigterm_during_a_start_leaves_what_the_next_daemon_adopts(
     )
     assert (await switching)[0] == 202
 
-    async def engine_up() -> bool:
+    def engine_up() -> bool:
         return project.model_containers() == ["inc"]
 
-    deadline = time.monotonic() + 30
-    while not await engine_up():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await eventually(engine_up, within=30, interval=0.05)
     project.stop_daemons()
     project.start_daemon()
-    deadline = time.monotonic() + 60
-    while True:
-        _, status = await call(http, "GET", f"{project.url}/status")
-        if status["state"] == "ready":
-            break
-        assert time.monotonic() < deadline, status
-        await asyncio.sleep(0.1)
+    status: dict[str, Any] = {}
+
+    async def ready() -> bool:
+        _, answer = await call(http, "GET", f"{project.url}/status")
+        status.update(answer)
+        return bool(answer["state"] == "ready")
+
+    await eventually(ready, within=60, interval=0.1)
     assert status["active"] == "inc"
     assert len(project.containers(running_only=False)) == 1
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cache import (
-    HUB_MOUNT,
     find_snapshot,
     is_repo_id,
     looks_like_path,
@@ -319,14 +318,6 @@ class TestFindSnapshot:
         assert verdict.status == "incomplete"
         assert f"{INDEX} cannot be read" in verdict.reason
 
-    def test_incomplete_is_never_present(self, tmp_path: Path) -> None:
-        """Pre-flight refuses all but "present": incomplete models are refused like missing ones."""
-        snapshot = lay_out(tmp_path, sharded_model())
-        (snapshot / SHARDS[0]).unlink()
-        verdict = find_snapshot(tmp_path, "Org/tiny")
-        assert verdict.status == "incomplete"
-        assert verdict.status != "present"
-
     def test_other_revision(self, tmp_path: Path) -> None:
         """The revision argument picks its own ref; the hint then names that revision."""
         make_repo(
@@ -370,8 +361,3 @@ class TestFindSnapshot:
         monkeypatch.chdir(tmp_path)
         verdict = find_snapshot(Path("models/hub"), "Org/tiny")
         assert f"{tmp_path.resolve()}/models/hub/models--Org--tiny" in verdict.reason
-
-
-def test_hub_mount_is_where_vllm_looks() -> None:
-    """Containers find the hub cache under root's default HF home."""
-    assert HUB_MOUNT == "/root/.cache/huggingface/hub"

@@ -10,12 +10,14 @@ import pytest
 
 from orchestrator.cache import Verdicts
 from orchestrator.errors import ModelExited, ModelNotCached, ModelNotFound, StartTimeout
-from orchestrator.history import History
+from orchestrator.history import History, SwitchRecord
+from orchestrator.runtime import ModelRuntime
 from orchestrator.states import IllegalTransition, State, Status
 from orchestrator.store import Store
 from orchestrator.switcher import DESIRED_MODEL_KEY, Switcher
 from orchestrator.watcher import ModelDied, Watcher
 from tests.fakes import Behaviour, FakeRuntime, Recorder, make_snapshot, spec
+from tests.waiting import eventually
 
 
 @pytest.fixture
@@ -39,7 +41,7 @@ def runtime() -> FakeRuntime:
 
 
 def build(
-    runtime: FakeRuntime,
+    runtime: ModelRuntime,
     store: Store,
     hub: Path,
     *,
@@ -68,13 +70,10 @@ async def switcher(runtime: FakeRuntime, store: Store, hub: Path) -> AsyncIterat
 
 
 async def until_ready(switcher: Switcher) -> None:
-    for _ in range(100):
-        if switcher.status.state is State.READY:
-            return
-        await asyncio.sleep(0.02)
+    await eventually(lambda: switcher.status.state is State.READY, what="ready")
 
 
-async def switch(switcher: Switcher, model: str) -> object:
+async def switch(switcher: Switcher, model: str) -> SwitchRecord:
     op = await switcher.switch_to(model)
     return await op.future
 
@@ -90,7 +89,7 @@ class TestSwitching:
         assert switcher.status.upstream == "http://fake/a"
         assert switcher.serving
         assert runtime.calls == [("start", "a")]
-        assert record.outcome == "ok"  # type: ignore[attr-defined]
+        assert record.outcome == "ok"
 
     async def test_switch_stops_previous_before_starting_next(
         self, switcher: Switcher, runtime: FakeRuntime
@@ -148,6 +147,17 @@ class TestRefusals:
         assert runtime.calls == [("start", "a")]
         assert switcher.status.active == "a" and switcher.serving
 
+    async def test_incomplete_cache_is_refused_like_a_missing_one(
+        self, switcher: Switcher, runtime: FakeRuntime, hub: Path
+    ) -> None:
+        """A cached snapshot without its weights is refused before anything is stopped."""
+        await switch(switcher, "a")
+        (hub / "models--org--b" / "snapshots" / "abc123" / "model.safetensors").unlink()
+        with pytest.raises(ModelNotCached, match="org/b is incomplete in the cache"):
+            await switcher.switch_to("b")
+        assert runtime.calls == [("start", "a")]
+        assert switcher.status.active == "a" and switcher.serving
+
 
 class TestFailures:
     async def test_crash_rolls_back_to_previous(
@@ -199,7 +209,7 @@ class TestFailures:
                 await switch(made, "b")
             assert made.status.state is State.FAILED
             assert made.status.active is None
-            assert await runtime.containers() == []
+            assert [c for c in await runtime.containers() if c.running] == []
         finally:
             await made.close()
 
@@ -210,21 +220,28 @@ class TestFailures:
         await switch(switcher, "a")
         dead = runtime.kill("a")
         switcher.notify(ModelDied(dead.id, dead.service, 137))
-        await asyncio.sleep(0.01)
-        assert switcher.status.state is State.FAILED
+        await eventually(lambda: switcher.status.state is State.FAILED, what="failed")
         assert "exit code 137" in (switcher.status.reason or "")
         assert not switcher.serving
 
     async def test_stale_death_report_is_ignored(
         self, switcher: Switcher, runtime: FakeRuntime
     ) -> None:
-        """A die event for a container a switch already replaced changes nothing."""
+        """A die report for a replaced container is ignored; the next, for the engine, counts."""
         await switch(switcher, "a")
         old = switcher.status.engine_container
+        assert old is not None
         await switch(switcher, "b")
-        switcher.notify(ModelDied(old or "", "svc-a", 0))
-        await asyncio.sleep(0.01)
-        assert switcher.status.state is State.READY and switcher.status.active == "b"
+        recorder = Recorder()
+        switcher.connect(drain=None, observers=[recorder])
+        switcher.notify(ModelDied(old, "svc-a", 0))
+        dead = runtime.kill("b")
+        switcher.notify(ModelDied(dead.id, dead.service, 137))
+        # Reports are handled in order: by the time the second has failed the switcher,
+        # the first has been looked at.
+        await eventually(lambda: switcher.status.state is State.FAILED, what="failed")
+        deaths = [data for event, data in recorder.events if event == "model_died"]
+        assert deaths == [{"model": "b", "exit_code": 137}]
 
     async def test_hung_engine_turns_unhealthy_then_recovers(
         self, switcher: Switcher, runtime: FakeRuntime
@@ -232,19 +249,11 @@ class TestFailures:
         """Three failed probes in a row take the ready model out of service; a pass restores it."""
         await switch(switcher, "a")
         runtime.behaviours["a"] = Behaviour(hang=True)
-        for _ in range(100):
-            if not switcher.serving:
-                break
-            await asyncio.sleep(0.02)
-        assert not switcher.serving
+        await eventually(lambda: not switcher.serving, what="out of service")
         assert switcher.status.state is State.READY
         assert "stopped answering" in (switcher.status.reason or "")
         runtime.behaviours["a"] = Behaviour(probes_until_ready=0)
-        for _ in range(100):
-            if switcher.serving:
-                break
-            await asyncio.sleep(0.02)
-        assert switcher.serving
+        await eventually(lambda: switcher.serving, what="back in service")
 
     async def test_prober_catches_a_death_without_events(
         self, switcher: Switcher, runtime: FakeRuntime
@@ -252,11 +261,8 @@ class TestFailures:
         """With no event stream at all, the probe loop still notices the engine is gone."""
         await switch(switcher, "a")
         runtime.kill("a")
-        for _ in range(100):
-            if switcher.status.state is State.FAILED:
-                break
-            await asyncio.sleep(0.02)
-        assert switcher.status.state is State.FAILED
+        await eventually(lambda: switcher.status.state is State.FAILED, what="failed")
+        assert "died behind the daemon's back" in (switcher.status.reason or "")
 
 
 class TestConcurrency:
@@ -277,7 +283,7 @@ class TestConcurrency:
         """a, b, c requested together run one after another; never two models up."""
         ops = [await switcher.switch_to(m) for m in ("a", "b", "c")]
         results = await asyncio.gather(*(op.future for op in ops))
-        assert [r.to_model for r in results] == ["a", "b", "c"]  # type: ignore[attr-defined]
+        assert [r.to_model for r in results] == ["a", "b", "c"]
         assert [c for c in runtime.calls if c[0] == "start"] == [
             ("start", "a"),
             ("start", "b"),
@@ -327,7 +333,12 @@ class TestReconcile:
             await until_ready(made)
             assert made.status.active == "b"
             assert ("stop", "a") in runtime.calls
-            assert [c.service for c in await runtime.containers()] == ["svc-b"]
+            assert [c.service for c in await runtime.containers() if c.running] == ["svc-b"]
+
+            async def only_b_left() -> bool:
+                return [c.service for c in await runtime.containers()] == ["svc-b"]
+
+            await eventually(only_b_left, what="svc-a removed once the switch settled")
         finally:
             await made.close()
 

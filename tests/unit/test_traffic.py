@@ -14,6 +14,7 @@ from orchestrator.states import State
 from orchestrator.switcher import Switcher
 from orchestrator.traffic import Traffic, choose_next
 from tests.fakes import Behaviour, FakeRuntime, running_switcher, spec
+from tests.waiting import eventually
 
 
 class TestChooseNext:
@@ -73,11 +74,11 @@ async def hold(traffic: Traffic, model: str, release: asyncio.Event, log: list[s
 
 async def started(log: list[str], model: str) -> None:
     """Until the first request for ``model`` holds its lease."""
-    for _ in range(500):
-        if log == [f"start {model}"]:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"no lease for {model}: {log}")
+    await eventually(lambda: log == [f"start {model}"], what=f"a lease for {model}")
+
+
+def waiting_for(traffic: Traffic, model: str) -> int:
+    return sum(1 for waiter in traffic.waiting if waiter.model == model)
 
 
 async def test_request_for_an_unloaded_model_switches_to_it(
@@ -100,8 +101,9 @@ async def test_switch_drains_requests_in_flight_first(
     await started(log, "b")
     switching = (await switcher.switch_to("c")).future
     late = asyncio.create_task(hold(traffic, "b", asyncio.Event(), log))
-    await asyncio.sleep(0.2)
-    assert ("stop", "b") not in runtime.calls  # still draining
+    await eventually(lambda: waiting_for(traffic, "b") == 1, what="the late request waiting")
+    await asyncio.sleep(0.2)  # the drain must still be waiting for the first request
+    assert ("stop", "b") not in runtime.calls
     assert log == ["start b"]  # the late request waits behind the switch
     assert not switcher.serving
     release.set()
@@ -109,18 +111,16 @@ async def test_switch_drains_requests_in_flight_first(
     record = await switching
     assert runtime.calls.index(("stop", "b")) > 0
     assert log[:2] == ["start b", "end b"]
-    assert record.timings["drain"] >= 0.15
+    assert record.timings is not None and record.timings["drain"] >= 0.15
     late.cancel()
 
 
 async def test_request_waiting_while_a_switch_finishes_is_served(
     traffic: Traffic, switcher: Switcher, runtime: FakeRuntime
 ) -> None:
-    """A request that arrives while a finished switch still tidies up is not forgotten.
-
-    The switch answers before docker's clean-up of stopped containers ends; requests
-    coming and going in that window used to find the switcher busy and wait forever.
-    """
+    """A request during a switch's clean-up gets its swap asked for at once, then is served."""
+    # The switch answers before docker's clean-up of stopped containers ends; requests
+    # coming and going in that window used to find the switcher busy and wait forever.
     runtime.settle_gate = asyncio.Event()
     log: list[str] = []
     release = asyncio.Event()
@@ -128,15 +128,12 @@ async def test_request_waiting_while_a_switch_finishes_is_served(
     await started(log, "b")
     assert switcher.queued(), "the switch to b is still tidying up"
     other = asyncio.create_task(hold(traffic, "c", asyncio.Event(), log))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len(switcher.queued()) == 2, what="the switch to c queued")
     release.set()
     await first
-    await asyncio.sleep(0.05)
+    assert [op.model for op in switcher.queued()] == ["b", "c"]  # b still tidying up
     runtime.settle_gate.set()
-    for _ in range(200):
-        if "start c" in log:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: "start c" in log, what="a lease for c")
     assert log == ["start b", "end b", "start c"]
     assert switcher.status.active == "c"
     other.cancel()
@@ -151,7 +148,7 @@ async def test_drain_is_bounded(switcher: Switcher, runtime: FakeRuntime) -> Non
     holder = asyncio.create_task(hold(traffic, "b", release, log))
     await started(log, "b")
     record = await (await switcher.switch_to("a")).future
-    assert record.timings["cut_off"] == 1
+    assert record.timings is not None and record.timings["cut_off"] == 1
     assert switcher.status.active == "a"
     release.set()
     await holder
@@ -178,7 +175,7 @@ async def test_concurrency_limit_and_queue_bound(traffic: Traffic, switcher: Swi
     running = asyncio.create_task(hold(traffic, "a", release, log))
     await started(log, "a")
     queued = [asyncio.create_task(hold(traffic, "a", release, log)) for _ in range(2)]
-    await asyncio.sleep(0.05)
+    await eventually(lambda: waiting_for(traffic, "a") == 2, what="two requests queued")
     assert traffic.inflight["a"] == 1  # max_concurrency 1
     with pytest.raises(TooBusy) as refused:
         async with traffic.lease("a"):
@@ -194,11 +191,7 @@ async def test_idle_model_is_unloaded_after_its_ttl(traffic: Traffic, switcher: 
     async with traffic.lease("c"):
         await asyncio.sleep(0.5)  # in flight: counts as activity, however long
         assert switcher.status.active == "c"
-    for _ in range(40):
-        if switcher.status.state is State.IDLE:
-            break
-        await asyncio.sleep(0.05)
-    assert switcher.status.state is State.IDLE
+    await eventually(lambda: switcher.status.state is State.IDLE, what="unloaded")
 
 
 async def test_failed_switch_fails_the_waiting_requests(
@@ -220,9 +213,10 @@ async def test_cancelled_waiter_leaves_the_queue(traffic: Traffic, switcher: Swi
     holder = asyncio.create_task(hold(traffic, "a", release, log))
     await started(log, "a")
     waiter = asyncio.create_task(hold(traffic, "a", release, log))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: waiting_for(traffic, "a") == 1, what="the second request waiting")
     waiter.cancel()
-    await asyncio.sleep(0.01)
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
     assert traffic.waiting == []
     release.set()
     await holder
