@@ -1,7 +1,7 @@
 """HTTP API: thin aiohttp handlers over the switcher.
 
-Handlers parse and validate, call one switcher method, and render JSON. Every
-error, ours or aiohttp's, leaves through ``error_middleware`` as
+Handlers parse a body with its model from ``schemas``, call one method, and render
+JSON. Every error, ours or aiohttp's, leaves through ``error_middleware`` as
 ``{"error": {"code": ..., "message": ...}}``.
 """
 
@@ -38,9 +38,10 @@ from .history import History, Operation, SwitchRecord
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
-from .pull import PullProgress, validate_revision
+from .pull import PullProgress
 from .registry import ModelEntry
 from .runtime import ModelRuntime
+from .schemas import ModelChanges, NewModel, Parsed, PullRequest, StopRequest, SwitchRequest, parse
 from .security import (
     AccessPolicy,
     add_response_headers,
@@ -114,7 +115,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(request, OrchestratorError("internal error; see the daemon's log"))
 
 
-async def _json_object(request: web.Request) -> dict[str, Any]:
+async def _json_body(request: web.Request) -> Any:
+    """The decoded JSON body, {} for none; what it must hold is the models' to say."""
     try:
         async with asyncio.timeout(BODY_TIMEOUT):
             raw = await request.read()  # raises 413 past client_max_size
@@ -123,32 +125,13 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadRequest(f"request body is not valid JSON: {err}") from err
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    return body
 
 
-def _wait_flag(body: dict[str, Any]) -> bool:
-    wait = body.get("wait", True)
-    if not isinstance(wait, bool):
-        raise BadRequest('"wait" must be true or false')
-    return wait
-
-
-def _model_field(body: dict[str, Any]) -> str:
-    model = body.get("model")
-    alias = body.get("model_id")
-    if model is not None and alias is not None and model != alias:
-        raise BadRequest('"model" and "model_id" name different models; give one')
-    model = model if model is not None else alias
-    if model is None:
-        raise BadRequest('missing "model": give the id of the model to switch to')
-    if not isinstance(model, str) or not model:
-        raise BadRequest('"model" must be a non-empty string')
-    return model
+async def _parsed(request: web.Request, model: type[Parsed]) -> Parsed:
+    return parse(model, await _json_body(request))
 
 
 def render_verdict(verdict: SnapshotVerdict | None) -> dict[str, Any] | None:
@@ -300,18 +283,17 @@ async def _answer(request: web.Request, op: Operation, wait: bool) -> web.Respon
 
 
 async def post_switch(request: web.Request) -> web.Response:
-    body = await _json_object(request)
-    model, wait = _model_field(body), _wait_flag(body)
-    audit(request, "switch", model=model)
-    op = await request.app[SWITCHER].switch_to(model)
-    return await _answer(request, op, wait)
+    body = await _parsed(request, SwitchRequest)
+    audit(request, "switch", model=body.target)
+    op = await request.app[SWITCHER].switch_to(body.target)
+    return await _answer(request, op, body.wait)
 
 
 async def post_stop(request: web.Request) -> web.Response:
-    wait = _wait_flag(await _json_object(request))
+    body = await _parsed(request, StopRequest)
     audit(request, "stop")
     op = await request.app[SWITCHER].stop()
-    return await _answer(request, op, wait)
+    return await _answer(request, op, body.wait)
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -394,7 +376,8 @@ def _catalog(request: web.Request) -> Catalog:
 
 
 async def post_model(request: web.Request) -> web.Response:
-    entry = await _catalog(request).add(await _json_object(request))
+    new = await _parsed(request, NewModel)
+    entry = await _catalog(request).add(new)
     audit(request, "register", model=entry.id, image=entry.image, repo=entry.repo, path=entry.path)
     model = await _rendered_model(request, entry.id)
     return web.json_response(
@@ -403,9 +386,10 @@ async def post_model(request: web.Request) -> web.Response:
 
 
 async def patch_model(request: web.Request) -> web.Response:
-    body = await _json_object(request)
-    entry = await _catalog(request).update(request.match_info["model_id"], body)
-    audit(request, "change", model=entry.id, fields=sorted(body), image=entry.image)
+    changes = await _parsed(request, ModelChanges)
+    entry = await _catalog(request).update(request.match_info["model_id"], changes)
+    fields = sorted(changes.model_fields_set)
+    audit(request, "change", model=entry.id, fields=fields, image=entry.image)
     return web.json_response({"model": await _rendered_model(request, entry.id)})
 
 
@@ -430,12 +414,9 @@ async def post_disable(request: web.Request) -> web.Response:
 
 async def post_pull(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
-    body = await _json_object(request)
-    revision = body.get("revision")
-    if revision is not None:
-        revision = validate_revision(revision)
-    progress = _catalog(request).start_pull(model_id, revision)
-    audit(request, "pull", model=model_id, revision=revision)
+    body = await _parsed(request, PullRequest)
+    progress = _catalog(request).start_pull(model_id, body.revision)
+    audit(request, "pull", model=model_id, revision=body.revision)
     return web.json_response(
         {"pull": render_pull(progress), "poll": f"/models/{model_id}"},
         status=202,

@@ -11,12 +11,12 @@ Two error shapes: the control API answers ``{"error": {"code", "message", ...}}`
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, get_args
 
 import orchestrator
 
 from . import naming
-from .registry import DTYPES
+from .schemas import DtypeName
 
 OPENAPI_VERSION = "3.1.0"
 JSON = "application/json"
@@ -375,7 +375,7 @@ def _request_schemas() -> dict[str, Schema]:
                 },
                 "max_model_len": {"type": ["integer", "null"], "minimum": 1},
                 "tensor_parallel_size": {"type": ["integer", "null"], "minimum": 1},
-                "dtype": {"type": ["string", "null"], "enum": [*DTYPES, None]},
+                "dtype": {"type": ["string", "null"], "enum": [*get_args(DtypeName), None]},
                 "trust_remote_code": {"type": ["boolean", "null"]},
             },
             "additionalProperties": False,
