@@ -1,15 +1,19 @@
-"""The request models: each rule refused on its dotted field, in words."""
+"""The request and answer models: each rule refused on its dotted field, in words, and
+answers that keep their wire shape."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
-from orchestrator.errors import BadRequest
+from orchestrator import answers
+from orchestrator.errors import BadRequest, ModelNotCached
+from orchestrator.history import Kind, Outcome, SwitchRecord
 from orchestrator.registry import ModelEntry, RegistryLimits, apply_changes, resolve_path
 from orchestrator.schemas import (
     ModelChanges,
@@ -234,3 +238,38 @@ def test_images_and_paths_are_held_to_the_settings(tmp_path: Path) -> None:
     with pytest.raises(BadRequest, match="checkpoint_roots") as caught:
         resolve_path("/", limits)
     assert caught.value.details == {"field": "path"}
+
+
+# --- answers keep their wire shape ----------------------------------------------------------
+
+
+def test_a_switch_is_sent_with_from_and_to_and_iso_times() -> None:
+    record = SwitchRecord(
+        id="abc",
+        kind=Kind.SWITCH,
+        from_model="alpha",
+        to_model="beta",
+        requested_at=0.0,
+        finished_at=1.5,
+        outcome=Outcome.OK,
+        duration=1.23456,
+        error={"code": "x", "message": "y", "log_tail": "z"},
+    )
+    sent = answers.Switch.of(record).to_json()
+    assert sent == {
+        "id": "abc",
+        "kind": "switch",
+        "from": "alpha",
+        "to": "beta",
+        "requested_at": datetime.fromtimestamp(0.0, UTC).isoformat(),
+        "finished_at": datetime.fromtimestamp(1.5, UTC).isoformat(),
+        "outcome": "ok",
+        "duration": 1.235,
+        "error": {"code": "x", "message": "y", "log_tail": "z"},
+        "timings": None,
+    }
+
+
+def test_an_error_carries_its_details() -> None:
+    err = ModelNotCached("not here", repo="org/a", cache_path="/hub")
+    assert answers.Error.of(err).to_json() == err.to_body()
