@@ -1,8 +1,9 @@
-"""The request and answer models: each rule refused on its dotted field, in words, and
-answers that keep their wire shape."""
+"""The request and answer models: each rule refused on its dotted field, one source for the
+document's schemas, and answers that keep their wire shape."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,8 @@ from pydantic import BaseModel
 from orchestrator import answers
 from orchestrator.errors import BadRequest, ModelNotCached
 from orchestrator.history import Kind, Outcome, SwitchRecord
+from orchestrator.naming import MODEL_ID_PATTERN
+from orchestrator.openapi import openapi_document
 from orchestrator.registry import ModelEntry, RegistryLimits, apply_changes, resolve_path
 from orchestrator.schemas import (
     ModelChanges,
@@ -23,6 +26,7 @@ from orchestrator.schemas import (
     SwitchRequest,
     parse,
 )
+from orchestrator.states import State
 
 REPO = {"repo": "org/x"}
 
@@ -238,6 +242,38 @@ def test_images_and_paths_are_held_to_the_settings(tmp_path: Path) -> None:
     with pytest.raises(BadRequest, match="checkpoint_roots") as caught:
         resolve_path("/", limits)
     assert caught.value.details == {"field": "path"}
+
+
+# --- the document's schemas come from the models ------------------------------------------
+
+
+def test_the_documents_enums_are_the_codes() -> None:
+    schemas = openapi_document()["components"]["schemas"]
+    assert schemas["Outcome"]["enum"] == [outcome.value for outcome in Outcome]
+    assert schemas["State"]["enum"] == [state.value for state in State]
+    assert schemas["Kind"]["enum"] == [kind.value for kind in Kind]
+    assert schemas["NewModel"]["properties"]["id"]["pattern"] == f"^{MODEL_ID_PATTERN}$"
+
+
+def test_every_model_the_document_names_is_a_component_of_its_own_name() -> None:
+    document = json.dumps(openapi_document())
+    schemas = openapi_document()["components"]["schemas"]
+    for name in schemas:
+        assert f'"#/components/schemas/{name}"' in document, f"{name} is never referred to"
+    assert {"SwitchRequest", "NewModel", "ModelChanges", "Status", "Switch", "Error"} <= set(
+        schemas
+    )
+
+
+def test_answers_are_documented_as_sent_and_bodies_as_read() -> None:
+    schemas = openapi_document()["components"]["schemas"]
+    switch = schemas["Switch"]
+    assert {"from", "to"} <= set(switch["required"])
+    assert switch["properties"]["requested_at"] == {"type": "string", "format": "date-time"}
+    assert schemas["HealthPass"]["required"] == ["status", "model"]
+    assert schemas["NewModel"]["additionalProperties"] is False
+    assert "default" not in schemas["NewModel"]["properties"]["display_name"]
+    assert "title" not in schemas["EngineSettings"]["properties"]["dtype"]
 
 
 # --- answers keep their wire shape ----------------------------------------------------------
