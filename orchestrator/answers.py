@@ -10,10 +10,18 @@ always been sent as a number.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+)
 
 from .cache import VerdictStatus
 from .docker import ContainerInfo
@@ -42,11 +50,20 @@ def _iso(unix_time: float) -> str:
     return datetime.fromtimestamp(unix_time, UTC).isoformat()
 
 
+# Held as Unix time, sent as ISO 8601.
 Timestamp = Annotated[
     float,
     PlainSerializer(_iso, return_type=str),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
+
+
+def _as_text(value: Any) -> Any:
+    return str(value) if isinstance(value, PurePath) else value
+
+
+# A folder on the daemon's host, sent as its path (JSON Schema knows no path format).
+Folder = Annotated[str, BeforeValidator(_as_text)]
 # Rounded to the millisecond: finer is noise in a switch that takes seconds.
 Seconds = Annotated[float, Field(ge=0), AfterValidator(lambda seconds: round(seconds, 3))]
 
@@ -150,7 +167,7 @@ class CacheVerdict(Answer):
 
     repo: str
     status: VerdictStatus
-    path: Path | None
+    path: Folder | None
     reason: str
     revision: str
     commit: str | None
@@ -197,7 +214,7 @@ class Model(Answer):
     upstream: str | None
     started_at: Timestamp | None
     uptime: float | None = Field(description="Seconds since the engine started")
-    checkpoint: Path | None
+    checkpoint: Folder | None
     cache: CacheVerdict | None
     pull: PullProgress | None
     origin: Origin
