@@ -1,28 +1,28 @@
 """HTTP API: thin aiohttp handlers over the switcher.
 
-Handlers parse and validate, call one switcher method, and render JSON. Every
-error, ours or aiohttp's, leaves through ``error_middleware`` as
-``{"error": {"code": ..., "message": ...}}``.
+Handlers parse a body with its model from ``schemas``, call one method, and render an
+answer model from ``answers``. Every error, ours or aiohttp's, leaves through
+``error_middleware`` as ``{"error": {"code": ..., "message": ...}}``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
 
+from . import answers
 from .cache import SnapshotVerdict
 from .catalog import Catalog
+from .compose import ModelSpec
 from .errors import (
     AssetNotFound,
     BadRequest,
@@ -34,13 +34,13 @@ from .errors import (
 )
 from .events import EventHub
 from .gateway import MAX_V1_BODY, Gateway, error_response
-from .history import History, Operation, SwitchRecord
+from .history import History, Operation
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
-from .pull import PullProgress, validate_revision
 from .registry import ModelEntry
 from .runtime import ModelRuntime
+from .schemas import ModelChanges, NewModel, Parsed, PullRequest, StopRequest, SwitchRequest, parse
 from .security import (
     AccessPolicy,
     add_response_headers,
@@ -64,7 +64,7 @@ SWITCHER = web.AppKey[Switcher]("switcher")
 RUNTIME = web.AppKey[ModelRuntime]("runtime")
 WATCHER = web.AppKey[Watcher]("watcher")
 HISTORY = web.AppKey[History]("history")
-CATALOG = web.AppKey[Catalog | None]("catalog")
+CATALOG = web.AppKey[Catalog]("catalog")
 GATEWAY = web.AppKey[Gateway | None]("gateway")
 EVENTS = web.AppKey[EventHub]("events")
 METRICS = web.AppKey[Metrics]("metrics")
@@ -78,12 +78,6 @@ DEFAULT_LOG_TAIL = 100
 MAX_LOG_TAIL = 10_000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
 @web.middleware
@@ -114,7 +108,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(request, OrchestratorError("internal error; see the daemon's log"))
 
 
-async def _json_object(request: web.Request) -> dict[str, Any]:
+async def _json_body(request: web.Request) -> Any:
+    """The decoded JSON body, {} for none; what it must hold is the models' to say."""
     try:
         async with asyncio.timeout(BODY_TIMEOUT):
             raw = await request.read()  # raises 413 past client_max_size
@@ -123,41 +118,25 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadRequest(f"request body is not valid JSON: {err}") from err
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    return body
 
 
-def _wait_flag(body: dict[str, Any]) -> bool:
-    wait = body.get("wait", True)
-    if not isinstance(wait, bool):
-        raise BadRequest('"wait" must be true or false')
-    return wait
+async def _parsed(request: web.Request, model: type[Parsed]) -> Parsed:
+    return parse(model, await _json_body(request))
 
 
-def _model_field(body: dict[str, Any]) -> str:
-    model = body.get("model")
-    alias = body.get("model_id")
-    if model is not None and alias is not None and model != alias:
-        raise BadRequest('"model" and "model_id" name different models; give one')
-    model = model if model is not None else alias
-    if model is None:
-        raise BadRequest('missing "model": give the id of the model to switch to')
-    if not isinstance(model, str) or not model:
-        raise BadRequest('"model" must be a non-empty string')
-    return model
-
-
-def render_verdict(verdict: SnapshotVerdict | None) -> dict[str, Any] | None:
-    if verdict is None:
-        return None
-    return {
-        name: str(value) if isinstance(value, Path) else value
-        for name, value in dataclasses.asdict(verdict).items()
-    }
+def _render(
+    answer: answers.Answer,
+    *,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+    content_type: str = "application/json",
+) -> web.Response:
+    return web.json_response(
+        answer.to_json(), status=status, headers=headers, content_type=content_type
+    )
 
 
 async def cache_verdicts(switcher: Switcher) -> dict[str, SnapshotVerdict | None]:
@@ -169,14 +148,8 @@ async def cache_verdicts(switcher: Switcher) -> dict[str, SnapshotVerdict | None
     return await asyncio.to_thread(verify)
 
 
-def render_pull(progress: PullProgress | None) -> dict[str, Any] | None:
-    return None if progress is None else progress.to_json()
-
-
-def render_entry(entry: ModelEntry | None) -> dict[str, Any]:
+def _registry_facts(entry: ModelEntry) -> dict[str, Any]:
     """What the registry knows of a model beyond what compose says."""
-    if entry is None:
-        return {"origin": "compose", "enabled": True}
     return {
         "origin": entry.origin,
         "enabled": entry.enabled,
@@ -186,136 +159,113 @@ def render_entry(entry: ModelEntry | None) -> dict[str, Any]:
         "capabilities": entry.capabilities,
         "defaults": entry.defaults,
         "metadata": entry.metadata,
-        "created_at": _iso(entry.created_at),
-        "updated_at": _iso(entry.updated_at),
+        "created_at": entry.created_at,
+        "updated_at": entry.updated_at,
     }
 
 
-def render_models(
-    app: web.Application, verdicts: dict[str, SnapshotVerdict | None]
-) -> list[dict[str, Any]]:
+def _model(
+    app: web.Application, spec: ModelSpec, verdict: SnapshotVerdict | None, now: float
+) -> answers.Model:
     switcher, runtime, watcher, catalog = app[SWITCHER], app[RUNTIME], app[WATCHER], app[CATALOG]
     status = switcher.status
+    engine = watcher.container(spec.engine_service)
+    running = engine is not None and engine.running
+    started = engine.started_at.timestamp() if running and engine and engine.started_at else None
+    upstream: str | None = None
+    if status.active == spec.id and status.upstream:
+        upstream = status.upstream
+    elif running:
+        upstream = runtime.upstream_url(spec, engine)
+    progress = catalog.pull_progress(spec.id)
+    entry = catalog.entry_or_none(spec.id) or ModelEntry(id=spec.id, origin="compose")
+    return answers.Model.model_validate(
+        {
+            "id": spec.id,
+            "display_name": spec.display_name,
+            "repo": spec.repo,
+            "served_name": spec.served_name,
+            "services": spec.services,
+            "engine_service": spec.engine_service,
+            "active": status.active == spec.id,
+            "container": None if engine is None else answers.Container.of(engine),
+            "upstream": upstream,
+            "started_at": started,
+            "uptime": None if started is None else round(now - started, 1),
+            "checkpoint": spec.checkpoint,
+            "cache": verdict,
+            "pull": None if progress is None else answers.PullProgress.of(progress),
+            **_registry_facts(entry),
+        }
+    )
+
+
+async def _models(app: web.Application) -> list[answers.Model]:
+    verdicts = await cache_verdicts(app[SWITCHER])
     now = time.time()
-    models = []
-    for spec in switcher.models.values():
-        engine = watcher.container(spec.engine_service)
-        running = engine is not None and engine.running
-        started = (
-            engine.started_at.timestamp() if running and engine and engine.started_at else None
-        )
-        upstream: str | None = None
-        if status.active == spec.id and status.upstream:
-            upstream = status.upstream
-        elif running:
-            upstream = runtime.upstream_url(spec, engine)
-        models.append(
-            {
-                "id": spec.id,
-                "display_name": spec.display_name,
-                "repo": spec.repo,
-                "served_name": spec.served_name,
-                "services": list(spec.services),
-                "engine_service": spec.engine_service,
-                "active": status.active == spec.id,
-                "container": None
-                if engine is None
-                else {
-                    "id": engine.id[:12],
-                    "name": engine.name,
-                    "state": engine.status,
-                    "exit_code": engine.exit_code,
-                },
-                "upstream": upstream,
-                "started_at": _iso(started),
-                "uptime": None if started is None else round(now - started, 1),
-                "checkpoint": None if spec.checkpoint is None else str(spec.checkpoint),
-                "cache": render_verdict(verdicts.get(spec.id)),
-                "pull": render_pull(catalog.pull_progress(spec.id)) if catalog else None,
-                **render_entry(catalog.entry_or_none(spec.id) if catalog else None),
-            }
-        )
-    return models
+    return [_model(app, spec, verdicts.get(spec.id), now) for spec in app[SWITCHER].models.values()]
 
 
-async def render_status(app: web.Application) -> dict[str, Any]:
+async def _one_model(app: web.Application, model_id: str) -> answers.ModelAnswer:
+    app[SWITCHER].spec(model_id)  # 404 for an unknown model
+    return answers.ModelAnswer(model=next(m for m in await _models(app) if m.id == model_id))
+
+
+async def _status(app: web.Application) -> answers.Status:
     switcher, catalog, gateway = app[SWITCHER], app[CATALOG], app[GATEWAY]
     status = switcher.status
-    models = render_models(app, await cache_verdicts(switcher))
     last = app[HISTORY].last
-    return {
-        "state": str(status.state),
-        "active": status.active,
-        "target": status.target,
-        "since": _iso(status.since),
-        "reason": status.reason,
-        "serving": switcher.serving,
-        "upstream": status.upstream,
-        "queue": [op.describe() for op in switcher.queued()],
-        "models": models,
-        "last_switch": None if last is None else render_switch(last),
-        "pulls": {
-            model_id: render_pull(progress)
-            for model_id, progress in (catalog.pulls().items() if catalog else [])
+    return answers.Status(
+        state=status.state,
+        active=status.active,
+        target=status.target,
+        since=status.since,
+        reason=status.reason,
+        serving=switcher.serving,
+        upstream=status.upstream,
+        queue=[answers.PendingSwitch.of(op) for op in switcher.queued()],
+        models=await _models(app),
+        last_switch=None if last is None else answers.Switch.of(last),
+        pulls={
+            model_id: answers.PullProgress.of(progress)
+            for model_id, progress in catalog.pulls().items()
         },
-        "gateway": None if gateway is None else render_traffic(gateway),
-    }
-
-
-def render_traffic(gateway: Gateway) -> dict[str, Any]:
-    return dataclasses.asdict(gateway.traffic.snapshot())
-
-
-def render_switch(record: SwitchRecord) -> dict[str, Any]:
-    body = record.to_json()
-    body["from"] = body.pop("from_model")
-    body["to"] = body.pop("to_model")
-    body["requested_at"] = _iso(record.requested_at)
-    body["finished_at"] = _iso(record.finished_at)
-    if record.duration is not None:
-        body["duration"] = round(record.duration, 3)
-    return body
+        gateway=None if gateway is None else answers.GatewayTraffic.of(gateway.traffic.snapshot()),
+    )
 
 
 async def _answer(request: web.Request, op: Operation, wait: bool) -> web.Response:
     if not wait and not op.future.done():
         location = f"/switches/{op.id}"
-        return web.json_response(
-            {
-                "switch": op.describe(),
-                "poll": location,
-                "status": await render_status(request.app),
-            },
-            status=202,
-            headers={"Location": location},
+        accepted = answers.SwitchAccepted(
+            switch=answers.PendingSwitch.of(op),
+            poll=location,
+            status=await _status(request.app),
         )
+        return _render(accepted, status=202, headers={"Location": location})
     # Shielded: a client that hangs up must not cancel a switch others may be waiting on.
     record = await asyncio.shield(op.future)
-    return web.json_response(
-        {
-            "switch": render_switch(record),
-            "status": await render_status(request.app),
-        }
+    return _render(
+        answers.SwitchDone(switch=answers.Switch.of(record), status=await _status(request.app))
     )
 
 
 async def post_switch(request: web.Request) -> web.Response:
-    body = await _json_object(request)
-    model, wait = _model_field(body), _wait_flag(body)
-    audit(request, "switch", model=model)
-    op = await request.app[SWITCHER].switch_to(model)
-    return await _answer(request, op, wait)
+    body = await _parsed(request, SwitchRequest)
+    audit(request, "switch", model=body.target)
+    op = await request.app[SWITCHER].switch_to(body.target)
+    return await _answer(request, op, body.wait)
 
 
 async def post_stop(request: web.Request) -> web.Response:
-    wait = _wait_flag(await _json_object(request))
+    body = await _parsed(request, StopRequest)
     audit(request, "stop")
     op = await request.app[SWITCHER].stop()
-    return await _answer(request, op, wait)
+    return await _answer(request, op, body.wait)
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return web.json_response(await render_status(request.app))
+    return _render(await _status(request.app))
 
 
 async def get_switch(request: web.Request) -> web.Response:
@@ -323,16 +273,16 @@ async def get_switch(request: web.Request) -> web.Response:
     history = request.app[HISTORY]
     op = history.operation(switch_id)
     if op is not None and not op.future.done():
-        return web.json_response({"switch": op.describe()})
+        return _render(answers.SwitchAnswer(switch=answers.PendingSwitch.of(op)))
     record = await history.get(switch_id)
     if record is None:
         raise SwitchNotFound(f"no switch with id {switch_id!r}")
-    return web.json_response({"switch": render_switch(record)})
+    return _render(answers.SwitchAnswer(switch=answers.Switch.of(record)))
 
 
 async def get_switches(request: web.Request) -> web.Response:
     records = await request.app[HISTORY].recent(limit=50)
-    return web.json_response({"switches": [render_switch(r) for r in records]})
+    return _render(answers.SwitchList(switches=[answers.Switch.of(r) for r in records]))
 
 
 async def get_health(request: web.Request) -> web.Response:
@@ -342,17 +292,12 @@ async def get_health(request: web.Request) -> web.Response:
     wanted = request.query.get("model")
     if wanted is not None:
         switcher.spec(wanted)  # 404 for a model that does not exist
-    passing = switcher.serving and (wanted is None or wanted == status.active)
-    if passing:
-        body = {"status": "pass", "model": status.active}
-    else:
-        body = {
-            "status": "fail",
-            "state": str(status.state),
-            "model": status.active,
-            "output": _health_reason(switcher, wanted),
-        }
-    return web.json_response(body, status=200 if passing else 503, content_type=HEALTH_JSON)
+    if switcher.serving and (wanted is None or wanted == status.active):
+        return _render(answers.HealthPass(model=status.active), content_type=HEALTH_JSON)
+    failing = answers.HealthFail(
+        state=status.state, model=status.active, output=_health_reason(switcher, wanted)
+    )
+    return _render(failing, status=503, content_type=HEALTH_JSON)
 
 
 def _health_reason(switcher: Switcher, wanted: str | None) -> str:
@@ -368,90 +313,66 @@ def _health_reason(switcher: Switcher, wanted: str | None) -> str:
     return "no model is loaded" if status.state is State.IDLE else f"state is {status.state}"
 
 
-async def _rendered_models(request: web.Request) -> list[dict[str, Any]]:
-    return render_models(request.app, await cache_verdicts(request.app[SWITCHER]))
-
-
-async def _rendered_model(request: web.Request, model_id: str) -> dict[str, Any]:
-    request.app[SWITCHER].spec(model_id)  # 404 for an unknown model
-    return next(m for m in await _rendered_models(request) if m["id"] == model_id)
-
-
 async def get_models(request: web.Request) -> web.Response:
-    return web.json_response({"models": await _rendered_models(request)})
+    return _render(answers.ModelList(models=await _models(request.app)))
 
 
 async def get_model(request: web.Request) -> web.Response:
-    model = await _rendered_model(request, request.match_info["model_id"])
-    return web.json_response({"model": model})
-
-
-def _catalog(request: web.Request) -> Catalog:
-    catalog = request.app[CATALOG]
-    if catalog is None:
-        raise web.HTTPNotFound(text="this daemon runs without a model registry")
-    return catalog
+    return _render(await _one_model(request.app, request.match_info["model_id"]))
 
 
 async def post_model(request: web.Request) -> web.Response:
-    entry = await _catalog(request).add(await _json_object(request))
+    new = await _parsed(request, NewModel)
+    entry = await request.app[CATALOG].add(new)
     audit(request, "register", model=entry.id, image=entry.image, repo=entry.repo, path=entry.path)
-    model = await _rendered_model(request, entry.id)
-    return web.json_response(
-        {"model": model}, status=201, headers={"Location": f"/models/{entry.id}"}
-    )
+    answer = await _one_model(request.app, entry.id)
+    return _render(answer, status=201, headers={"Location": f"/models/{entry.id}"})
 
 
 async def patch_model(request: web.Request) -> web.Response:
-    body = await _json_object(request)
-    entry = await _catalog(request).update(request.match_info["model_id"], body)
-    audit(request, "change", model=entry.id, fields=sorted(body), image=entry.image)
-    return web.json_response({"model": await _rendered_model(request, entry.id)})
+    changes = await _parsed(request, ModelChanges)
+    entry = await request.app[CATALOG].update(request.match_info["model_id"], changes)
+    fields = sorted(changes.model_fields_set)
+    audit(request, "change", model=entry.id, fields=fields, image=entry.image)
+    return _render(await _one_model(request.app, entry.id))
 
 
 async def delete_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
-    await _catalog(request).remove(model_id)
+    await request.app[CATALOG].remove(model_id)
     audit(request, "delete", model=model_id)
-    return web.json_response({"deleted": model_id})
+    return _render(answers.Deleted(deleted=model_id))
 
 
 async def post_enable(request: web.Request) -> web.Response:
-    entry = await _catalog(request).set_enabled(request.match_info["model_id"], True)
+    entry = await request.app[CATALOG].set_enabled(request.match_info["model_id"], True)
     audit(request, "enable", model=entry.id)
-    return web.json_response({"model": await _rendered_model(request, entry.id)})
+    return _render(await _one_model(request.app, entry.id))
 
 
 async def post_disable(request: web.Request) -> web.Response:
-    entry = await _catalog(request).set_enabled(request.match_info["model_id"], False)
+    entry = await request.app[CATALOG].set_enabled(request.match_info["model_id"], False)
     audit(request, "disable", model=entry.id)
-    return web.json_response({"model": await _rendered_model(request, entry.id)})
+    return _render(await _one_model(request.app, entry.id))
 
 
 async def post_pull(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
-    body = await _json_object(request)
-    revision = body.get("revision")
-    if revision is not None:
-        revision = validate_revision(revision)
-    progress = _catalog(request).start_pull(model_id, revision)
-    audit(request, "pull", model=model_id, revision=revision)
-    return web.json_response(
-        {"pull": render_pull(progress), "poll": f"/models/{model_id}"},
-        status=202,
-        headers={"Location": f"/models/{model_id}"},
-    )
+    body = await _parsed(request, PullRequest)
+    progress = request.app[CATALOG].start_pull(model_id, body.revision)
+    audit(request, "pull", model=model_id, revision=body.revision)
+    location = f"/models/{model_id}"
+    started = answers.PullStarted(pull=answers.PullProgress.of(progress), poll=location)
+    return _render(started, status=202, headers={"Location": location})
 
 
 async def get_live(request: web.Request) -> web.Response:
-    return web.json_response({"status": "pass"}, content_type=HEALTH_JSON)
+    return _render(answers.Liveness(), content_type=HEALTH_JSON)
 
 
 async def get_v1_models(request: web.Request) -> web.Response:
     gateway = _gateway(request)
-    catalog = request.app[CATALOG]
-    lengths = catalog.context_lengths() if catalog is not None else {}
-    return web.json_response(gateway.list_models(lengths))
+    return _render(gateway.list_models(request.app[CATALOG].context_lengths()))
 
 
 async def proxy_v1(request: web.Request) -> web.StreamResponse:
@@ -501,7 +422,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         )
     async with hub.subscribe() as queue:
         response = await _event_stream(request)
-        await response.write(_sse("status", await render_status(request.app)))
+        await response.write(_sse("status", (await _status(request.app)).to_json()))
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), SSE_HEARTBEAT)
@@ -534,13 +455,9 @@ async def get_model_logs(request: web.Request) -> web.StreamResponse:
     engine = request.app[WATCHER].container(spec.engine_service)
     if not follow:
         text = await runtime.logs_tail(engine.id, tail) if engine is not None else ""
-        return web.json_response(
-            {
-                "model": spec.id,
-                "container": None if engine is None else engine.name,
-                "lines": text.splitlines(),
-            }
-        )
+        container = None if engine is None else engine.name
+        logs = answers.ModelLogs(model=spec.id, container=container, lines=text.splitlines())
+        return _render(logs)
     if engine is None:
         raise ContainerNotFound(
             f"model {spec.id} has no container yet; follow its log once a switch has started it",
@@ -589,7 +506,7 @@ def create_app(
     history: History,
     events: EventHub,
     metrics: Metrics,
-    catalog: Catalog | None = None,
+    catalog: Catalog,
     gateway: Gateway | None = None,
     policy: AccessPolicy | None = None,
     max_streams: int = 64,

@@ -35,17 +35,15 @@ from .naming import identify
 from .pull import PullProgress, pull
 from .registry import (
     COMPOSE_EDITABLE,
-    REGISTRY_EDITABLE,
     EngineDefaults,
     ModelEntry,
     RegistryLimits,
     apply_changes,
-    check_fields,
     default_allowed_images,
     render_document,
-    validate_model_id,
-    validate_source,
+    resolve_path,
 )
+from .schemas import ModelChanges, NewModel, refusal
 from .store import Store
 from .tasks import cancel_all
 
@@ -200,60 +198,40 @@ class Catalog:
 
     # -- changes ---------------------------------------------------------------------
 
-    async def add(self, body: Mapping[str, Any]) -> ModelEntry:
-        check_fields(
-            body,
-            REGISTRY_EDITABLE | {"id", "repo", "path"},
-            "when adding a model",
-        )
-        repo, path = validate_source(body, self.limits)
-        metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else None
-        identity = identify(repo or str(path), metadata=metadata)
-        model_id = validate_model_id(body["id"]) if "id" in body else identity.id
-        entry = ModelEntry(
-            id=model_id,
-            origin="registry",
-            display_name=None,
-            repo=repo,
-            path=path,
-        )
-        entry = apply_changes(entry, body, self.limits)
+    async def add(self, new: NewModel) -> ModelEntry:
+        path = None if new.path is None else resolve_path(new.path, self.limits)
+        identity = identify(new.repo or str(path), metadata=new.metadata)
+        model_id = new.id if "id" in new.model_fields_set else identity.id
+        entry = ModelEntry(id=model_id, origin="registry", repo=new.repo, path=path)
+        entry = apply_changes(entry, new, self.limits)
         if entry.display_name is None:
             entry = replace(entry, display_name=identity.display_name)
         if path is not None:
             entry = replace(entry, metadata={**entry.metadata, "model_path": path})
         async with self._lock:
             if model_id in self._entries:
-                raise BadRequest(
-                    f'id: a model with id {model_id!r} exists already; give another "id"',
-                    field="id",
-                )
+                raise refusal("id", f"{model_id!r} is taken by another model; give another")
             self._refuse_duplicate_name(entry)
             entries = {**self._entries, model_id: entry}
             await self._commit(entries, changed=entry)
-        log.info("model added", model=model_id, repo=repo, path=path)
+        log.info("model added", model=model_id, repo=new.repo, path=path)
         return entry
 
-    async def update(self, model_id: str, body: Mapping[str, Any]) -> ModelEntry:
+    async def update(self, model_id: str, changes: ModelChanges) -> ModelEntry:
         async with self._lock:
             current = self.entry(model_id)
-            allowed = COMPOSE_EDITABLE if current.origin == "compose" else REGISTRY_EDITABLE
-            what = (
-                "on a model declared in the compose file (edit that file instead)"
-                if current.origin == "compose"
-                else "on a model"
-            )
-            check_fields(body, allowed, what)
-            changed = apply_changes(current, body, self.limits)
+            if current.origin == "compose":
+                self._refuse_file_settings(changes)
+            changed = apply_changes(current, changes, self.limits)
             if changed.enabled is False and self._in_use(model_id):
                 raise self._refusal_in_use(model_id, "disable")
             self._refuse_duplicate_name(changed)
             await self._commit({**self._entries, model_id: changed}, changed=changed)
-        log.info("model updated", model=model_id, fields=sorted(body))
+        log.info("model updated", model=model_id, fields=sorted(changes.model_fields_set))
         return changed
 
     async def set_enabled(self, model_id: str, enabled: bool) -> ModelEntry:
-        return await self.update(model_id, {"enabled": enabled})
+        return await self.update(model_id, ModelChanges(enabled=enabled))
 
     async def remove(self, model_id: str) -> None:
         async with self._lock:
@@ -330,11 +308,22 @@ class Catalog:
             return
         for other in self._entries.values():
             if other.id != entry.id and (other.display_name or other.id) == entry.display_name:
-                raise BadRequest(
-                    f"display_name: {entry.display_name!r} is already the name of model"
-                    f" {other.id}; choose another",
-                    field="display_name",
+                raise refusal(
+                    "display_name",
+                    f"{entry.display_name!r} is already the name of model {other.id};"
+                    " choose another",
                 )
+
+    @staticmethod
+    def _refuse_file_settings(changes: ModelChanges) -> None:
+        """A model declared in the compose file keeps its lifecycle settings there."""
+        file_settings = sorted(changes.model_fields_set - COMPOSE_EDITABLE)
+        if file_settings:
+            raise refusal(
+                file_settings[0],
+                "cannot be changed on a model declared in the compose file; edit that file"
+                f" instead (allowed here: {', '.join(sorted(COMPOSE_EDITABLE))})",
+            )
 
     async def _build(self, entries: Mapping[str, ModelEntry]) -> ComposeProject:
         """The user's project plus the registry's models, each read by compose, rewritten."""

@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .answers import Error, OpenAIError, OpenAIErrorDetail, V1Model, V1ModelList
 from .errors import BadRequest, ModelNotFound, OrchestratorError, RequestTimeout, UpstreamError
 from .security import is_gateway_path
 from .states import State
@@ -58,10 +59,14 @@ _OPENAI_TYPES = {
 }
 
 
-def openai_error(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    """An error in the shape OpenAI's clients parse."""
+def openai_error(err: OrchestratorError) -> OpenAIError:
+    """Our error in the shape OpenAI's clients parse."""
+    status = err.status
     kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    detail = OpenAIErrorDetail(
+        message=err.message, type=kind, param=err.details.get("param"), code=err.code
+    )
+    return OpenAIError(error=detail)
 
 
 class RequestObserver(Protocol):
@@ -114,26 +119,23 @@ class Gateway:
         known = ", ".join(sorted(models)) or "none"
         raise ModelNotFound(f"the model {name!r} does not exist; known models: {known}")
 
-    def list_models(self, context_lengths: Mapping[str, int | None]) -> dict[str, Any]:
+    def list_models(self, context_lengths: Mapping[str, int | None]) -> V1ModelList:
         status = self.switcher.status
         created = int(time.time())
-        data = []
-        for spec in self.switcher.models.values():
-            if spec.id in self.switcher.disabled:
-                continue
-            data.append(
-                {
-                    "id": spec.id,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "model-orchestrator",
-                    "display_name": spec.display_name,
-                    "served_name": spec.served_name,
-                    "loaded": status.state is State.READY and status.active == spec.id,
-                    "context_length": context_lengths.get(spec.id),
-                }
-            )
-        return {"object": "list", "data": data}
+        return V1ModelList(
+            data=[
+                V1Model(
+                    id=spec.id,
+                    created=created,
+                    display_name=spec.display_name,
+                    served_name=spec.served_name,
+                    loaded=status.state is State.READY and status.active == spec.id,
+                    context_length=context_lengths.get(spec.id),
+                )
+                for spec in self.switcher.models.values()
+                if spec.id not in self.switcher.disabled
+            ]
+        )
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         body = await _read_body(request)
@@ -241,8 +243,5 @@ def _requested_model(body: bytes, request: web.Request) -> tuple[str | None, dic
 
 def error_response(request: web.Request, err: OrchestratorError) -> web.Response:
     """Our error as a response: OpenAI's shape on /v1, ours everywhere else."""
-    if is_gateway_path(request.path):
-        param = err.details.get("param")
-        body = openai_error(err.status, err.code, err.message, param)
-        return web.json_response(body, status=err.status, headers=err.headers())
-    return web.json_response(err.to_body(), status=err.status, headers=err.headers())
+    body = openai_error(err) if is_gateway_path(request.path) else Error.of(err)
+    return web.json_response(body.to_json(), status=err.status, headers=err.headers())

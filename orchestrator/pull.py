@@ -33,8 +33,9 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
-from .cache import SnapshotVerdict, find_snapshot, is_repo_id, revision_problem
+from .cache import SnapshotVerdict, find_snapshot, is_repo_id
 from .errors import BadRequest, OrchestratorError
+from .schemas import PullRequest, parse
 
 log = structlog.get_logger(__name__)
 
@@ -44,19 +45,6 @@ PullState = Literal["downloading", "done", "failed"]
 # bytes of every file it downloads; one without a name counts files; a third estimates
 # network transfer for xet and is of no use here.
 _BYTES_BAR = "huggingface_hub.snapshot_download"
-
-
-def validate_revision(value: object) -> str:
-    """A revision fit for ``refs/<revision>``; BadRequest naming what is wrong otherwise."""
-    if not isinstance(value, str) or not value:
-        raise BadRequest('"revision" must be a non-empty string', field="revision")
-    problem = revision_problem(value)
-    if problem is not None:
-        raise BadRequest(
-            f"revision {value!r} {problem}: give a branch, a tag or a 40-character commit hash",
-            field="revision",
-        )
-    return value
 
 
 @dataclass(frozen=True)
@@ -291,7 +279,8 @@ async def pull(
     if not is_repo_id(repo):
         raise BadRequest(f"{repo!r} is not a valid repo id (namespace/name)", repo=repo)
     if revision is not None:
-        validate_revision(revision)
+        # The rule the API holds a pull's body to: a ref name that stays inside refs/.
+        parse(PullRequest, {"revision": revision})
     wanted = revision or constants.DEFAULT_REVISION
     hub_endpoint = endpoint or constants.ENDPOINT
     tracker = _Tracker(repo, wanted, progress, asyncio.get_running_loop())

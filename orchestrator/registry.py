@@ -7,12 +7,12 @@ others are added through the API: each becomes a profile in a compose document t
 the daemon renders from the registry, merged into its normalized copy and run
 exactly like a hand-written profile.
 
-Every value is validated here, and a refusal names the field it is about.
+Bodies are validated by ``schemas``; what depends on the user's settings (the images
+a model may run, the folders it may mount) is checked here.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -21,9 +21,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
-from .cache import HUB_MOUNT, is_repo_id, looks_like_path
-from .errors import BadRequest
-from .naming import MODEL_ID
+from .cache import HUB_MOUNT
+from .schemas import EngineSettings, ModelSettings, check_merged, refusal
 
 Origin = Literal["compose", "registry"]
 
@@ -34,22 +33,10 @@ ENGINE_PORT = 8000
 SERVICE_PREFIX = "model-"
 ORIGIN_LABEL = "io.model-orchestrator.origin"
 
-DTYPES = ("auto", "float16", "bfloat16", "float32")
-
-# What the engine's flags take; the flag is the field's name in vLLM's spelling.
-ENGINE_FIELDS = (
-    "gpu_memory_utilization",
-    "max_model_len",
-    "tensor_parallel_size",
-    "dtype",
-    "trust_remote_code",
-)
-CAPABILITY_FIELDS = ("context_length", "max_output_tokens", "vision", "tools", "streaming")
-DEFAULT_FIELDS = ("temperature", "top_p")
-
+# The sections of settings that changes merge into field by field.
+SECTIONS = ("engine", "capabilities", "defaults", "metadata")
 # What the API lets a user change on a model declared in compose: the rest is the file's.
 COMPOSE_EDITABLE = frozenset({"display_name", "capabilities", "defaults", "enabled"})
-REGISTRY_EDITABLE = COMPOSE_EDITABLE | {"image", "engine", "metadata"}
 
 
 @dataclass(frozen=True)
@@ -77,121 +64,7 @@ class ModelEntry:
         return cls(**{k: v for k, v in stored.items() if k in known})
 
 
-# --- validation ------------------------------------------------------------------
-
-
-def _refuse(field_name: str, message: str) -> BadRequest:
-    return BadRequest(f"{field_name}: {message}", field=field_name)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _string(field_name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _refuse(field_name, "must be a non-empty string")
-    if len(value) > 200:
-        raise _refuse(field_name, "must be at most 200 characters")
-    return value.strip()
-
-
-def _boolean(field_name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _refuse(field_name, "must be true or false")
-    return value
-
-
-def _positive_int(field_name: str, value: Any) -> int:
-    if not _integer(value) or value <= 0:
-        raise _refuse(field_name, "must be a whole number greater than 0")
-    return int(value)
-
-
-def _in_range(field_name: str, value: Any, low: float, high: float, *, open_low: bool) -> float:
-    if not _number(value) or not (value > low if open_low else value >= low) or value > high:
-        bracket = "(" if open_low else "["
-        raise _refuse(field_name, f"must be a number in {bracket}{low:g}, {high:g}]")
-    return float(value)
-
-
-def _section(body: Mapping[str, Any], name: str, known: tuple[str, ...]) -> dict[str, Any]:
-    raw = body.get(name, {})
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise _refuse(name, "must be an object")
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise _refuse(f"{name}.{unknown[0]}", f"unknown field (known: {', '.join(known)})")
-    return raw
-
-
-def validate_engine(body: Mapping[str, Any]) -> dict[str, Any]:
-    raw = _section(body, "engine", ENGINE_FIELDS)
-    engine: dict[str, Any] = {}
-    for name, value in raw.items():
-        where = f"engine.{name}"
-        if value is None:
-            continue
-        if name == "gpu_memory_utilization":
-            engine[name] = _in_range(where, value, 0.0, 1.0, open_low=True)
-        elif name in {"max_model_len", "tensor_parallel_size"}:
-            engine[name] = _positive_int(where, value)
-        elif name == "dtype":
-            if value not in DTYPES:
-                raise _refuse(where, f"must be one of {', '.join(DTYPES)}")
-            engine[name] = value
-        else:
-            engine[name] = _boolean(where, value)
-    return engine
-
-
-def validate_capabilities(body: Mapping[str, Any]) -> dict[str, Any]:
-    raw = _section(body, "capabilities", CAPABILITY_FIELDS)
-    capabilities: dict[str, Any] = {}
-    for name, value in raw.items():
-        where = f"capabilities.{name}"
-        if value is None:
-            continue
-        if name in {"context_length", "max_output_tokens"}:
-            capabilities[name] = _positive_int(where, value)
-        else:
-            capabilities[name] = _boolean(where, value)
-    return capabilities
-
-
-def validate_defaults(body: Mapping[str, Any]) -> dict[str, Any]:
-    raw = _section(body, "defaults", DEFAULT_FIELDS)
-    defaults: dict[str, Any] = {}
-    for name, value in raw.items():
-        if value is None:
-            continue
-        high = 2.0 if name == "temperature" else 1.0
-        defaults[name] = _in_range(f"defaults.{name}", value, 0.0, high, open_low=False)
-    return defaults
-
-
-def validate_metadata(body: Mapping[str, Any]) -> dict[str, Any]:
-    raw = body.get("metadata", {})
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
-        raise _refuse("metadata", "must be an object of strings")
-    return dict(raw)
-
-
-def validate_model_id(value: Any) -> str:
-    if not isinstance(value, str) or not MODEL_ID.fullmatch(value) or len(value) > 64:
-        raise _refuse(
-            "id",
-            "must be 2 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit",
-        )
-    return value
+# --- what the settings allow, and changes -------------------------------------------
 
 
 def image_repository(image: str) -> str:
@@ -218,103 +91,57 @@ class RegistryLimits:
     allowed_images: tuple[str, ...] = ()
 
 
-def validate_image(value: Any, limits: RegistryLimits) -> str:
-    image = _string("image", value)
-    if any(ch.isspace() for ch in image) or not image.isprintable() or "$" in image:
-        raise _refuse("image", "must be an image reference without spaces or '$'")
+def check_image(image: str, limits: RegistryLimits) -> None:
+    """Refuse an image (well-formed, as ``schemas.Image`` reads it) outside allowed_images."""
     if not any(fnmatchcase(image, pattern) for pattern in limits.allowed_images):
-        raise _refuse(
+        raise refusal(
             "image",
-            f"{image} is not allowed: models added through the API may run only images"
+            f"{image!r} is not allowed: models added through the API may run only images"
             f" matching allowed_images ({', '.join(limits.allowed_images) or 'none'});"
             " add a pattern to that setting to allow more",
         )
-    return image
 
 
 def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
     return any(path == root or root in path.parents for root in roots)
 
 
-def validate_path(value: Any, limits: RegistryLimits) -> str:
-    """A model folder on this host: absolute, under a checkpoint root once resolved."""
-    if not isinstance(value, str) or not value.startswith(("/", "~/")):
-        raise _refuse("path", "must be an absolute path to a model folder on this host")
-    if any(ch in value for ch in ":,$") or not value.isprintable() or len(value) > 4096:
-        # Compose's short volume syntax splits on ":"; "$" would be read as a variable.
-        raise _refuse("path", "must not contain ':', ',', '$' or control characters")
-    if ".." in value.split("/"):
-        raise _refuse("path", "must not contain '..': give the folder's own path")
+def resolve_path(path: str, limits: RegistryLimits) -> str:
+    """A model folder (well-formed, as ``schemas.FolderPath`` reads it), symlinks resolved;
+    refused unless it lies inside a checkpoint root."""
     try:
-        expanded = Path(value).expanduser()
+        expanded = Path(path).expanduser()
     except RuntimeError as err:  # no home directory to expand "~" to
-        raise _refuse("path", f"cannot be expanded: {err}") from err
+        raise refusal("path", f"cannot be expanded: {err}") from err
     # Symlinks followed: a link inside a root that points elsewhere is elsewhere.
     resolved = Path(os.path.realpath(expanded))
     roots = tuple(Path(os.path.realpath(root)) for root in limits.checkpoint_roots)
     if not _inside(resolved, roots):
         shown = f" (resolves to {resolved})" if resolved != expanded else ""
-        raise _refuse(
+        raise refusal(
             "path",
-            f"{value}{shown} is outside checkpoint_roots"
+            f"{path!r}{shown} is outside checkpoint_roots"
             f" ({', '.join(str(root) for root in roots) or 'none'}): move the checkpoint"
             " there, or add its folder to that setting",
         )
     if any(ch in str(resolved) for ch in ":,$"):
-        raise _refuse("path", f"resolves to {resolved}, which compose cannot mount")
+        raise refusal("path", f"resolves to {resolved}, which compose cannot mount")
     return str(resolved)
 
 
-def validate_source(
-    body: Mapping[str, Any], limits: RegistryLimits
-) -> tuple[str | None, str | None]:
-    """The repo id or the local folder a new model loads; exactly one of them."""
-    repo, path = body.get("repo"), body.get("path")
-    if (repo is None) == (path is None):
-        raise _refuse("repo", 'give exactly one of "repo" (a Hub repo id) or "path" (a folder)')
-    if repo is not None:
-        if not isinstance(repo, str) or looks_like_path(repo) or not is_repo_id(repo):
-            raise _refuse("repo", "must be a Hub repo id such as Qwen/Qwen3-4B-Instruct-2507")
-        return repo, None
-    return None, validate_path(path, limits)
-
-
-def check_fields(body: Mapping[str, Any], allowed: frozenset[str], what: str) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise _refuse(unknown[0], f"cannot be set {what} (allowed: {', '.join(sorted(allowed))})")
-
-
-def apply_changes(entry: ModelEntry, body: Mapping[str, Any], limits: RegistryLimits) -> ModelEntry:
-    """The entry with the body's fields validated and applied; sections merge field by field."""
-    changes: dict[str, Any] = {}
-    if "display_name" in body:
-        changes["display_name"] = _string("display_name", body["display_name"])
-    if "image" in body:
-        changes["image"] = validate_image(body["image"], limits)
-    if "enabled" in body:
-        changes["enabled"] = _boolean("enabled", body["enabled"])
-    sections = {
-        "engine": validate_engine,
-        "capabilities": validate_capabilities,
-        "defaults": validate_defaults,
-        "metadata": validate_metadata,
-    }
-    for name, validate in sections.items():
-        if name in body:
-            merged = {**getattr(entry, name), **validate(body)}
-            # An explicit null removes a field.
-            raw = body[name] or {}
-            changes[name] = {k: v for k, v in merged.items() if raw.get(k, v) is not None}
-    capabilities = changes.get("capabilities", entry.capabilities)
-    engine = changes.get("engine", entry.engine)
-    max_len, context = engine.get("max_model_len"), capabilities.get("context_length")
-    if max_len is not None and context is not None and context > max_len:
-        raise _refuse(
-            "capabilities.context_length",
-            f"is {context}, more than engine.max_model_len {max_len}",
-        )
-    return replace(entry, **changes, updated_at=time.time())
+def apply_changes(entry: ModelEntry, changes: ModelSettings, limits: RegistryLimits) -> ModelEntry:
+    """The entry with the changes applied; sections merge field by field."""
+    given = changes.model_dump(include=set(ModelSettings.model_fields), exclude_unset=True)
+    if "image" in given:
+        check_image(given["image"], limits)
+    for name in SECTIONS:
+        if name in given:
+            # A null section changes nothing; a null value in one removes that setting.
+            merged = {**getattr(entry, name), **(given[name] or {})}
+            given[name] = {key: value for key, value in merged.items() if value is not None}
+    changed = replace(entry, **given, updated_at=time.time())
+    check_merged(changed.engine, changed.capabilities)
+    return changed
 
 
 # --- the daemon-owned compose document ------------------------------------------
@@ -336,7 +163,8 @@ def service_name(model_id: str) -> str:
 
 def engine_flags(engine: Mapping[str, Any]) -> list[str]:
     flags: list[str] = []
-    for name in ENGINE_FIELDS:
+    # The flag is the field's name in vLLM's spelling.
+    for name in EngineSettings.model_fields:
         value = engine.get(name)
         if value is None or value is False:
             continue

@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from orchestrator.catalog import REGISTRY_COMPOSE, Catalog
 from orchestrator.errors import BadRequest, DockerError
+from orchestrator.schemas import Capabilities, ModelChanges, NewModel
 from tests.fakes import TWO_MODEL_COMPOSE, FakeRuntime, make_snapshot, open_daemon
 from tests.hubserver import FakeHub
 
@@ -324,9 +325,9 @@ async def test_registry_survives_a_restart(root: Path) -> None:
     """Added models, changes and disabled flags come back after the daemon restarts."""
     first = Daemon(root)
     catalog = await first.open()
-    await catalog.add({"repo": "org/extra", "id": "extra", "capabilities": {"tools": True}})
+    await catalog.add(NewModel(repo="org/extra", id="extra", capabilities=Capabilities(tools=True)))
     await catalog.set_enabled("beta", False)
-    await catalog.update("alpha", {"display_name": "Model A"})
+    await catalog.update("alpha", ModelChanges(display_name="Model A"))
     await first.close()
 
     second = Daemon(root)
@@ -394,7 +395,7 @@ async def test_model_compose_refuses_is_400_and_nothing_changes(root: Path) -> N
     before = (root / "state" / "compose.yml").read_text()
     try:
         with pytest.raises(BadRequest, match="invalid reference format"):
-            await catalog.add({"repo": "org/extra", "id": "extra"})
+            await catalog.add(NewModel(repo="org/extra", id="extra"))
         assert seen == [["alpha", "beta", "extra"]]
         assert (root / "state" / "compose.yml").read_text() == before
         assert "extra" not in made.switcher.models
