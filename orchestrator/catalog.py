@@ -306,8 +306,11 @@ class Catalog:
     def _refuse_duplicate_name(self, entry: ModelEntry) -> None:
         if entry.display_name is None:
             return
+        # Names as shown: a compose model without a name of its own shows its file's.
+        shown = {model_id: spec.display_name for model_id, spec in self.specs().items()}
         for other in self._entries.values():
-            if other.id != entry.id and (other.display_name or other.id) == entry.display_name:
+            name = other.display_name or shown.get(other.id, other.id)
+            if other.id != entry.id and name == entry.display_name:
                 raise refusal(
                     "display_name",
                     f"{entry.display_name!r} is already the name of model {other.id};"

@@ -102,7 +102,12 @@ class History:
         return self._recent.get(op_id)
 
     def record(
-        self, op: Operation, *, finished: bool = False, error: dict[str, Any] | None = None
+        self,
+        op: Operation,
+        *,
+        finished: bool = False,
+        error: dict[str, Any] | None = None,
+        outcome: Outcome | None = None,
     ) -> SwitchRecord:
         duration = None
         if finished:
@@ -114,7 +119,7 @@ class History:
             to_model=op.model,
             requested_at=op.requested_at,
             finished_at=time.time() if finished else None,
-            outcome=op.outcome,
+            outcome=outcome or op.outcome,
             duration=duration,
             error=error,
             timings={k: round(v, 4) for k, v in op.timings.items()} or None,
@@ -125,10 +130,16 @@ class History:
         op.started_monotonic = self._clock()
         await self._store.save_switch(self.record(op))
 
-    async def finished(self, op: Operation, error: dict[str, Any] | None = None) -> SwitchRecord:
-        record = self.record(op, finished=True, error=error)
+    async def finished(
+        self, op: Operation, outcome: Outcome, error: dict[str, Any] | None = None
+    ) -> SwitchRecord:
+        """Keep the finished operation's record. The operation shows its outcome only once
+        the record is stored: whoever asks by id then finds the record, timings and all.
+        Resolve its future right after, with no await between."""
+        record = self.record(op, finished=True, error=error, outcome=outcome)
         self.last = record
         await self._store.save_switch(record)
+        op.outcome = outcome
         return record
 
     async def get(self, op_id: str) -> SwitchRecord | None:

@@ -14,6 +14,7 @@ keeps the operations and their records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -178,13 +179,13 @@ class Switcher:
     async def _call_off_switches(self) -> None:
         """Switches accepted before a stop will not happen: their callers get 409."""
         for op in self._queue.withdraw_switches():
-            op.outcome = Outcome.CANCELLED
             error = Cancelled(
                 f"the switch to {op.model} was cancelled by POST /stop", model=op.model
             )
+            record = await self.history.finished(op, Outcome.CANCELLED, error.to_body()["error"])
+            self._observers.finished(record)
             op.future.set_exception(error)
             op.future.exception()
-            self._observers.finished(await self.history.finished(op, error.to_body()["error"]))
         current = self._queue.current
         if current is not None and current.kind is Kind.SWITCH:
             current.cancelled = True
@@ -305,24 +306,28 @@ class Switcher:
             await self.history.begun(op)
             log.info("switch begins", kind=op.kind, from_model=op.from_model)
             if op.kind is Kind.STOP:
-                op.outcome = await self._procedure.stop(op)
+                outcome = await self._procedure.stop(op)
             else:
-                op.outcome = await self._procedure.switch(op, self.spec(op.model or ""))
-            record = await self.history.finished(op)
+                outcome = await self._procedure.switch(op, self.spec(op.model or ""))
+            record = await self.history.finished(op, outcome)
             self._observers.finished(record)
-            log.info("switch ends", outcome=op.outcome, duration=record.duration, **op.timings)
+            log.info("switch ends", outcome=outcome, duration=record.duration, **op.timings)
             op.future.set_result(record)
         except OrchestratorError as err:
-            op.outcome = outcome_of(err)
             err.details.setdefault("switch_id", op.id)
-            self._observers.finished(await self.history.finished(op, err.to_body()["error"]))
-            log.error("switch fails", outcome=op.outcome, error=err.message)
+            record = await self.history.finished(op, outcome_of(err), err.to_body()["error"])
+            self._observers.finished(record)
+            log.error("switch fails", outcome=record.outcome, error=err.message)
             op.future.set_exception(err)
             op.future.exception()
         except Exception as err:
-            op.outcome = Outcome.FAILED
             log.exception("switch crashed")
-            op.future.set_exception(OrchestratorError(f"internal error during switch: {err}"))
+            crashed = OrchestratorError(f"internal error during switch: {err}", switch_id=op.id)
+            # The caller is answered even if the record cannot be kept.
+            with contextlib.suppress(Exception):
+                failed = await self.history.finished(op, Outcome.FAILED, crashed.to_body()["error"])
+                self._observers.finished(failed)
+            op.future.set_exception(crashed)
             op.future.exception()
         finally:
             # After the answer: removals of stopped models may still be finishing, and the

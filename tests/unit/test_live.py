@@ -141,7 +141,7 @@ class TestLogs:
         ) as response:
             assert response.headers["Content-Type"] == "text/event-stream"
             lines = await read_events(
-                response, lambda event, _data: event == "log" and _data.endswith("2")
+                response, lambda event, data: event == "log" and str(data).endswith("2")
             )
             runtime.kill("alpha")
             rest = await read_events(response, lambda event, _data: event == "end")

@@ -186,6 +186,26 @@ class TestAdding:
         code, body = await add(client, repo="org/extra", id="x2", display_name="One")
         assert (code, body["error"]["field"]) == (400, "display_name")
 
+    async def test_a_compose_models_name_is_taken_too(
+        self, aiohttp_client: ClientFactory, root: Path
+    ) -> None:
+        """The name a compose model shows (its file's display_name) cannot be taken either."""
+        compose = root / "docker-compose.yml"
+        compose.write_text(
+            compose.read_text().replace(
+                'command: ["--model", "org/a"]',
+                'command: ["--model", "org/a"]\n    x-orchestrator: {display_name: Alpha Prime}',
+            )
+        )
+        made = Daemon(root)
+        await made.open()
+        try:
+            client = await aiohttp_client(made.app)
+            code, body = await add(client, repo="org/extra", id="x3", display_name="Alpha Prime")
+            assert (code, body["error"]["field"]) == (400, "display_name")
+        finally:
+            await made.close()
+
     @pytest.mark.parametrize(
         ("body", "field"),
         [
