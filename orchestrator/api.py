@@ -429,6 +429,8 @@ async def get_events(request: web.Request) -> web.StreamResponse:
             except TimeoutError:
                 await response.write(b": keep-alive\n\n")
                 continue
+            if event is None:  # the daemon is stopping
+                return response
             await response.write(_sse(event.kind, event.to_json(), event.id))
 
 
@@ -498,6 +500,11 @@ async def get_dashboard_asset(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_DIR / filename)
 
 
+async def _end_streams(app: web.Application) -> None:
+    # Streams never end on their own; the daemon's shutdown must not wait on them.
+    app[EVENTS].close()
+
+
 def create_app(
     *,
     switcher: Switcher,
@@ -518,6 +525,7 @@ def create_app(
         middlewares.insert(0, connections.middleware)
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app.on_response_prepare.append(add_response_headers)
+    app.on_shutdown.append(_end_streams)
     app[STREAM_LIMIT] = max_streams
     app[SWITCHER], app[RUNTIME], app[WATCHER], app[HISTORY] = switcher, runtime, watcher, history
     app[CATALOG], app[GATEWAY], app[EVENTS], app[METRICS] = catalog, gateway, events, metrics

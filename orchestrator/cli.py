@@ -26,6 +26,8 @@ from .client import DEFAULT_URL, DaemonRefused, DaemonUnavailable, call, format_
 from .compose import ComposeError, ComposeProject, canonical, render, rewrite_project
 from .config import Settings, load_settings
 from .daemon import DATABASE, build_daemon, compose_reader
+from .demo import DEFAULT_BASE_IMAGE, DEFAULT_FOLDER, run_demo
+from .demo import PROJECT as DEMO_PROJECT
 from .docker import (
     Docker,
     detect_compose_cli,
@@ -110,6 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     pull_parser.add_argument("--revision", help="branch, tag or commit (the default branch)")
     _common_flags(pull_parser)
     _models_parser(commands)
+    demo = commands.add_parser(
+        "demo",
+        help="see what the daemon does, without a GPU or weights (needs Docker)",
+        description="Build a small demo engine image (once), write a demo project of three"
+        " models into a folder, and serve it. The engines answer with filler text.",
+    )
+    demo.add_argument(
+        "--dir", type=Path, default=DEFAULT_FOLDER, help=f"where to write it (./{DEFAULT_FOLDER})"
+    )
+    demo.add_argument(
+        "--base-image",
+        default=DEFAULT_BASE_IMAGE,
+        help=f"image with python3 to build the demo engine on ({DEFAULT_BASE_IMAGE})",
+    )
+    demo.add_argument("--rebuild", action="store_true", help="build the engine's image again")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8080, help="port to listen on (8080)")
     return parser
 
 
@@ -242,8 +261,10 @@ async def _docker(settings: Settings, normalized: Path, project_name: str) -> Do
     )
 
 
-async def serve(settings: Settings) -> None:
-    """Run the daemon until SIGTERM or SIGINT; whatever fails at start closes what was opened."""
+async def serve(settings: Settings, on_listening: Callable[[str], None] | None = None) -> None:
+    """Run the daemon until SIGTERM or SIGINT; whatever fails at start closes what was opened.
+
+    ``on_listening`` is told the daemon's URL once it accepts connections (the demo)."""
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(QuietExhaustion())
     descriptors = raise_descriptor_limit()
@@ -269,6 +290,9 @@ async def serve(settings: Settings) -> None:
             access_log=None,
             handler_cancellation=True,
             keepalive_timeout=settings.header_timeout,
+            # Requests in flight get this long to finish when the daemon stops; a log
+            # follower or a stream to an engine is cut then, not waited for a minute.
+            shutdown_timeout=SHUTDOWN_GRACE,
         )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -284,8 +308,21 @@ async def serve(settings: Settings) -> None:
             keys=len(daemon.keys),
             max_connections=daemon.connections.max_connections,
         )
+        if on_listening is not None:
+            on_listening(f"http://{_url_host(settings.host)}:{settings.port}")
         await stopping.wait()
         log.info("shutting down; the running model is left running")
+
+
+# Seconds the daemon gives requests in flight when it stops (systemd's TimeoutStopSec is 30).
+SHUTDOWN_GRACE = 5.0
+
+
+def _url_host(host: str) -> str:
+    """How a browser on this machine reaches a daemon bound to ``host``."""
+    if host in {"0.0.0.0", "::", ""}:
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 async def check(settings: Settings, show: bool = False) -> int:
@@ -409,11 +446,34 @@ async def pull_model(settings: Settings, target: str, revision: str | None) -> i
     return 0
 
 
+async def _demo(args: argparse.Namespace) -> int:
+    folder: Path = args.dir.resolve()
+
+    async def serve_demo(compose_file: Path, announce: Callable[[str], None]) -> None:
+        # The demo's own settings alone: the user's ORCHESTRATOR_* variables (keys, say)
+        # would make the commands it prints fail.
+        flags = {
+            "compose_files": [str(compose_file)],
+            "models_dir": str(folder / "models"),
+            "state_dir": str(folder / "state"),
+            "project_name": DEMO_PROJECT,
+            "host": args.host,
+            "port": args.port,
+        }
+        await serve(load_settings(flags, environ={}), on_listening=announce)
+
+    url = f"http://{_url_host(args.host)}:{args.port}"
+    return await run_demo(folder, args.base_image, url, serve_demo, rebuild=args.rebuild)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "models":
         return asyncio.run(models_command(args))
     try:
+        if args.command == "demo":
+            configure_logging("warning")
+            return asyncio.run(_demo(args))
         settings = _settings(args)
         configure_logging(settings.log_level)
         if args.command == "serve":

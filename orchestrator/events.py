@@ -35,8 +35,16 @@ class Event:
 
 class EventHub:
     def __init__(self) -> None:
-        self._subscribers: set[asyncio.Queue[Event]] = set()
+        self._subscribers: set[asyncio.Queue[Event | None]] = set()
         self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        """End every subscription (the daemon stops): each gets None after its events."""
+        for queue in self._subscribers:
+            if queue.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+            queue.put_nowait(None)
 
     def publish(self, kind: str, **data: Any) -> None:
         event = Event(kind, data, next(self._ids))
@@ -47,8 +55,9 @@ class EventHub:
             queue.put_nowait(event)
 
     @contextlib.asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[asyncio.Queue[Event]]:
-        queue: asyncio.Queue[Event] = asyncio.Queue(SUBSCRIBER_QUEUE)
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[Event | None]]:
+        """Events from now on; None once the hub is closed."""
+        queue: asyncio.Queue[Event | None] = asyncio.Queue(SUBSCRIBER_QUEUE)
         self._subscribers.add(queue)
         try:
             yield queue

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the images the integration tests need, without any container registry:
 #   mo-base:bookworm                   Debian bookworm minbase + python3, via debootstrap
-#   model-orchestrator/standin:test    tests/engine/standin.py, the vLLM stand-in
+#   model-orchestrator/standin:test    orchestrator/engine/standin.py, the vLLM stand-in
 #   model-orchestrator/daemon:test     the daemon's own image, from the repo's Dockerfile
 # Safe to run repeatedly: an existing base image is reused, the other two are rebuilt
 # (cheap, and layer cache makes it a no-op when nothing changed).
@@ -67,11 +67,11 @@ else
     log "base image ${base_image} not present locally; docker build will pull it"
 fi
 
-log "building ${standin_image} from tests/engine on ${base_image}"
+log "building ${standin_image} from orchestrator/engine on ${base_image}"
 DOCKER_BUILDKIT=0 docker build \
     --build-arg "BASE_IMAGE=${base_image}" \
     --tag "${standin_image}" \
-    "${repo_root}/tests/engine"
+    "${repo_root}/orchestrator/engine"
 log "built ${standin_image} ($(docker image inspect --format '{{.Id}}' "${standin_image}"))"
 
 # The daemon's image gets a build context of its own: only what the Dockerfile copies

@@ -211,8 +211,24 @@ def resolve_model(model: str, revision: str | None, offline: bool) -> str:
 # --------------------------------------------------------------------------- responses
 
 
+# The demo's engines say what they are in every answer, so nobody mistakes them for a model.
+FILLER_NOTICE = "[demo engine: generated filler text, not a model]"
+_FILLER_TEXT = (
+    "the quick brown fox jumps over the lazy dog while a small engine hums along and"
+    " pretends to think about your question before it answers with words that mean nothing"
+)
+
+
 def completion_words(prompt_text: str, max_tokens: int) -> tuple[list[str], str]:
-    """Deterministic "generation": echo the prompt, padded or cut to max_tokens words."""
+    """Deterministic "generation": echo the prompt, padded or cut to max_tokens words.
+
+    With STANDIN_FILLER (the demo) the words are filler text after a notice that says so;
+    the notice does not count against max_tokens.
+    """
+    if env_flag("STANDIN_FILLER"):
+        words = _FILLER_TEXT.split()
+        filler = [words[i % len(words)] for i in range(max_tokens)]
+        return [*FILLER_NOTICE.split(), *filler], "length"
     words = ("echo: " + prompt_text).split()
     finish_reason = "length" if len(words) > max_tokens else "stop"
     words = words[:max_tokens]
@@ -421,7 +437,9 @@ class Handler(BaseHTTPRequestHandler):
                     "id": name,
                     "object": "model",
                     "created": self.server.created,
-                    "owned_by": "vllm",
+                    "owned_by": "demo engine (filler text)"
+                    if env_flag("STANDIN_FILLER")
+                    else "vllm",
                     "root": self.server.model_path,
                     "parent": None,
                     "max_model_len": self.server.max_model_len,
@@ -583,6 +601,8 @@ def main(argv: list[str]) -> None:
 
     model_path = resolve_model(args.model, args.revision, env_flag("HF_HUB_OFFLINE"))
     log(f"INFO: Starting to load model {model_path}...")
+    if env_flag("STANDIN_FILLER"):
+        log(f"INFO: {FILLER_NOTICE}: this is model-orchestrator's demo engine")
 
     if env_flag("STANDIN_HANG"):
         while True:
