@@ -4,6 +4,7 @@ engine that is not there, a socket this user may not open, a model whose weights
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import socket
 import subprocess
@@ -168,3 +169,22 @@ services:
         f"  fix: hf download org/absent --revision {PIN} --cache-dir {models / 'hub'}"
     )
     assert said.startswith("org/absent is not in the cache")
+
+
+def test_serve_logs_what_blocks_it_before_it_fails(rig_root: Path) -> None:
+    """serve runs the same checks at start: the engine's problem is logged as an error with
+    its fix, and the start that then fails ends with one error line and a non-zero exit."""
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "serve", "--compose",
+         str(rig_root / "docker-compose.yml"), "--models-dir", str(rig_root / "models"),
+         "--state-dir", str(rig_root / "serve-state"), "--port", str(free_port())],
+        cwd=REPO_ROOT, env={**os.environ, "DOCKER_HOST": "unix:///nonexistent.sock"},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    logged = [json.loads(line) for line in lines[:-1]]
+    engine = next(entry for entry in logged if entry.get("check") == "docker engine")
+    assert engine["level"] == "error"
+    assert engine["fix"].startswith("start the engine DOCKER_HOST names")
+    assert lines[-1].startswith("model-orchestrator: error: docker engine error")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -9,6 +10,7 @@ import select
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -92,3 +94,32 @@ def test_serve_on_a_terminal_speaks_to_people(rig: Rig) -> None:
     logged = [match for line in lines if (match := CONSOLE_LINE.match(line))]
     assert ("info", "reconcile") in [(m[1], m[2].split()[0]) for m in logged]
     assert logged[-1][1] == "info" and logged[-1][2].startswith("shutting down")
+
+
+def test_off_a_terminal_the_banner_is_one_serving_line(rig: Rig) -> None:
+    """JSON logs carry the banner's facts in the serving line; a generated key by its file."""
+    rig.start_daemon("--host", "0.0.0.0")
+
+    def serving() -> dict[str, Any] | None:
+        # The whole log (daemon_log() keeps its tail), complete lines only.
+        text = sorted(rig.root.glob("daemon-*.log"))[-1].read_text()
+        lines = [json.loads(line) for line in text.splitlines(keepends=True) if line[-1] == "\n"]
+        return next((line for line in lines if line["event"] == "serving"), None)
+
+    eventually_blocking(
+        lambda: serving() is not None, what="the serving line", context=rig.daemon_log
+    )
+    line = serving()
+    assert line is not None
+    key_file = rig.root / "state" / "api-key"
+    assert {k: line[k] for k in ("host", "port", "url", "dashboard", "keys", "key_file")} == {
+        "host": "0.0.0.0",
+        "port": rig.port,
+        "url": f"http://127.0.0.1:{rig.port}",
+        "dashboard": f"http://127.0.0.1:{rig.port}/",
+        "keys": "on",
+        "key_file": str(key_file),
+    }
+    assert line["compose"] == [str(rig.compose_file)]
+    assert line["models"]["alpha"] == "present" and line["models"]["nocache"] == "missing"
+    assert key_file.read_text().strip() not in rig.daemon_log()
