@@ -585,6 +585,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OrchestratorError, ComposeError) as err:
         _error(err.message if isinstance(err, OrchestratorError) else str(err))
         return 2
+    except OSError as err:
+        # A folder or file the daemon cannot make or open: the OS's words say which.
+        _error(str(err))
+        return 1
     except KeyboardInterrupt:
         _error("interrupted")
         return 130

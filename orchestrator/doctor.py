@@ -506,6 +506,10 @@ def check_state_dir(state_dir: Path) -> Finding:
             )
         return Finding("ok", subject, f"{state_dir} is writable")
     parent = _nearest_existing(state_dir.parent)
+    if not parent.is_dir():
+        return Finding(
+            "problem", subject, f"{state_dir} cannot be created: {parent} is not a folder", other
+        )
     if _writable(parent):
         return Finding("ok", subject, f"{state_dir} will be created")
     return Finding(

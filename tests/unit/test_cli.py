@@ -160,6 +160,25 @@ def test_a_wrong_setting_is_one_error_line(tmp_path: Path) -> None:
     )
 
 
+def test_serve_says_which_folder_it_cannot_make(tmp_path: Path) -> None:
+    """A state dir under a file: the start-up check's error, then the OS's words, once."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    (tmp_path / "docker-compose.yml").write_text("services:\n  other:\n    image: x\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "serve", "--log-format", "json",
+         "--compose", str(tmp_path / "docker-compose.yml"), "--state-dir", str(blocker / "state"),
+         "--models-dir", str(tmp_path / "models"), "--port", "0"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    *logged, last = done.stderr.splitlines()
+    checks = {entry.get("check"): entry for entry in map(json.loads, logged)}
+    assert checks["state dir"]["level"] == "error"
+    assert checks["state dir"]["event"].endswith(f"{blocker} is not a folder")
+    assert last == f"model-orchestrator: error: [Errno 20] Not a directory: '{blocker / 'state'}'"
+
+
 # --- the models table ---------------------------------------------------------------------
 
 

@@ -217,6 +217,7 @@ def test_state_dir(tmp_path: Path) -> None:
     for path in (blocker, blocker / "state"):
         finding = check_state_dir(path)
         assert finding.blocking and "--state-dir DIR" in (finding.fix or "")
+        assert finding.detail.endswith(f"{blocker} is not a folder")
 
 
 def test_models_dir(tmp_path: Path) -> None:
