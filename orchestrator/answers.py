@@ -23,6 +23,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
+from . import __version__
 from .cache import VerdictStatus
 from .docker import ContainerInfo
 from .errors import OrchestratorError
@@ -331,9 +332,11 @@ class HealthFail(Answer):
 
 
 class Liveness(Answer):
-    """The daemon runs."""
+    """The daemon runs; ``service`` tells it from anything else on the port (``doctor``)."""
 
     status: Literal["pass"] = "pass"
+    service: Literal["model-orchestrator"] = "model-orchestrator"
+    version: str = __version__
 
 
 class ModelLogs(Answer):

@@ -128,9 +128,14 @@ def revision_problem(revision: str) -> str | None:
     return None
 
 
-def _download_hint(repo: str, hub_dir: Path, revision: str) -> str:
+def download_command(repo: str, hub_dir: Path, revision: str = "main") -> str:
+    """The shell command that puts ``revision`` of ``repo`` into the hub cache at ``hub_dir``."""
     revision_flag = "" if revision == "main" else f" --revision {revision}"
-    return f"run: hf download {repo}{revision_flag} --cache-dir {hub_dir}"
+    return f"hf download {repo}{revision_flag} --cache-dir {hub_dir}"
+
+
+def _download_hint(repo: str, hub_dir: Path, revision: str) -> str:
+    return f"run: {download_command(repo, hub_dir, revision)}"
 
 
 def _resolve_commit(repo_dir: Path, revision: str) -> str | None:

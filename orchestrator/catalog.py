@@ -9,7 +9,6 @@ database, moved over the normalized compose file and handed to the switcher.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -279,7 +278,7 @@ class Catalog:
                 self._on_pull(model_id, update)
 
         async def download() -> None:
-            with contextlib.suppress(OrchestratorError):
+            try:
                 await pull(
                     self.paths.hub_dir,
                     spec.repo or "",
@@ -287,6 +286,9 @@ class Catalog:
                     progress=record,
                     endpoint=self.hub_endpoint,
                 )
+            except OrchestratorError as err:
+                # Nobody awaits a background pull: its failure shows in pulls and here.
+                log.warning("pull failed", model=model_id, repo=spec.repo, error=err.message)
 
         self._pull_tasks[model_id] = asyncio.create_task(download(), name=f"pull-{model_id}")
         return progress

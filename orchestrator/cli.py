@@ -1,6 +1,7 @@
-"""The ``model-orchestrator`` command: ``serve`` runs the daemon, ``check`` reviews compose.
+"""The ``model-orchestrator`` command.
 
-``pull`` downloads a model into the hub cache.
+``serve`` runs the daemon, ``doctor`` checks the machine, ``check`` reviews compose,
+``pull`` downloads a model into the hub cache, ``models`` changes the running daemon's.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -20,6 +22,8 @@ from urllib.parse import quote
 import structlog
 from aiohttp import web
 
+from . import __version__
+from .banner import banner
 from .cache import Verdicts, looks_like_path
 from .catalog import NORMALIZED_COMPOSE
 from .client import DEFAULT_URL, DaemonRefused, DaemonUnavailable, call, format_models
@@ -33,9 +37,10 @@ from .docker import (
     detect_compose_cli,
     runtime_environment,
 )
+from .doctor import Checkup, Finding, doctor
 from .errors import OrchestratorError
-from .logs import configure_logging
-from .pull import PullError, PullProgress, pull
+from .logs import LOG_FORMATS, LOG_LEVELS, configure_logging
+from .pull import PullProgress, pull
 from .registry import ModelEntry
 from .server import (
     QuietExhaustion,
@@ -47,8 +52,68 @@ from .store import Store
 log = structlog.get_logger(__name__)
 
 
-def _common_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML settings file (ORCHESTRATOR_CONFIG)")
+PROG = "model-orchestrator"
+_FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
+def _global_options(*, inherited: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name.
+
+    The main parser holds the defaults; each command's copy has none (SUPPRESS), so a value
+    given before the command's name is kept unless it is given again after it, which wins.
+    """
+    options = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if inherited else None
+    group = options.add_argument_group("global options")
+    group.add_argument(
+        "--url",
+        default=default,
+        help=f"the daemon's address, for models (ORCHESTRATOR_URL, else {DEFAULT_URL})",
+    )
+    group.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        metavar="FILE",
+        help="YAML settings file (ORCHESTRATOR_CONFIG)",
+    )
+    group.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=default,
+        help="serve: info (ORCHESTRATOR_LOG_LEVEL); other commands: warning",
+    )
+    group.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=default,
+        help="console: for people; json: a JSON object a line; auto (default): console on a"
+        " terminal",
+    )
+    return options
+
+
+def _examples(*lines: str) -> str:
+    title = "Example:" if len(lines) == 1 else "Examples:"
+    return "\n".join([title, *(f"  {PROG} {line}" for line in lines)])
+
+
+def _command(
+    commands: Any, name: str, help_text: str, examples: Sequence[str], **kwargs: Any
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=help_text,
+        description=kwargs.pop("description", help_text[:1].upper() + help_text[1:] + "."),
+        epilog=_examples(*examples),
+        formatter_class=_FORMATTER,
+        parents=[_global_options(inherited=True), *kwargs.pop("parents", [])],
+        **kwargs,
+    )
+    return parser
+
+
+def _project_flags(parser: argparse.ArgumentParser, *, listens: bool = False) -> None:
     parser.add_argument(
         "--compose",
         dest="compose_files",
@@ -69,20 +134,35 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--project-name", help="compose project name (else COMPOSE_PROJECT_NAME, else compose's)"
     )
+    if listens:
+        parser.add_argument("--host", help="address to listen on (127.0.0.1)")
+        parser.add_argument("--port", type=int, help="port to listen on (8080)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="model-orchestrator",
+        prog=PROG,
         description="Swap one GPU between vLLM models kept as docker-compose profiles.",
+        epilog=_examples(
+            "doctor --compose compose/docker-compose.yml --models-dir models",
+            "serve --compose compose/docker-compose.yml --models-dir models",
+        ),
+        formatter_class=_FORMATTER,
+        parents=[_global_options(inherited=False)],
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the daemon")
-    _common_flags(serve)
-    serve.add_argument("--host", help="address to listen on (127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (8080)")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument(
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_parser = _command(
+        commands,
+        "serve",
+        "run the daemon",
+        [
+            "serve --compose compose/docker-compose.yml --models-dir models",
+            "serve --host 0.0.0.0 --port 8080 --config /etc/model-orchestrator.yml",
+        ],
+    )
+    _project_flags(serve_parser, listens=True)
+    serve_parser.add_argument(
         "--insecure-no-auth",
         action="store_true",
         default=None,
@@ -90,16 +170,34 @@ def build_parser() -> argparse.ArgumentParser:
         " can run containers on this host); without it such a bind requires a key, generated"
         " into <state-dir>/api-key when none is set",
     )
-    check = commands.add_parser(
-        "check", help="show what the daemon rewrites and what is wrong; non-zero exit on errors"
+    doctor_parser = _command(
+        commands,
+        "doctor",
+        "check that this machine can serve, and say what to run where it cannot",
+        ["doctor --compose compose/docker-compose.yml --models-dir models"],
+        description="Check Docker, Compose v2, the NVIDIA runtime and GPUs, the compose"
+        " project, each model's weights, the folders and the port: one line each, with a"
+        " fix for whatever is not ok. Exit 1 when serve could not work.",
     )
-    _common_flags(check)
-    check.add_argument(
+    _project_flags(doctor_parser, listens=True)
+    check_parser = _command(
+        commands,
+        "check",
+        "show what the daemon rewrites and what is wrong; non-zero exit on errors",
+        ["check --compose compose/docker-compose.yml --models-dir models --show"],
+    )
+    _project_flags(check_parser)
+    check_parser.add_argument(
         "--show", action="store_true", help="print the whole rewritten project as well"
     )
-    pull_parser = commands.add_parser(
+    pull_parser = _command(
+        commands,
         "pull",
-        help="download a model into <models-dir>/hub; exit 0 once it can be served",
+        "download a model into <models-dir>/hub; exit 0 once it can be served",
+        [
+            "pull text-4b --compose compose/docker-compose.yml --models-dir models",
+            "pull Qwen/Qwen2.5-0.5B-Instruct --revision main --models-dir models",
+        ],
         description="Download a model into <models-dir>/hub with huggingface_hub, which reads"
         " HF_TOKEN and HF_ENDPOINT. After an interrupted pull, pulling again fetches only"
         " the files that are not complete yet.",
@@ -110,11 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model id (of the compose file or the registry), or a Hub repo id",
     )
     pull_parser.add_argument("--revision", help="branch, tag or commit (the default branch)")
-    _common_flags(pull_parser)
+    _project_flags(pull_parser)
     _models_parser(commands)
-    demo = commands.add_parser(
+    demo = _command(
+        commands,
         "demo",
-        help="see what the daemon does, without a GPU or weights (needs Docker)",
+        "see what the daemon does, without a GPU or weights (needs Docker)",
+        ["demo", "demo --dir /tmp/mo-demo --port 8090"],
         description="Build a small demo engine image (once), write a demo project of three"
         " models into a folder, and serve it. The engines answer with filler text.",
     )
@@ -132,21 +232,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _models_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--api-key",
+        default=argparse.SUPPRESS,
+        help="the daemon's API key (else ORCHESTRATOR_API_KEY, which other users cannot see"
+        " in ps as they can an argument)",
+    )
+    return options
+
+
 def _models_parser(commands: Any) -> None:
-    models = commands.add_parser(
+    models = _command(
+        commands,
         "models",
-        help="list and change the running daemon's models (through its HTTP API)",
+        "list and change the running daemon's models (through its HTTP API)",
+        ["models list --url http://gpu-box:8080", "models add Qwen/Qwen2.5-0.5B-Instruct"],
+        parents=[_models_options()],
     )
-    models.add_argument(
-        "--url",
-        default=os.environ.get("ORCHESTRATOR_URL", DEFAULT_URL),
-        help=f"the daemon's address (ORCHESTRATOR_URL, else {DEFAULT_URL})",
-    )
-    actions = models.add_subparsers(dest="action", required=True)
-    listing = actions.add_parser("list", help="every model, its state and cache verdict")
+    actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help_text: str, *examples: str) -> argparse.ArgumentParser:
+        return _command(
+            actions, name, help_text, [f"models {e}" for e in examples], parents=[_models_options()]
+        )
+
+    listing = action("list", "every model, its state and cache verdict", "list --format csv")
     listing.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    add = actions.add_parser(
-        "add", help="register a Hub repo or a local model folder as a new model"
+    add = action(
+        "add",
+        "register a Hub repo or a local model folder as a new model",
+        "add Qwen/Qwen2.5-0.5B-Instruct --id qwen-small --max-model-len 8192",
+        "add /srv/train/job_42/checkpoint-100",
     )
     add.add_argument("source", help="a Hub repo id (org/name) or an absolute folder path")
     add.add_argument("--id", dest="model_id", help="the model's id (default: a readable one)")
@@ -162,12 +280,12 @@ def _models_parser(commands: Any) -> None:
     add.add_argument("--vision", action="store_true", default=None)
     add.add_argument("--tools", action="store_true", default=None)
     add.add_argument("--disabled", action="store_true", help="add it disabled")
-    for action, text in (
+    for name, text in (
         ("rm", "remove a model added at run time"),
         ("enable", "allow switching to a model"),
         ("disable", "refuse switches to a model"),
     ):
-        actions.add_parser(action, help=text).add_argument("model_id", metavar="ID")
+        action(name, text, f"{name} qwen-small").add_argument("model_id", metavar="ID")
 
 
 def _add_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -201,15 +319,28 @@ def _add_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def _error(message: str) -> None:
+    """A command's error: one line on stderr, whatever the log settings."""
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+def _table_width() -> int:
+    """A terminal's width (the table still never cuts an id); 80 columns elsewhere."""
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size((80, 24)).columns
+    return 80
+
+
 async def models_command(args: argparse.Namespace) -> int:
     """One registry action against the running daemon; prints what it did."""
-    url = args.url
-    key = os.environ.get("ORCHESTRATOR_API_KEY") or None
+    url = args.url or os.environ.get("ORCHESTRATOR_URL") or DEFAULT_URL
+    key = getattr(args, "api_key", None) or os.environ.get("ORCHESTRATOR_API_KEY") or None
     try:
         if args.action == "list":
             listing = await call(url, "GET", "/models", api_key=key)
             status = await call(url, "GET", "/status", api_key=key)
-            print(format_models(listing.get("models", []), status, args.format))
+            models = listing.get("models", [])
+            print(format_models(models, status, args.format, width=_table_width()))
         elif args.action == "add":
             added = (await call(url, "POST", "/models", _add_body(args), api_key=key))["model"]
             print(f"added {added['id']} ({added['display_name']})")
@@ -221,7 +352,7 @@ async def models_command(args: argparse.Namespace) -> int:
             await call(url, "POST", f"/models/{model}/{args.action}", api_key=key)
             print(f"{args.action}d {args.model_id}")
     except (DaemonUnavailable, DaemonRefused) as err:
-        print(f"ERROR: {err}", file=sys.stderr)
+        _error(str(err))
         return 1
     return 0
 
@@ -236,6 +367,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "host",
         "port",
         "log_level",
+        "log_format",
         "insecure_no_auth",
     )
     flags = {name: getattr(args, name, None) for name in names}
@@ -261,17 +393,42 @@ async def _docker(settings: Settings, normalized: Path, project_name: str) -> Do
     )
 
 
-async def serve(settings: Settings, on_listening: Callable[[str], None] | None = None) -> None:
+def _log_findings(findings: Sequence[Finding]) -> None:
+    """The start-up checks in the daemon's log: problems as errors, warnings as warnings."""
+    for finding in findings:
+        event = f"{finding.subject}: {finding.detail}"
+        if finding.mark == "problem":
+            log.error(event, check=finding.subject, fix=finding.fix)
+        elif finding.mark == "warning":
+            log.warning(event, check=finding.subject, fix=finding.fix)
+        else:
+            log.debug(event, check=finding.subject)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    console: bool = False,
+    out: TextIO | None = None,
+    on_listening: Callable[[str], None] | None = None,
+) -> None:
     """Run the daemon until SIGTERM or SIGINT; whatever fails at start closes what was opened.
 
-    ``on_listening`` is told the daemon's URL once it accepts connections (the demo)."""
+    ``console``: the banner goes to ``out`` (stderr, where the logs go) as lines for
+    people; otherwise its facts are the ``serving`` log line. ``on_listening`` is told
+    the daemon's URL once it accepts connections (the demo).
+    """
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(QuietExhaustion())
     descriptors = raise_descriptor_limit()
+    checkup = Checkup(settings)
+    # Reported, not enforced: what the daemon then fails at says the rest.
+    _log_findings(await checkup.before_serve())
     async with contextlib.AsyncExitStack() as stack:
         daemon = await build_daemon(settings, descriptor_limit=descriptors)
         stack.push_async_callback(daemon.close)
         project = daemon.project
+        _log_findings(await checkup.gpu_check(project))
         for model_id, problems in project.problems.items():
             for problem in problems:
                 log.warning("compose problem", model=model_id, problem=problem)
@@ -298,18 +455,19 @@ async def serve(settings: Settings, on_listening: Callable[[str], None] | None =
         stack.push_async_callback(runner.cleanup)
         listener = await listen(runner, daemon.connections, settings.host, settings.port)
         stack.callback(listener.close)
-        log.info(
-            "serving",
-            host=settings.host,
-            port=settings.port,
-            project=project.name,
-            models=list(project.models),
-            compose=str(daemon.catalog.paths.normalized),
-            keys=len(daemon.keys),
-            max_connections=daemon.connections.max_connections,
-        )
+        port = int(listener.sockets[0].getsockname()[1]) if listener.sockets else settings.port
+        facts = await banner(daemon, port)
+        if console:
+            print("\n".join(facts.lines()), file=out or sys.stderr, flush=True)
+        else:
+            log.info(
+                "serving",
+                **facts.fields(),
+                normalized=str(daemon.catalog.paths.normalized),
+                max_connections=daemon.connections.max_connections,
+            )
         if on_listening is not None:
-            on_listening(f"http://{_url_host(settings.host)}:{settings.port}")
+            on_listening(f"http://{_url_host(settings.host)}:{port}")
         await stopping.wait()
         log.info("shutting down; the running model is left running")
 
@@ -328,9 +486,7 @@ def _url_host(host: str) -> str:
 async def check(settings: Settings, show: bool = False) -> int:
     """Print, per model, what is rewritten and what is wrong; return the exit code."""
     project = await _project(settings)
-    source = settings.compose_source
-    dotenv = source.project_dir / ".env"
-    read = [*source.files, *(source.env_files or ([dotenv] if dotenv.is_file() else []))]
+    read = settings.compose_source.read_files
     print(f"files read: {', '.join(str(f) for f in read)}  (project {project.name})")
     errors = 0
     verdicts = Verdicts(settings.models_dir / "hub")
@@ -428,7 +584,7 @@ async def pull_model(settings: Settings, target: str, revision: str | None) -> i
     if "/" not in target:
         model_repo, other = await _model_source(settings, target)
         if other is not None:
-            print(f"ERROR: model {target} loads {other}, not a Hub repo: nothing to pull")
+            _error(f"model {target} loads {other}, not a Hub repo: nothing to pull")
             return 1
         repo = model_repo or target
     hub = settings.models_dir / "hub"
@@ -436,11 +592,11 @@ async def pull_model(settings: Settings, target: str, revision: str | None) -> i
     print(f"pulling {repo}{at_revision} into {hub}", flush=True)
     try:
         verdict = await pull(hub, repo, revision=revision, progress=_progress_printer(sys.stdout))
-    except PullError as err:
-        print(f"ERROR: {err.message}")
+    except OrchestratorError as err:
+        _error(err.message)
         return 1
     if verdict.status != "present":
-        print(f"ERROR: {verdict.reason}")
+        _error(verdict.reason)
         return 1
     print(f"present: {verdict.path} ({_size(verdict.size_bytes)})")
     return 0
@@ -466,26 +622,43 @@ async def _demo(args: argparse.Namespace) -> int:
     return await run_demo(folder, args.base_image, url, serve_demo, rebuild=args.rebuild)
 
 
+def _command_logging(args: argparse.Namespace, settings: Settings | None) -> None:
+    """Logs of commands other than serve: warnings and worse unless --log-level says more;
+    what they print is their output, and an error they print is never logged as well."""
+    log_format = args.log_format or (settings.log_format if settings else "auto")
+    configure_logging(args.log_level or "warning", log_format=log_format)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "models":
-        return asyncio.run(models_command(args))
     try:
         if args.command == "demo":
-            configure_logging("warning")
+            _command_logging(args, None)
             return asyncio.run(_demo(args))
+        if args.command == "models":
+            _command_logging(args, None)
+            return asyncio.run(models_command(args))
         settings = _settings(args)
-        configure_logging(settings.log_level)
         if args.command == "serve":
-            asyncio.run(serve(settings))
+            console = configure_logging(settings.log_level, log_format=settings.log_format)
+            asyncio.run(serve(settings, console=console))
             return 0
+        _command_logging(args, settings)
         if args.command == "pull":
             return asyncio.run(pull_model(settings, args.target, args.revision))
+        if args.command == "doctor":
+            return asyncio.run(doctor(settings))
         return asyncio.run(check(settings, show=args.show))
     except (OrchestratorError, ComposeError) as err:
-        message: Any = err.message if isinstance(err, OrchestratorError) else str(err)
-        print(f"model-orchestrator: {message}", file=sys.stderr)
+        _error(err.message if isinstance(err, OrchestratorError) else str(err))
         return 2
+    except OSError as err:
+        # A folder or file the daemon cannot make or open: the OS's words say which.
+        _error(str(err))
+        return 1
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ import aiohttp
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 TABLE_COLUMNS = ("id", "display_name", "origin", "enabled", "state", "cache", "source")
+# The table on a terminal: 80 columns hold it with an id of 30 characters. A disabled model
+# shows in the state column, which is otherwise "-" for every model but the active one.
+SCREEN_COLUMNS = ("id", "display_name", "origin", "state", "cache", "source")
+_HEADERS = {"display_name": "NAME"}
 
 
 class DaemonUnavailable(Exception):
@@ -82,8 +86,70 @@ def _row(model: Mapping[str, Any], active: str | None, state: str) -> dict[str, 
     }
 
 
-def format_models(models: Sequence[Mapping[str, Any]], status: Mapping[str, Any], fmt: str) -> str:
-    """The models as a table for people, or JSON or CSV for scripts."""
+# Columns that give up width when the table is wider than the terminal, the wider first,
+# down to their header's width; the id never does: it is what the next command takes.
+_SHRINKING = ("display_name", "source")
+# Where a shortened value keeps its words: a repo or a path says most at both ends.
+_MIDDLE = frozenset({"source"})
+ELLIPSIS = "…"
+
+
+def shorten(text: str, width: int, *, middle: bool = False) -> str:
+    """``text`` in at most ``width`` characters, an ellipsis standing for what was cut."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return ELLIPSIS[:width]
+    if middle:
+        head = (width - 1) // 2
+        tail = width - 1 - head
+        return text[:head] + ELLIPSIS + (text[-tail:] if tail else "")
+    return text[: width - 1] + ELLIPSIS
+
+
+def _header(column: str) -> str:
+    return _HEADERS.get(column, column.upper())
+
+
+def _fit(widths: dict[str, int], width: int) -> dict[str, int]:
+    over = sum(widths.values()) + 2 * (len(widths) - 1) - width
+    while over > 0:
+        column = max(_SHRINKING, key=lambda c: widths[c] - len(_header(c)))
+        if widths[column] <= len(_header(column)):
+            break
+        widths[column] -= 1
+        over -= 1
+    return widths
+
+
+def _screen_state(row: Mapping[str, str]) -> str:
+    return "disabled" if row["enabled"] == "no" and row["state"] == "-" else row["state"]
+
+
+def _table(rows: Sequence[Mapping[str, str]], width: int | None) -> str:
+    screen = [{**row, "state": _screen_state(row)} for row in rows]
+    widths = {c: max([len(_header(c)), *(len(r[c]) for r in screen)]) for c in SCREEN_COLUMNS}
+    if width is not None:
+        widths = _fit(widths, width)
+
+    def line(cells: Mapping[str, str]) -> str:
+        shown = (
+            shorten(cells[c], widths[c], middle=c in _MIDDLE).ljust(widths[c])
+            for c in SCREEN_COLUMNS
+        )
+        return "  ".join(shown).rstrip()
+
+    return "\n".join([line({c: _header(c) for c in SCREEN_COLUMNS}), *map(line, screen)])
+
+
+def format_models(
+    models: Sequence[Mapping[str, Any]],
+    status: Mapping[str, Any],
+    fmt: str,
+    width: int | None = None,
+) -> str:
+    """The models as a table for people (in ``width`` columns, when the id leaves room for
+    the rest), or JSON or CSV for scripts."""
     if fmt == "json":
         return json.dumps(list(models), indent=2)
     active = status.get("active") or status.get("target")
@@ -95,7 +161,4 @@ def format_models(models: Sequence[Mapping[str, Any]], status: Mapping[str, Any]
         writer.writeheader()
         writer.writerows(rows)
         return out.getvalue().rstrip("\n")
-    widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in TABLE_COLUMNS}
-    lines = ["  ".join(c.upper().ljust(widths[c]) for c in TABLE_COLUMNS).rstrip()]
-    lines += ["  ".join(r[c].ljust(widths[c]) for c in TABLE_COLUMNS).rstrip() for r in rows]
-    return "\n".join(lines)
+    return _table(rows, width)

@@ -178,6 +178,12 @@ class ComposeSource:
     def project_dir(self) -> Path:
         return self.files[0].parent
 
+    @property
+    def read_files(self) -> tuple[Path, ...]:
+        """Every file compose reads: the compose files, then the env files, else the .env."""
+        dotenv = self.project_dir / ".env"
+        return (*self.files, *(self.env_files or ((dotenv,) if dotenv.is_file() else ())))
+
 
 @dataclass
 class ComposeProject:

@@ -29,6 +29,7 @@ from pydantic_settings import (
 
 from .compose import ComposeSource, compose_files
 from .errors import ConfigError
+from .logs import LOG_FORMATS, LOG_LEVELS
 from .registry import default_allowed_images
 from .security import normalise_origin
 
@@ -110,6 +111,8 @@ class Settings(BaseSettings):
     # Bring the last requested model back when the daemon starts and finds nothing running.
     restore_on_start: bool = True
     log_level: str = "info"
+    # console: lines for people; json: one JSON object a line; auto: console on a terminal.
+    log_format: str = "auto"
     # How often the active model's health endpoint is probed between switches.
     probe_interval: Seconds = 2.0
     # Consecutive failed probes before a ready model counts as unhealthy.
@@ -214,6 +217,20 @@ class Settings(BaseSettings):
         # The models dir is written into our copy of the compose file as a bind source.
         if "$" in str(value):
             raise ValueError("models_dir must not contain '$': compose would read it as a variable")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return value.lower()
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        if value not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
         return value
 
     @field_validator("engine_gpus")

@@ -1,4 +1,4 @@
-"""structlog set-up: JSON lines when not on a terminal, with context variables merged first.
+"""structlog set-up: JSON lines for machines, the console renderer for people at a terminal.
 
 A switch binds ``switch_id`` and ``model`` with ``bind_contextvars``; every line
 logged while it runs, in the daemon or in worker threads started with
@@ -9,15 +9,29 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
+LOG_FORMATS = ("auto", "console", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
-def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
-    if json is None:
-        json = not sys.stderr.isatty()
+
+def wants_console(log_format: str = "auto", stream: TextIO | None = None) -> bool:
+    """Whether lines go out for people: asked for, or ``auto`` and the stream is a terminal."""
+    if log_format == "auto":
+        return (stream or sys.stderr).isatty()
+    return log_format == "console"
+
+
+def configure_logging(
+    level: str = "info", *, log_format: str = "auto", stream: TextIO | None = None
+) -> bool:
+    """Log to ``stream`` (stderr) at ``level`` and above; returns whether it is for people."""
+    out = stream or sys.stderr
+    console = wants_console(log_format, out)
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[
@@ -31,6 +45,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
+    return console

@@ -303,7 +303,8 @@ async def pull(
         # are the disk's; the transport's come through as they are.
         failure = _failure(err, repo, wanted, hub_endpoint)
         tracker.finish("failed", failure.message)
-        log.warning("pull failed", repo=repo, revision=wanted, error=failure.message)
+        # Not logged here: the caller reports it once, as a log line (the daemon's
+        # background pulls) or as the command's one error line (the pull command).
         raise failure from err
     verdict = await asyncio.to_thread(find_snapshot, hub_dir, repo, wanted)
     tracker.finish("done")

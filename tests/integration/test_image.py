@@ -137,7 +137,8 @@ def daemon(
 
 def test_liveness_passes(daemon: Daemon) -> None:
     """GET /health/live on the port from ORCHESTRATOR_PORT answers 200 pass."""
-    assert call(f"{daemon.rig.url}/health/live") == (200, {"status": "pass"})
+    status, body = call(f"{daemon.rig.url}/health/live")
+    assert (status, body["status"], body["service"]) == (200, "pass", "model-orchestrator")
 
 
 def test_docker_healthcheck_turns_healthy(daemon: Daemon) -> None:

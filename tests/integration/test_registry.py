@@ -94,7 +94,7 @@ async def test_models_added_by_cli_and_api_run_like_compose_ones(
     assert by_id[model_id]["metadata"]["model_path"] == str(checkpoint)
     assert by_id["gamma"]["display_name"] == "Gamma"
     table = cli(rig, "list").stdout.splitlines()
-    assert table[0].split()[:3] == ["ID", "DISPLAY_NAME", "ORIGIN"]
+    assert table[0].split()[:3] == ["ID", "NAME", "ORIGIN"]
     assert any(line.startswith(model_id) and "ready" in line for line in table)
     csv_lines = cli(rig, "list", "--format", "csv").stdout.splitlines()
     assert csv_lines[0] == "id,display_name,origin,enabled,state,cache,source"

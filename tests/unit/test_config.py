@@ -258,6 +258,8 @@ def test_the_file_gives_every_kind_of_value(
         ({"insecure_no_auth": True}, "insecure_no_auth", True),
         ({"port": "9000"}, "port", 9000),
         ({"log_level": "debug"}, "log_level", "debug"),
+        ({"log_level": "WARNING"}, "log_level", "warning"),
+        ({"log_format": "console"}, "log_format", "console"),
         ({"api_keys": ["k1", "k2"]}, "api_keys", ("k1", "k2")),
         ({"api_keys": "k1,k2"}, "api_keys", ("k1", "k2")),
         ({"allowed_origins": ["http://a.lan:3000"]}, "allowed_origins", ("http://a.lan:3000",)),
@@ -378,6 +380,8 @@ def test_resolved_defaults_depend_on_other_settings(tmp_path: Path) -> None:
         ("allowed_origins", "webui.lan", "allowed_origins: 'webui.lan' is not an origin"),
         ("allowed_origins", "ftp://a.lan", "allowed_origins: 'ftp://a.lan' is not an origin"),
         ("models_dir", "/srv/$USER", "models_dir must not contain '\\$'"),
+        ("log_level", "loud", "log_level must be one of debug, info, warning, error"),
+        ("log_format", "xml", "log_format must be one of auto, console, json, got 'xml'"),
     ],
 )
 def test_wrong_values_name_the_setting_and_the_layer(

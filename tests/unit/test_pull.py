@@ -275,7 +275,10 @@ def test_cli_pulls_a_model_of_the_compose_file(hub: FakeHub, tmp_path: Path) -> 
         [*command[:-1], "org/nope", *flags], env=env, capture_output=True, text=True, timeout=60
     )
     assert missing.returncode == 1
-    assert missing.stdout.splitlines()[-1].startswith(f"ERROR: org/nope was not found on {hub.url}")
+    assert "not found" not in missing.stdout
+    assert missing.stderr.startswith(
+        f"model-orchestrator: error: org/nope was not found on {hub.url}"
+    )
 
 
 async def test_cli_pulls_a_model_added_to_the_registry(hub: FakeHub, tmp_path: Path) -> None:
@@ -311,4 +314,4 @@ async def test_cli_pulls_a_model_added_to_the_registry(hub: FakeHub, tmp_path: P
     assert done.stdout.splitlines()[0].startswith(f"pulling {REPO} into")
     refused = await asyncio.to_thread(run, "local")
     assert refused.returncode == 1
-    assert "loads /srv/train/run, not a Hub repo" in refused.stdout
+    assert "loads /srv/train/run, not a Hub repo" in refused.stderr
