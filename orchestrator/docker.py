@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import re
 import shutil
 import threading
 from collections import deque
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import structlog
+import yaml
 
 from .compose import ComposeSource
 from .errors import DockerError, TooManyStreams
@@ -33,6 +36,42 @@ T = TypeVar("T")
 
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
+CONFIG_HASH_LABEL = "com.docker.compose.config-hash"
+IMAGE_LABEL = "com.docker.compose.image"
+ONEOFF_LABEL = "com.docker.compose.oneoff"
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """One entry of a service's depends_on in the compose file."""
+
+    service: str
+    condition: str = "service_started"  # or service_healthy, service_completed_successfully
+    required: bool = True
+
+
+def dependencies(declared: object) -> tuple[Dependency, ...]:
+    """A service's depends_on, short (a list) or long (a mapping) form."""
+    if isinstance(declared, list):
+        return tuple(Dependency(str(name)) for name in declared)
+    if not isinstance(declared, dict):
+        return ()
+    found = []
+    for name, how in declared.items():
+        how = how if isinstance(how, dict) else {}
+        condition = str(how.get("condition") or "service_started")
+        found.append(Dependency(str(name), condition, how.get("required", True) is not False))
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class Blueprint:
+    """What compose would create for a service now: its config hash, its image, and what
+    it depends on. (Containers made with --no-deps carry no depends_on label.)"""
+
+    config_hash: str
+    image: str
+    depends_on: tuple[Dependency, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,6 +86,9 @@ class ContainerInfo:
     addresses: tuple[str, ...]  # the container's IPs on its networks
     oom_killed: bool = False
     health: str | None = None  # docker's healthcheck verdict: starting, healthy, unhealthy
+    # What compose created it from: the service's config hash and the image's id.
+    config_hash: str | None = None
+    image_id: str | None = None
 
     @property
     def running(self) -> bool:
@@ -105,6 +147,44 @@ def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
         addresses=addresses,
         oom_killed=bool(state.get("OOMKilled")),
         health=(state.get("Health") or {}).get("Status"),
+        config_hash=labels.get(CONFIG_HASH_LABEL),
+        image_id=labels.get(IMAGE_LABEL) or attrs.get("Image"),
+    )
+
+
+_EXIT_CODE = re.compile(r"^Exited \((-?\d+)\)")
+_HEALTH = re.compile(r"\((healthy|unhealthy|health: starting)\)")
+
+
+def container_summary(attrs: Mapping[str, Any]) -> ContainerInfo:
+    """The same view from docker's container list, which answers for every container in
+    one call: no start time and no OOM flag, and the exit code read from its status line."""
+    labels = attrs.get("Labels") or {}
+    state = str(attrs.get("State", "unknown"))
+    running = state in {"running", "restarting"}
+    status_line = str(attrs.get("Status") or "")
+    exited = _EXIT_CODE.match(status_line)
+    health = _HEALTH.search(status_line)
+    ports: dict[int, tuple[str, int]] = {}
+    for port in sorted(attrs.get("Ports") or [], key=lambda p: ":" in str(p.get("IP", ""))):
+        if port.get("Type") == "tcp" and port.get("PublicPort"):
+            ports.setdefault(
+                int(port["PrivatePort"]), (str(port.get("IP", "")), port["PublicPort"])
+            )
+    networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    names = attrs.get("Names") or [""]
+    return ContainerInfo(
+        id=str(attrs.get("Id", "")),
+        name=str(names[0]).lstrip("/"),
+        service=str(labels.get(SERVICE_LABEL, "")),
+        status=state,
+        exit_code=None if running or exited is None else int(exited.group(1)),
+        started_at=None,
+        ports=ports,
+        addresses=tuple(n["IPAddress"] for n in networks.values() if n.get("IPAddress")),
+        health=None if health is None else health.group(1).removeprefix("health: "),
+        config_hash=labels.get(CONFIG_HASH_LABEL),
+        image_id=labels.get(IMAGE_LABEL) or attrs.get("ImageID"),
     )
 
 
@@ -236,6 +316,8 @@ class Docker:
         # What compose runs with: the daemon's environment less its secrets.
         self.environment = dict(environment) if environment is not None else None
         self._shared_logs: dict[str, SharedLog] = {}
+        # compose's blueprints of the copy, with the file's identity they were read from.
+        self._blueprints: tuple[tuple[int, int, int], dict[str, Blueprint]] | None = None
 
     # -- plumbing -------------------------------------------------------------
 
@@ -282,30 +364,113 @@ class Docker:
     async def up(self, profile: str, services: Sequence[str]) -> None:
         await self.compose("--profile", profile, "up", "--detach", *services, time_limit=600)
 
-    async def create(self, profile: str, services: Sequence[str]) -> None:
-        """Create (not start) the services' containers; an existing one is left as it is."""
-        await self.compose(
-            "--profile", profile, "create", "--no-recreate", *services, time_limit=600
-        )
+    async def create(self, profiles: Iterable[str], services: Sequence[str]) -> None:
+        """Create (not start) the services' containers afresh, as ``up`` would make them.
 
-    async def remove(self, profile: str, services: Sequence[str], grace: float | None) -> None:
-        """Stop and remove the services' containers, so none lingers holding GPU memory.
-
-        One ``rm --stop`` rather than ``stop`` then ``rm``: each compose call costs a
-        process start and a project load, and this is on every switch's path. Compose
-        stops each container with its service's stop_grace_period.
+        ``--no-deps``: a dependency may be running for another model and is not ours to
+        recreate here; ``--force-recreate``: the caller asks only for services whose
+        container is missing, out of date, or has run before and would bring back its log.
         """
+        args: list[str] = []
+        for profile in profiles:
+            args += ["--profile", profile]
         await self.compose(
-            "--profile",
-            profile,
-            "rm",
-            "--stop",
-            "--force",
-            *services,
-            time_limit=(grace or 10) + 120,
+            *args, "up", "--no-start", "--no-deps", "--force-recreate", *services, time_limit=600
         )
+
+    async def blueprints(self) -> dict[str, Blueprint]:
+        """Each service's config hash (``docker compose config --hash``) and image, read
+        again only when the daemon's copy of the compose file has changed."""
+        stat = await asyncio.to_thread(self.compose_file.stat)
+        identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if self._blueprints is not None and self._blueprints[0] == identity:
+            return self._blueprints[1]
+        printed = await self.compose("--profile", "*", "config", "--hash", "*", time_limit=60)
+        text = await asyncio.to_thread(self.compose_file.read_text)
+        services = (yaml.safe_load(text) or {}).get("services") or {}
+        found = {}
+        for line in printed.splitlines():
+            service, _, config_hash = line.strip().partition(" ")
+            if not config_hash:
+                continue
+            definition = services.get(service) or {}
+            # A service built and not named gets compose's name for its image.
+            image = definition.get("image") or f"{self.project_name}-{service}"
+            needs = dependencies(definition.get("depends_on"))
+            found[service] = Blueprint(config_hash.strip(), str(image), needs)
+        self._blueprints = (identity, found)
+        return found
+
+    def known_blueprints(self) -> dict[str, Blueprint] | None:
+        """The blueprints last read, if the file has not changed since; no compose call."""
+        if self._blueprints is None:
+            return None
+        try:
+            stat = self.compose_file.stat()
+        except OSError:
+            return None
+        identity, found = self._blueprints
+        return found if identity == (stat.st_ino, stat.st_mtime_ns, stat.st_size) else None
+
+    # -- lifecycle (SDK): the switch's critical path, without a compose process ------
+
+    async def start_container(self, container_id: str) -> None:
+        client = await self.client()
+        try:
+            await self._blocking(client.api.start, container_id)
+        except docker.errors.NotFound as err:
+            raise DockerError(f"container {container_id[:12]} is gone") from err
+
+    async def stop_container(self, container_id: str, grace: float | None) -> None:
+        """The container's stop signal, then SIGKILL after ``grace`` seconds; None: the
+        grace compose gave the container (its stop_grace_period, else docker's 10 s)."""
+        client = await self.client()
+        timeout = None if grace is None else math.ceil(grace)
+        with contextlib.suppress(docker.errors.NotFound):
+            await self._blocking(client.api.stop, container_id, timeout=timeout)
+
+    async def remove_container(self, container_id: str) -> None:
+        client = await self.client()
+        try:
+            await self._blocking(client.api.remove_container, container_id, force=True)
+        except docker.errors.NotFound:
+            return
+        except DockerError as err:
+            if "already in progress" not in err.message:
+                raise
+
+    async def image_ids(self, references: Iterable[str]) -> dict[str, str | None]:
+        """The id each image reference names now; None for an image not on this machine."""
+        client = await self.client()
+
+        async def one(reference: str) -> str | None:
+            try:
+                attrs = await self._blocking(client.api.inspect_image, reference)
+            except docker.errors.NotFound:
+                return None
+            return str(attrs.get("Id") or "") or None
+
+        wanted = sorted(set(references))
+        return dict(zip(wanted, await asyncio.gather(*(one(r) for r in wanted)), strict=True))
 
     # -- inspection (SDK) ---------------------------------------------------------
+
+    async def summaries(self, services: Iterable[str] | None = None) -> list[ContainerInfo]:
+        """The project's containers from one list call (see ``container_summary``), less
+        the one-off containers of ``docker compose run``."""
+        client = await self.client()
+        wanted = None if services is None else set(services)
+        listed = await self._blocking(
+            client.api.containers,
+            all=True,
+            filters={"label": [f"{PROJECT_LABEL}={self.project_name}"]},
+        )
+        infos = [
+            container_summary(c)
+            for c in listed
+            if (c.get("Labels") or {}).get(ONEOFF_LABEL, "False") != "True"
+        ]
+        return [c for c in infos if wanted is None or c.service in wanted]
 
     async def list_containers(self, services: Iterable[str] | None = None) -> list[ContainerInfo]:
         client = await self.client()
@@ -314,6 +479,8 @@ class Docker:
             client.containers.list,
             all=True,
             filters={"label": [f"{PROJECT_LABEL}={self.project_name}"]},
+            # The list is followed by an inspect of each: one removed in between is gone.
+            ignore_removed=True,
         )
         infos = [container_info(c.attrs) for c in containers]
         return [c for c in infos if wanted is None or c.service in wanted]
@@ -373,11 +540,15 @@ class Docker:
         finally:
             subscription.close()
 
-    async def subscribe_deaths(self, container_ids: Sequence[str]) -> EventSubscription:
-        """Docker reports "die" as soon as a process has exited, about 0.1 s before it
-        has torn the container's network down and calls it stopped."""
+    async def subscribe_deaths(self) -> EventSubscription:
+        """The project's "die" events. Docker reports one as soon as a process has exited,
+        about 0.1 s before it has torn the container's network down and calls it stopped."""
         return await self.subscribe(
-            {"type": "container", "event": ["die"], "container": list(container_ids)}
+            {
+                "type": "container",
+                "event": ["die"],
+                "label": [f"{PROJECT_LABEL}={self.project_name}"],
+            }
         )
 
 

@@ -37,6 +37,7 @@ class Outcome(StrEnum):
 class Kind(StrEnum):
     SWITCH = "switch"
     STOP = "stop"
+    DIED = "died"  # the ready model's engine exited behind the daemon's back
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,14 @@ class History:
         self.last = record
         await self._store.save_switch(record)
         op.outcome = outcome
+        return record
+
+    async def died(self, model_id: str, error: dict[str, Any]) -> SwitchRecord:
+        """Keep a record of the ready model's death, with its error (and log tail)."""
+        op = Operation(kind=Kind.DIED, model=None, from_model=model_id)
+        op.started_monotonic = self._clock()
+        record = self.record(op, finished=True, error=error, outcome=Outcome.FAILED)
+        await self._store.save_switch(record)
         return record
 
     async def get(self, op_id: str) -> SwitchRecord | None:

@@ -101,26 +101,32 @@ class Procedure:
             op.timings["cut_off"] = cut_off
 
     async def stop_all(self, except_model: str | None = None, target: str | None = None) -> None:
-        """Stop every model that has a container up, so that at most one ever holds the GPU."""
+        """Stop every model that has a container up, so that at most one ever holds the GPU.
+
+        The active model is stopped first, before anything is listed: its engine's stop
+        signal is what the switch waits on. Then whatever else is found running.
+        """
         models = self._models()
+        active = self._status().active
+        if active is not None and active != except_model:
+            await self._stop_one(models[active], target)
+        # Docker may list an engine as running for a moment after its death was reported.
+        done = {except_model, active}
         service_model = {s: m.id for m in models.values() for s in m.services}
-        # Exited containers count too: removing them keeps names free and nothing lingers.
-        containers = await self.runtime.containers(frozenset(service_model))
-        up = {service_model[c.service] for c in containers}
-        if self._status().active:
-            up.add(str(self._status().active))
-        for model_id in sorted(up - {except_model}):
-            reason = f"stopping {model_id}"
-            self._enter(
-                State.STOPPING, active=model_id, target=target, healthy=False, reason=reason
-            )
-            try:
-                await self._stop_model(models[model_id])
-            except DockerError as err:
-                self._enter(State.FAILED, reason=err.message)
-                raise
+        containers = await self.runtime.running(frozenset(service_model))
+        for model_id in sorted({service_model[c.service] for c in containers} - done):
+            await self._stop_one(models[model_id], target)
         if self._status().state is not State.IDLE:
             self._enter(State.IDLE, active=None, target=target, **NO_ENGINE)
+
+    async def _stop_one(self, spec: ModelSpec, target: str | None) -> None:
+        reason = f"stopping {spec.id}"
+        self._enter(State.STOPPING, active=spec.id, target=target, healthy=False, reason=reason)
+        try:
+            await self._stop_model(spec)
+        except DockerError as err:
+            self._enter(State.FAILED, reason=err.message)
+            raise
 
     async def _cancellable_start(self, spec: ModelSpec, op: Operation) -> None:
         """Start the model in a task of its own, so that POST /stop can call it off."""
@@ -185,6 +191,10 @@ class Procedure:
         except DockerError as err:
             # Not fatal: ``up`` creates what is missing and reports the real error.
             log.warning("could not prepare containers", error=err.message)
+
+    async def retire(self, spec: ModelSpec) -> None:
+        """Stop what still runs of a model whose engine died; its containers go behind."""
+        await self._stop_model(spec)
 
     async def _stop_model(self, spec: ModelSpec) -> None:
         await self.runtime.stop(spec)

@@ -7,15 +7,19 @@ for a fake that records calls, and the integration tests use it against Docker.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import aiohttp
+import structlog
 
 from .compose import ModelSpec
-from .docker import ContainerInfo, Docker
+from .docker import Blueprint, ContainerInfo, Dependency, Docker, EventSubscription
 from .errors import DockerError, ModelExited, OrchestratorError, StartTimeout
+from .tasks import cancel_all
+
+log = structlog.get_logger(__name__)
 
 # Long enough for a loaded engine under a 50-prober benchmark, short enough that a
 # hung engine is noticed within a couple of probe intervals.
@@ -39,9 +43,12 @@ class LogStream(Protocol):
 
 class ModelRuntime(Protocol):
     async def prepare(self, spec: ModelSpec) -> None: ...
+    def prepare_ahead(self, specs: Sequence[ModelSpec]) -> None: ...
+    def discard(self, spec: ModelSpec) -> None: ...
     async def start(self, spec: ModelSpec) -> None: ...
     async def stop(self, spec: ModelSpec) -> None: ...
     async def settle(self) -> None: ...
+    async def running(self, services: frozenset[str]) -> list[ContainerInfo]: ...
     async def containers(self, services: frozenset[str] | None = None) -> list[ContainerInfo]: ...
     async def inspect(self, container_id: str) -> ContainerInfo | None: ...
     def upstream_url(self, spec: ModelSpec, engine: ContainerInfo | None) -> str | None: ...
@@ -51,14 +58,34 @@ class ModelRuntime(Protocol):
 
 
 class DockerRuntime:
+    """Compose makes a model's containers, ahead of the switch that needs them; the
+    switch itself starts and stops them through the docker API, which is what compose
+    would do at that point, without a compose process's start-up on the critical path.
+
+    Work that follows a stop (removing the exited containers, creating fresh ones for the
+    model's next start) runs behind the switch; a later start or preparation of the same
+    services waits for it.
+    """
+
     def __init__(self, docker: Docker, *, upstream_host: str = "127.0.0.1") -> None:
         self.docker = docker
         self.upstream_host = upstream_host
         self._session: aiohttp.ClientSession | None = None
-        # Removals still finishing after their containers exited, with their services.
+        # Work behind the switch, with the services it touches: removals (which settle
+        # waits for) and preparations (which only a start of their services waits for).
         self._removals: dict[asyncio.Task[None], frozenset[str]] = {}
+        self._preparations: dict[asyncio.Task[None], frozenset[str]] = {}
+        # One look-and-create at a time: two would race to recreate the same container.
+        self._creating = asyncio.Lock()
+        self._ahead: asyncio.Task[None] | None = None
+        # Clear while a model's containers are being started: work behind an earlier
+        # switch waits, so that it does not take the docker engine's time from the start.
+        self._not_starting = asyncio.Event()
+        self._not_starting.set()
 
     async def close(self) -> None:
+        # A compose call cut short kills its process: none is left behind the daemon.
+        await cancel_all([*self._removals, *self._preparations, *filter(None, [self._ahead])])
         if self._session is not None:
             await self._session.close()
 
@@ -72,19 +99,134 @@ class DockerRuntime:
             )
         return self._session
 
+    async def _behind(self, services: Iterable[str], *, removals_only: bool = False) -> None:
+        """Wait for the work behind earlier switches that touches these services, and
+        for the work that work leaves (a removal is followed by a creation)."""
+        wanted = set(services)
+        registries = (self._removals,) if removals_only else (self._removals, self._preparations)
+        while busy := [
+            task
+            for registry in registries
+            for task, touched in registry.items()
+            if touched & wanted and not task.done() and task is not asyncio.current_task()
+        ]:
+            await asyncio.gather(*busy, return_exceptions=True)
+
+    # -- preparing: compose creates ------------------------------------------------------
+
     async def prepare(self, spec: ModelSpec) -> None:
-        await self.docker.create(spec.id, spec.services)
+        """Make the model's containers ready to start: created by compose from the current
+        file and image. Services running for another model are left alone."""
+        await self._behind(spec.services)
+        await self._create([spec])
+
+    def prepare_ahead(self, specs: Sequence[ModelSpec]) -> None:
+        """Prepare these models one after another, behind everything else, so that their
+        first switch finds its containers made. A switch waits for none of it: at most
+        for the one model being created when it asks to create its own."""
+        previous = self._ahead
+
+        async def one_by_one() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            for spec in specs:
+                await self._prepare_quietly([spec])
+
+        if specs:
+            self._ahead = asyncio.create_task(one_by_one(), name="prepare-ahead")
+
+    def discard(self, spec: ModelSpec) -> None:
+        """The model is gone from the file: remove what containers it has that do not run."""
+
+        async def remove() -> None:
+            await self._behind(spec.services)
+            idle = [c for c in await self.docker.summaries(spec.services) if not c.running]
+            await asyncio.gather(*(self.docker.remove_container(c.id) for c in idle))
+
+        self._track(self._removals, remove(), frozenset(spec.services))
+
+    async def _create(self, specs: Sequence[ModelSpec]) -> None:
+        async with self._creating:
+            await self._create_now(specs)
+
+    async def _create_now(self, specs: Sequence[ModelSpec]) -> None:
+        blueprints = await self.docker.blueprints()
+        listed = _by_service(await self.docker.summaries(_services(specs)))
+        images = {blueprints[s].image for s in _services(specs) if s in blueprints}
+        image_ids = await self.docker.image_ids(images)
+        profiles: dict[str, None] = {}
+        wanted: dict[str, None] = {}
+        for spec in specs:
+            for service in spec.services:
+                found = listed.get(service, [])
+                if any(c.running for c in found) or service in wanted:
+                    continue
+                blueprint = blueprints.get(service)
+                fresh = (
+                    len(found) == 1
+                    and found[0].status == "created"
+                    and blueprint is not None
+                    and found[0].config_hash == blueprint.config_hash
+                    and found[0].image_id == image_ids.get(blueprint.image)
+                )
+                if not fresh:
+                    profiles[spec.id] = None
+                    wanted[service] = None
+        if wanted:
+            await self.docker.create(list(profiles), list(wanted))
+
+    async def _prepare_quietly(self, specs: Sequence[ModelSpec]) -> None:
+        # Not after other preparations: creations take turns (and look first) anyway,
+        # and two of the same services would wait for each other.
+        await self._behind(_services(specs), removals_only=True)
+        try:
+            await self._create(specs)
+        except DockerError as err:
+            # Not fatal: the model's start sees what is missing and lets compose up do it.
+            log.warning(
+                "could not create containers ahead",
+                models=[s.id for s in specs],
+                error=err.message,
+            )
+
+    def _track(
+        self,
+        registry: dict[asyncio.Task[None], frozenset[str]],
+        work: Coroutine[Any, Any, None],
+        services: frozenset[str],
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        registry[task] = services
+        if registry is self._preparations:
+            task.add_done_callback(lambda done: registry.pop(done, None))
+        return task
+
+    # -- starting --------------------------------------------------------------------------
 
     async def start(self, spec: ModelSpec) -> None:
-        # A service shared with a model still being removed must be gone before it is
-        # started again, or compose would race itself over the same container.
-        overlapping = [t for t, services in self._removals.items() if services & set(spec.services)]
-        if overlapping:
-            await asyncio.gather(*overlapping, return_exceptions=True)
+        await self._behind(spec.services)
+        order: list[list[ContainerInfo]] | None = None
         try:
-            await self.docker.up(spec.id, spec.services)
+            order = _start_order(
+                spec, await self.docker.summaries(), self.docker.known_blueprints()
+            )
         except DockerError as err:
-            raise await self._blame(spec, err) from err
+            log.warning("could not list the model's containers", error=err.message)
+        self._not_starting.clear()
+        try:
+            if order is not None:
+                try:
+                    for batch in order:
+                        await asyncio.gather(*(self.docker.start_container(c.id) for c in batch))
+                    return
+                except DockerError as err:
+                    log.warning("start through the docker API failed", error=err.message)
+            try:
+                await self.docker.up(spec.id, spec.services)
+            except DockerError as err:
+                raise await self._blame(spec, err) from err
+        finally:
+            self._not_starting.set()
 
     async def _blame(self, spec: ModelSpec, err: DockerError) -> OrchestratorError:
         """When ``up`` fails because one of the model's containers did (the engine, a
@@ -110,34 +252,60 @@ class DockerRuntime:
             )
         return err
 
+    # -- stopping ----------------------------------------------------------------------------
+
     async def stop(self, spec: ModelSpec) -> None:
         """Return once every container of the model has exited: its GPU memory is free.
 
-        Docker's own clean-up after the exit (network teardown, removal) takes about
-        as long again; it carries on in the background and ``settle`` collects it.
+        The engine gets its stop signal first, with the sidecars; services the engine
+        depends on once it has exited, as compose orders a stop. Docker's own clean-up
+        after the exit (network teardown), the removal of the exited containers and the
+        creation of fresh ones carry on behind; ``settle`` collects the removal.
         """
-        running = [c for c in await self.docker.list_containers(spec.services) if c.running]
-        # Subscribed before the stop begins, so no death can slip between the two.
-        deaths = await self.docker.subscribe_deaths([c.id for c in running]) if running else None
-        removal = asyncio.create_task(self.docker.remove(spec.id, spec.services, spec.stop_timeout))
-        self._removals[removal] = frozenset(spec.services)
-        if deaths is None:
-            await removal
-            return
-        died = asyncio.ensure_future(deaths.until_all(c.id for c in running))
+        # Subscribed while the containers are listed, and before any is signalled, so
+        # no death can slip between the two.
+        subscribed, listed = await asyncio.gather(
+            self.docker.subscribe_deaths(),
+            self.docker.summaries(spec.services),
+            return_exceptions=True,
+        )
+        if isinstance(listed, BaseException):
+            if isinstance(subscribed, EventSubscription):
+                subscribed.close()
+            raise listed
+        if isinstance(subscribed, BaseException):
+            raise subscribed
+        stops: list[asyncio.Task[None]] = []
         try:
-            waiting: set[asyncio.Future[Any]] = {removal, died}
-            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if died in done and died.exception() is None:
-                return
+            running = [c for c in listed if c.running]
+            for batch in _stop_order(spec, running, self.docker.known_blueprints()):
+                signalled = [
+                    asyncio.create_task(self.docker.stop_container(c.id, _grace(spec, c)))
+                    for c in batch
+                ]
+                stops += signalled
+                await _exited(subscribed, signalled, [c.id for c in batch])
         finally:
-            died.cancel()
-            deaths.close()
-        await removal  # compose's error, if that is what finished first
-        left = [c for c in await self.docker.list_containers(spec.services) if c.running]
-        if left:
-            names = ", ".join(c.name for c in left)
-            raise DockerError(f"{spec.id}: containers still running after stop: {names}")
+            subscribed.close()
+        # Containers that never ran stay: they are what the next start uses.
+        spent = [c for c in listed if c.status != "created"]
+        if not spent:
+            return
+        clearing = self._track(
+            self._removals, self._clear(spec, spent, stops), frozenset(spec.services)
+        )
+        if not stops:
+            # Nothing was running (a crash, say): nothing to wait for but the removal, so
+            # the caller learns of the failure with the exited containers gone.
+            await asyncio.shield(clearing)
+
+    async def _clear(
+        self, spec: ModelSpec, spent: list[ContainerInfo], stops: list[asyncio.Task[None]]
+    ) -> None:
+        await asyncio.gather(*stops, return_exceptions=True)
+        await self._not_starting.wait()
+        await asyncio.gather(*(self.docker.remove_container(c.id) for c in spent))
+        self._track(self._preparations, self._prepare_quietly([spec]), frozenset(spec.services))
 
     async def settle(self) -> None:
         """Wait for background removals; raise the first failure."""
@@ -146,6 +314,9 @@ class DockerRuntime:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    async def running(self, services: frozenset[str]) -> list[ContainerInfo]:
+        return [c for c in await self.docker.summaries(services) if c.running]
 
     async def containers(self, services: frozenset[str] | None = None) -> list[ContainerInfo]:
         return await self.docker.list_containers(services)
@@ -262,3 +433,121 @@ def _raise_if_gone(spec: ModelSpec, engine: ContainerInfo, tail: str) -> None:
         exit_code=engine.exit_code,
         log_tail=tail,
     )
+
+
+# -- orders and checks -----------------------------------------------------------------------
+
+
+def _services(specs: Iterable[ModelSpec]) -> frozenset[str]:
+    return frozenset(service for spec in specs for service in spec.services)
+
+
+def _by_service(containers: Iterable[ContainerInfo]) -> dict[str, list[ContainerInfo]]:
+    found: dict[str, list[ContainerInfo]] = {}
+    for container in containers:
+        found.setdefault(container.service, []).append(container)
+    return found
+
+
+def _start_order(
+    spec: ModelSpec,
+    containers: Iterable[ContainerInfo],
+    blueprints: dict[str, Blueprint] | None,
+) -> list[list[ContainerInfo]] | None:
+    """The containers to start, in batches, dependencies first (what ``docker compose
+    start`` does); None when compose up must do it: a container missing, out of date
+    with the file, left over from an earlier run, or a dependency that waits on a
+    condition (healthy, completed) rather than a start."""
+    if blueprints is None:
+        return None
+    listed = _by_service(containers)
+    needed: dict[str, ContainerInfo] = {}
+    after: dict[str, set[str]] = {}  # service -> the services it starts after
+    pending = [Dependency(service) for service in spec.services]
+    while pending:
+        wanted = pending.pop()
+        service = wanted.service
+        if service in needed:
+            continue
+        found = listed.get(service, [])
+        blueprint = blueprints.get(service)
+        if not found and not wanted.required:
+            continue  # compose leaves out a dependency that is not required and not there
+        if len(found) != 1 or blueprint is None:
+            return None
+        (container,) = found
+        if not container.running:
+            if container.config_hash != blueprint.config_hash:
+                return None
+            # The model's own services start from fresh containers; a shared service
+            # that has run before is started again, as compose would.
+            if service in spec.services and container.status != "created":
+                return None
+        for dependency in blueprint.depends_on:
+            if dependency.condition != "service_started":
+                return None
+        pending += blueprint.depends_on
+        after[service] = {d.service for d in blueprint.depends_on}
+        needed[service] = container
+    batches: list[list[ContainerInfo]] = []
+    started: set[str] = {s for s, c in needed.items() if c.running}
+    waiting = {s: c for s, c in needed.items() if not c.running}
+    while waiting:
+        batch = [c for s, c in waiting.items() if after[s] & set(needed) <= started]
+        if not batch:
+            return None  # a dependency cycle: compose reports it
+        batches.append(batch)
+        for container in batch:
+            started.add(container.service)
+            del waiting[container.service]
+    return batches
+
+
+def _stop_order(
+    spec: ModelSpec, running: list[ContainerInfo], blueprints: dict[str, Blueprint] | None
+) -> list[list[ContainerInfo]]:
+    """The engine with everything that does not serve it first; what the engine depends
+    on after it has exited."""
+    needs = {s: {d.service for d in b.depends_on} for s, b in (blueprints or {}).items()}
+    beneath: set[str] = set()
+    pending = list(needs.get(spec.engine_service, ()))
+    while pending:
+        service = pending.pop()
+        if service not in beneath:
+            beneath.add(service)
+            pending += needs.get(service, ())
+    first = sorted(
+        (c for c in running if c.service not in beneath),
+        key=lambda c: c.service != spec.engine_service,
+    )
+    rest = [c for c in running if c.service in beneath]
+    return [batch for batch in (first, rest) if batch]
+
+
+def _grace(spec: ModelSpec, container: ContainerInfo) -> float | None:
+    return spec.stop_timeout if container.service == spec.engine_service else None
+
+
+async def _exited(
+    deaths: EventSubscription, stops: list[asyncio.Task[None]], ids: list[str]
+) -> None:
+    """Wait until each container has exited: its "die" event, or else its stop call's
+    return (docker answers one only once the container has stopped), which raises the
+    call's failure."""
+    died: asyncio.Future[None] = asyncio.ensure_future(deaths.until_all(ids))
+    stopped: asyncio.Future[list[None]] = asyncio.gather(*stops)
+    try:
+        waiting: set[asyncio.Future[Any]] = {died, stopped}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if died in done and died.exception() is None:
+            return
+        await stopped
+    finally:
+        died.cancel()
+        # The stop calls go on behind, while docker cleans up; their end is collected there.
+        stopped.add_done_callback(_retrieved)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -29,6 +29,7 @@ from .docker import ContainerInfo
 from .errors import (
     Cancelled,
     DockerError,
+    ModelExited,
     ModelNotFound,
     OrchestratorError,
 )
@@ -37,7 +38,7 @@ from .observers import Drain, Observers, SwitchObserver
 from .preflight import check_runnable
 from .procedure import Procedure
 from .queue import OperationQueue
-from .runtime import ModelRuntime
+from .runtime import LOG_TAIL_LINES, ModelRuntime
 from .states import NO_ENGINE, TRANSITIONS, IllegalTransition, State, Status
 from .store import Store
 from .tasks import cancel_all
@@ -72,6 +73,7 @@ class Switcher:
         self._notices: deque[Notice] = deque()
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.models: dict[str, ModelSpec] = {}
         self.set_models(models)
         self._procedure = Procedure(
             runtime=runtime,
@@ -119,8 +121,18 @@ class Switcher:
         Specs are immutable and a switch holds its own, so one under way is unaffected;
         the registry refuses to remove or disable a model that is active or queued.
         """
+        before = self.models
         self.models, self.disabled = dict(models), disabled
         self._service_model = {s: m.id for m in self.models.values() for s in m.services}
+        if not self._tasks:
+            return  # not started: start() prepares every model
+        for model_id in before.keys() - self.models.keys():
+            self.runtime.discard(before[model_id])
+        changed = [spec for key, spec in self.models.items() if before.get(key) != spec]
+        self.runtime.prepare_ahead(self._runnable(changed))
+
+    def _runnable(self, specs: Iterable[ModelSpec]) -> list[ModelSpec]:
+        return [s for s in specs if s.unusable is None and s.id not in self.disabled]
 
     def involves(self, model_id: str) -> bool:
         """Whether the model is loaded, being started, or waiting in the queue."""
@@ -205,6 +217,8 @@ class Switcher:
     async def start(self, events: EventSource | None = None) -> None:
         """Reconcile with Docker, then run the worker and the watcher (with events if given)."""
         await self._reconcile()
+        # Containers are made ahead, so that a switch only has to start them.
+        self.runtime.prepare_ahead(self._runnable(self.models.values()))
         self._tasks.append(asyncio.create_task(self._work(), name="switcher-worker"))
         self.watcher.start(self, self.probe_target, events)
 
@@ -273,7 +287,7 @@ class Switcher:
             self._wakeup.clear()
             while self._notices or self._queue.has_waiting():
                 while self._notices:
-                    self._apply_notice(self._notices.popleft())
+                    await self._apply_notice(self._notices.popleft())
                 if self._queue.has_waiting():
                     try:
                         await self._run(self._queue.take())
@@ -283,21 +297,44 @@ class Switcher:
                         # again: its end is not always a change of state.
                         self._observers.released()
 
-    def _apply_notice(self, notice: Notice) -> None:
+    async def _apply_notice(self, notice: Notice) -> None:
         status = self.status
         # Reports about containers other than the ready engine are stale: a switch moved on.
         if status.state is not State.READY or notice.container_id != status.engine_container:
             return
-        if isinstance(notice, ModelDied):
-            code = "" if notice.exit_code is None else f" with exit code {notice.exit_code}"
-            self._observers.happened("model_died", model=status.active, exit_code=notice.exit_code)
-            reason = f"model {status.active} died behind the daemon's back: its container exited"
-            self._enter(State.FAILED, active=None, reason=reason + code, **NO_ENGINE)
+        if isinstance(notice, ModelDied) and status.active is not None:
+            await self._model_died(status.active, notice)
+        elif isinstance(notice, ModelDied):
+            return
         elif notice.healthy != status.healthy:
             hung = f"{status.active} stopped answering its health check"
             self._enter(
                 State.READY, healthy=notice.healthy, reason=None if notice.healthy else hung
             )
+
+    async def _model_died(self, model_id: str, notice: ModelDied) -> None:
+        """The ready engine exited: say so, keep its last words in the history, then stop
+        and remove what is left of the model, so that exited engines do not pile up."""
+        code = "" if notice.exit_code is None else f" with exit code {notice.exit_code}"
+        self._observers.happened("model_died", model=model_id, exit_code=notice.exit_code)
+        reason = f"model {model_id} died behind the daemon's back: its container exited"
+        self._enter(State.FAILED, active=None, reason=reason + code, **NO_ENGINE)
+        with structlog.contextvars.bound_contextvars(model=model_id):
+            try:
+                tail = await self.runtime.logs_tail(notice.container_id, LOG_TAIL_LINES)
+            except DockerError:
+                tail = ""
+            died = ModelExited(
+                reason + code, model=model_id, exit_code=notice.exit_code, log_tail=tail
+            )
+            await self.history.died(model_id, died.to_body()["error"])
+            spec = self.models.get(model_id)
+            if spec is None:
+                return
+            try:
+                await self._procedure.retire(spec)
+            except DockerError as err:
+                log.warning("could not stop what is left of the dead model", error=err.message)
 
     async def _run(self, op: Operation) -> None:
         op.from_model = self.status.active

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -205,6 +205,8 @@ class FakeRuntime:
     overlaps: list[str] = field(default_factory=list)
     settles: int = 0
     removed: list[str] = field(default_factory=list)  # container ids, in order of removal
+    ahead: list[str] = field(default_factory=list)  # models prepared ahead, in order
+    discarded: list[str] = field(default_factory=list)  # models whose containers were dropped
     gate: asyncio.Event | None = None  # when set, start waits on it
     settle_gate: asyncio.Event | None = None  # when set, settle waits on it
     _containers: dict[str, ContainerInfo] = field(default_factory=dict)  # by service
@@ -260,6 +262,12 @@ class FakeRuntime:
     async def prepare(self, spec: ModelSpec) -> None:
         await asyncio.sleep(0)
 
+    def prepare_ahead(self, specs: Sequence[ModelSpec]) -> None:
+        self.ahead.extend(spec.id for spec in specs)
+
+    def discard(self, spec: ModelSpec) -> None:
+        self.discarded.append(spec.id)
+
     async def start(self, spec: ModelSpec) -> None:
         self.calls.append(("start", spec.id))
         # As DockerRuntime does: a service still being removed is gone before it starts.
@@ -308,6 +316,9 @@ class FakeRuntime:
     async def containers(self, services: frozenset[str] | None = None) -> list[ContainerInfo]:
         await asyncio.sleep(0)
         return [c for s, c in self._containers.items() if services is None or s in services]
+
+    async def running(self, services: frozenset[str]) -> list[ContainerInfo]:
+        return [c for c in await self.containers(services) if c.running]
 
     async def inspect(self, container_id: str) -> ContainerInfo | None:
         return next((c for c in self._containers.values() if c.id == container_id), None)

@@ -37,3 +37,17 @@ def log_lines() -> list[str]:
     lines = json.loads((DATA / "logs-running.json").read_text())
     assert isinstance(lines, list)
     return [str(line) for line in lines]
+
+
+def listed() -> list[dict[str, Any]]:
+    """docker's container list (``api.containers(all=True)``) of the recorded containers and
+    two compose created and did not start: ``database``, and ``engine`` depending on it."""
+    documents = json.loads((DATA / "list.json").read_text())
+    assert isinstance(documents, list)
+    return documents
+
+
+def config_hashes() -> dict[str, str]:
+    """``docker compose config --hash '*'`` of the project that created those two."""
+    lines = (DATA / "config-hash.txt").read_text().splitlines()
+    return dict(line.split(" ", 1) for line in lines if line.strip())

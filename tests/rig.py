@@ -5,6 +5,7 @@ Shared by the integration tests and the benchmarks, which run the same real piec
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
+import docker.errors
 
 from tests.waiting import eventually_blocking
 
@@ -74,6 +76,8 @@ class Rig:
             env={**os.environ, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
+            # A group of its own: clean() kills the compose processes it runs along with it.
+            start_new_session=True,
         )
         self.processes.append(process)
 
@@ -102,7 +106,10 @@ class Rig:
     def stop_daemons(self, sig: int = signal.SIGTERM) -> None:
         for process in self.processes:
             if process.poll() is None:
-                process.send_signal(sig)
+                if sig == signal.SIGKILL:
+                    os.killpg(process.pid, sig)
+                else:
+                    process.send_signal(sig)
                 try:
                     process.wait(15)
                 except subprocess.TimeoutExpired:
@@ -115,8 +122,14 @@ class Rig:
             self.docker.containers.list(
                 all=not running_only,
                 filters={"label": [f"{PROJECT_LABEL}={self.project}"]},
+                # The daemon removes and creates containers behind its switches.
+                ignore_removed=True,
             )
         )
+
+    def ever_started(self) -> list[docker.models.containers.Container]:
+        """Containers that have run: the daemon creates every model's ahead, unstarted."""
+        return [c for c in self.containers(running_only=False) if c.status != "created"]
 
     def model_containers(self) -> list[str]:
         """Services of running model containers (the shared service is not a model)."""
@@ -130,7 +143,8 @@ class Rig:
         """Kill the daemons, remove every container and network of the project."""
         self.stop_daemons(signal.SIGKILL)
         for container in self.containers(running_only=False):
-            container.remove(force=True)
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)
         for network in self.docker.networks.list(
             filters={"label": [f"{PROJECT_LABEL}={self.project}"]}
         ):

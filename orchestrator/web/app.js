@@ -152,7 +152,7 @@ async function renderHistory() {
     const row = body.insertRow();
     cell(row, new Date(record.requested_at).toLocaleTimeString());
     cell(row, record.from);
-    cell(row, record.kind === "stop" ? "(stop)" : record.to);
+    cell(row, record.kind === "switch" ? record.to : `(${record.kind})`);
     cell(row, record.outcome);
     cell(row, duration(record.duration));
     cell(row, record.error ? record.error.message : "");

@@ -13,7 +13,11 @@ tests/data/docker/:
 - ``events.jsonl``: ``docker events --format '{{json .}}'`` while one container is
   created, started, stopped and removed, and another crashes and is removed, one event
   per line;
-- ``logs-running.json``: the running container's log lines with ``--timestamps``.
+- ``logs-running.json``: the running container's log lines with ``--timestamps``;
+- ``list.json``: docker's container list (the SDK's ``api.containers(all=True)``) with
+  those containers and two that compose created but did not start, an engine that
+  depends on a database; ``config-hash.txt``: ``docker compose config --hash '*'`` of
+  that project, which compose's labels on them should match.
 
 Every container and the cache folder are removed afterwards, whatever happens.
 """
@@ -122,6 +126,36 @@ def record(hub: Path, suffix: str) -> None:
     save("inspect-unhealthy.json", inspect(unhealthy))
 
 
+COMPOSE_PROJECT = """
+services:
+  database:
+    image: {image}
+    command: ["--model", "org/tiny"]
+  engine:
+    image: {image}
+    profiles: ["tiny"]
+    depends_on: [database]
+    command: ["--model", "org/tiny"]
+    stop_grace_period: 7s
+"""
+
+
+def record_list(folder: Path) -> None:
+    """Two services created by compose, then docker's list of every container recorded."""
+    import docker as sdk
+
+    (folder / "compose.yml").write_text(COMPOSE_PROJECT.format(image=STANDIN_IMAGE))
+    compose = ["compose", "--project-name", PROJECT, "--file", str(folder / "compose.yml")]
+    docker(*compose, "--profile", "*", "up", "--no-start", "engine")
+    hashes = docker(*compose, "--profile", "*", "config", "--hash", "*")
+    (OUT / "config-hash.txt").write_text(hashes)
+    print(f"wrote {(OUT / 'config-hash.txt').relative_to(Path.cwd())}")
+    listed = sdk.from_env().api.containers(
+        all=True, filters={"label": [f"{PROJECT_LABEL}={PROJECT}"]}
+    )
+    save("list.json", sorted(listed, key=lambda c: c["Names"][0]))
+
+
 def record_events(hub: Path, suffix: str) -> None:
     """create, start, die (after SIGTERM) and destroy of one container, then create, start,
     die (a crash, exit 1) and destroy of another, as docker events."""
@@ -160,11 +194,13 @@ def main() -> int:
         make_snapshot(hub, "org/tiny")
         try:
             record(hub, suffix)
+            record_list(Path(folder))
             record_events(hub, suffix)
         finally:
             names = docker("ps", "--all", "--quiet", "--filter", f"label={PROJECT_LABEL}={PROJECT}")
             for container in names.split():
                 docker("rm", "--force", container, check=False)
+            docker("network", "rm", f"{PROJECT}_default", check=False)
     return 0
 
 

@@ -115,7 +115,7 @@ async def test_requests_from_pages_and_strangers_change_nothing(
         "foreign image": 400,
         "bad revision": 400,
     }
-    assert rig.containers(running_only=False) == []
+    assert rig.ever_started() == []
     async with http.get(f"{url}/models") as response:
         ids = {model["id"] for model in (await response.json())["models"]}
     assert "x" not in ids and "Name" not in ids

@@ -19,18 +19,30 @@ import pytest
 
 from orchestrator.docker import (
     LOG_RING,
+    Blueprint,
     ContainerEvent,
+    Dependency,
     Docker,
     EventSubscription,
     LogFollower,
     _parse_time,
     container_info,
+    container_summary,
+    dependencies,
     run_compose,
     runtime_environment,
     user_environment,
 )
 from orchestrator.errors import DockerError, TooManyStreams
-from tests.recorded import State, events, info, inspect_document, log_lines
+from tests.recorded import (
+    State,
+    config_hashes,
+    events,
+    info,
+    inspect_document,
+    listed,
+    log_lines,
+)
 from tests.waiting import eventually
 
 # --- container_info -------------------------------------------------------------------------
@@ -101,6 +113,105 @@ class TestContainerInfo:
         seen = container_info({})
         assert (seen.id, seen.service, seen.status, seen.running) == ("", "", "unknown", False)
         assert (seen.ports, seen.addresses, seen.started_at) == ({}, (), None)
+
+
+# --- container_summary: the same view from one list call -----------------------------------
+
+
+def summary_of(state: State) -> dict[str, Any]:
+    container_id = inspect_document(state)["Id"]
+    return next(c for c in listed() if c["Id"] == container_id)
+
+
+class TestContainerSummary:
+    @pytest.mark.parametrize("state", ["running", "exited", "restarting", "unhealthy"])
+    def test_agrees_with_inspect(self, state: State) -> None:
+        """What the list tells of a container is what its inspect document tells."""
+        from_list, from_inspect = container_summary(summary_of(state)), info(state)
+        for field in ("id", "name", "service", "status", "running", "exit_code", "ports"):
+            assert getattr(from_list, field) == getattr(from_inspect, field), field
+        assert (from_list.health, from_list.addresses) == (
+            from_inspect.health,
+            from_inspect.addresses,
+        )
+
+    def test_what_the_list_does_not_say(self) -> None:
+        """No start time, and an OOM kill is only an exit code of 137 there."""
+        from_list = container_summary(summary_of("oom-killed"))
+        assert (from_list.status, from_list.exit_code) == ("exited", 137)
+        assert (from_list.started_at, from_list.oom_killed) == (None, False)
+
+    def test_compose_labels(self) -> None:
+        """compose's labels give the config hash that ``config --hash`` prints and the image
+        it was made from."""
+        made = {c.service: c for c in map(container_summary, listed()) if c.status == "created"}
+        assert set(made) == {"database", "engine"}
+        assert {s: c.config_hash for s, c in made.items()} == config_hashes()
+        assert made["engine"].image_id is not None
+        assert made["engine"].image_id.startswith("sha256:")
+        assert not made["engine"].running
+
+
+class TestDependencies:
+    @pytest.mark.parametrize(
+        ("declared", "expected"),
+        [
+            (None, ()),
+            (["db", "cache"], (Dependency("db"), Dependency("cache"))),
+            (
+                {
+                    "db": {"condition": "service_healthy", "required": True, "restart": True},
+                    "init": {"condition": "service_completed_successfully"},
+                    "cache": {"condition": "service_started", "required": False},
+                },
+                (
+                    Dependency("db", "service_healthy"),
+                    Dependency("init", "service_completed_successfully"),
+                    Dependency("cache", "service_started", required=False),
+                ),
+            ),
+        ],
+    )
+    def test_short_and_long_forms(self, declared: object, expected: tuple[Dependency, ...]) -> None:
+        """A service's depends_on as a list, or as compose config writes it: a mapping of
+        service to condition, required and restart."""
+        assert dependencies(declared) == expected
+
+
+class ListingClient:
+    """Just the docker SDK's low-level list, answering with the recorded list."""
+
+    def __init__(self, documents: list[dict[str, Any]]) -> None:
+        self.api = self
+        self.documents = documents
+        self.filters: list[Any] = []
+
+    def containers(self, all: bool, filters: Any) -> list[dict[str, Any]]:
+        assert all
+        self.filters.append(filters)
+        return self.documents
+
+
+async def test_summaries_filter_by_project_and_leave_out_one_off_containers(
+    tmp_path: Path,
+) -> None:
+    """One list call for the project; a `docker compose run` container is no service's."""
+    one_off = json.loads(json.dumps(summary_of("running")))
+    one_off["Id"] = "one-off"
+    one_off["Labels"]["com.docker.compose.oneoff"] = "True"
+    client = ListingClient([*listed(), one_off])
+    docker = Docker(
+        compose_file=tmp_path / "compose.yml",
+        project_dir=tmp_path,
+        project_name="mo-record",
+        client=client,
+    )
+    found = await docker.summaries({"engine", "database"})
+    assert "one-off" not in {c.id for c in found}
+    assert {c.service for c in found} == {"engine", "database"}
+    assert len(found) == len([c for c in listed() if c["Labels"]["com.docker.compose.service"]
+                              in {"engine", "database"}])  # fmt: skip
+    assert client.filters == [{"label": ["com.docker.compose.project=mo-record"]}]
 
 
 # --- _parse_time ----------------------------------------------------------------------------
@@ -290,7 +401,7 @@ plan = json.load(open(os.path.join(here, "plan.json"))) if os.path.exists(
     os.path.join(here, "plan.json")) else {{}}
 time.sleep(plan.get("sleep", 0))
 sys.stderr.write("".join(line + "\\n" for line in plan.get("stderr", [])))
-print(json.dumps(sys.argv[1:]))
+print(plan["stdout"] if "stdout" in plan else json.dumps(sys.argv[1:]))
 sys.exit(plan.get("exit", 0))
 """
 
@@ -329,18 +440,46 @@ class TestCompose:
         """Each lifecycle call is one argv: project, folder and file, then profile and services."""
         candidate = tmp_path / "candidate.yml"
         await docker.up("alpha", ["engine-alpha", "sidecar"])
-        await docker.create("alpha", ["engine-alpha"])
-        await docker.remove("alpha", ["engine-alpha"], grace=5)
+        await docker.create(["alpha", "beta"], ["engine-alpha", "engine-beta"])
         await docker.validate(["alpha", "beta"], compose_file=candidate)
         project = ["--project-name", "mo-test", "--project-directory", str(tmp_path / "project")]
         ours = [*project, "--file", str(tmp_path / "state" / "compose.yml")]
         assert [call["argv"] for call in calls(fake_compose)] == [
             [*ours, "--profile", "alpha", "up", "--detach", "engine-alpha", "sidecar"],
-            [*ours, "--profile", "alpha", "create", "--no-recreate", "engine-alpha"],
-            [*ours, "--profile", "alpha", "rm", "--stop", "--force", "engine-alpha"],
+            [*ours, "--profile", "alpha", "--profile", "beta", "up", "--no-start", "--no-deps",
+             "--force-recreate", "engine-alpha", "engine-beta"],
             [*project, "--file", str(candidate), "--profile", "alpha", "--profile", "beta",
              "config", "--quiet"],
         ]  # fmt: skip
+
+    async def test_blueprints_are_read_once_per_version_of_the_file(
+        self, docker: Docker, fake_compose: Path, tmp_path: Path
+    ) -> None:
+        """compose's config hashes, with each service's image (compose's name for a built
+        one), read again only once the daemon's copy has changed."""
+        copy = tmp_path / "state" / "compose.yml"
+        copy.parent.mkdir()
+        copy.write_text(
+            "services:\n  engine-alpha: {image: 'vllm/vllm-openai:v0.11.0'}\n"
+            "  sidecar:\n    build: ./sidecar\n"
+            "    depends_on: {engine-alpha: {condition: service_started, required: true}}\n"
+        )
+        plan(fake_compose, stdout="engine-alpha 1111\nsidecar 2222\n")
+        assert docker.known_blueprints() is None
+        expected = {
+            "engine-alpha": Blueprint("1111", "vllm/vllm-openai:v0.11.0"),
+            "sidecar": Blueprint("2222", "mo-test-sidecar", (Dependency("engine-alpha"),)),
+        }
+        assert await docker.blueprints() == expected
+        assert await docker.blueprints() == expected
+        assert docker.known_blueprints() == expected
+        argv = [call["argv"] for call in calls(fake_compose)]
+        assert argv == [[*argv[0][:6], "--profile", "*", "config", "--hash", "*"]]
+        copy.write_text("services:\n  engine-alpha: {image: 'other:1'}\n")
+        assert docker.known_blueprints() is None  # a new version: no compose call for that
+        plan(fake_compose, stdout="engine-alpha 3333\n")
+        assert await docker.blueprints() == {"engine-alpha": Blueprint("3333", "other:1")}
+        assert len(calls(fake_compose)) == 2
 
     async def test_compose_returns_stdout(self, docker: Docker) -> None:
         """compose() hands back what compose printed."""

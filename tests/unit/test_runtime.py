@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import queue
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ import pytest
 
 import orchestrator.runtime as runtime_module
 from orchestrator.compose import ModelSpec
-from orchestrator.docker import ContainerInfo, Docker, EventSubscription
+from orchestrator.docker import Blueprint, ContainerInfo, Dependency, Docker, EventSubscription
 from orchestrator.errors import DockerError, ModelExited, StartTimeout
 from orchestrator.runtime import (
     EXIT_CHECK_INTERVAL,
@@ -32,9 +32,8 @@ from tests.waiting import eventually
 
 def model(**changes: Any) -> ModelSpec:
     """A model whose engine is the recorded stand-ins' service, with a sidecar."""
-    return replace(
-        spec("alpha"), services=("engine", "sidecar"), engine_service="engine", **changes
-    )
+    fields: dict[str, Any] = {"services": ("engine", "sidecar"), "engine_service": "engine"}
+    return replace(spec("alpha"), **{**fields, **changes})
 
 
 class DeathStream:
@@ -52,8 +51,10 @@ class DeathStream:
 
 
 class RecordedDocker(Docker):
-    """Docker as DockerRuntime calls it, over containers the test lays out: compose calls are
-    recorded, removals end when the test says, deaths come as recorded docker events."""
+    """Docker as DockerRuntime calls it, over containers the test lays out: every call is
+    recorded; a stop call signals the container, which exits when the test says (and then
+    docker says "die"), and returns when the test lets it; compose's calls change nothing
+    unless the test says how."""
 
     def __init__(self, tmp_path: Path, containers: Iterable[ContainerInfo]) -> None:
         super().__init__(
@@ -62,16 +63,25 @@ class RecordedDocker(Docker):
         self.listed = list(containers)
         self.calls: list[tuple[str, ...]] = []
         self.up_error: DockerError | None = None
+        self.start_error: DockerError | None = None
+        self.stop_error: DockerError | None = None
         self.removal_error: DockerError | None = None
-        self.removal_may_end = asyncio.Event()
-        self.removal_may_end.set()
-        self.removing = False
-        self.removal_removes = True  # False: compose's rm ends, and leaves the containers
-        self.deaths = DeathStream()
+        self.create_error: DockerError | None = None
+        self.stop_calls_may_end = asyncio.Event()
+        self.stop_calls_may_end.set()
+        self.exit_on_signal = True  # False: the test says when a signalled container exits
+        self.plans: dict[str, Blueprint] | None = None
+        self.images: dict[str, str | None] = {}
+        self.subscriptions: list[DeathStream] = []
+        self.made = 0
 
     async def list_containers(self, services: Iterable[str] | None = None) -> list[ContainerInfo]:
         wanted = None if services is None else set(services)
         return [c for c in self.listed if wanted is None or c.service in wanted]
+
+    async def summaries(self, services: Iterable[str] | None = None) -> list[ContainerInfo]:
+        self.calls.append(("list",))
+        return await self.list_containers(services)
 
     async def logs_tail(self, container_id: str, lines: int = 50) -> str:
         return f"the last {lines} lines of {container_id}"
@@ -81,30 +91,118 @@ class RecordedDocker(Docker):
         if self.up_error is not None:
             raise self.up_error
 
-    async def remove(self, profile: str, services: Sequence[str], grace: float | None) -> None:
-        self.calls.append(("rm", profile, *services))
-        self.removing = True
-        try:
-            await self.removal_may_end.wait()
-        finally:
-            self.removing = False
+    async def create(self, profiles: Iterable[str], services: Sequence[str]) -> None:
+        self.calls.append(("create", ",".join(profiles), *services))
+        if self.create_error is not None:
+            raise self.create_error
+        for service in services:
+            self.made += 1
+            self.listed = [c for c in self.listed if c.service != service]
+            blueprint = (self.plans or {}).get(service)
+            self.listed.append(made(service, f"new-{service}-{self.made}", blueprint, self.images))
+
+    async def blueprints(self) -> dict[str, Blueprint]:
+        if self.plans is None:
+            raise DockerError("docker compose config failed (exit 1): no file")
+        return self.plans
+
+    def known_blueprints(self) -> dict[str, Blueprint] | None:
+        return self.plans
+
+    async def image_ids(self, references: Iterable[str]) -> dict[str, str | None]:
+        return {r: self.images.get(r) for r in references}
+
+    async def start_container(self, container_id: str) -> None:
+        self.calls.append(("start", self._service(container_id)))
+        await asyncio.sleep(0)
+        if self.start_error is not None:
+            raise self.start_error
+        self._replace(container_id, status="running")
+
+    async def stop_container(self, container_id: str, grace: float | None) -> None:
+        self.calls.append(("signal", self._service(container_id), str(grace)))
+        if self.exit_on_signal:
+            self.exit(container_id)
+        await self.stop_calls_may_end.wait()
+        if self.stop_error is not None:
+            raise self.stop_error
+
+    async def remove_container(self, container_id: str) -> None:
+        self.calls.append(("remove", self._service(container_id)))
         if self.removal_error is not None:
             raise self.removal_error
-        if self.removal_removes:
-            self.listed = [c for c in self.listed if c.service not in services]
+        self.listed = [c for c in self.listed if c.id != container_id]
 
-    async def subscribe_deaths(self, container_ids: Sequence[str]) -> EventSubscription:
-        self.calls.append(("subscribe", *container_ids))
-        return EventSubscription(self.deaths, asyncio.get_running_loop())
+    async def subscribe_deaths(self) -> EventSubscription:
+        self.calls.append(("subscribe",))
+        stream = DeathStream()
+        self.subscriptions.append(stream)
+        return EventSubscription(stream, asyncio.get_running_loop())
 
-    def exit(self, container: ContainerInfo, code: int = 0) -> None:
+    def _service(self, container_id: str) -> str:
+        """The container's service; "gone" for one removed, which docker calls not found."""
+        return next((c.service for c in self.listed if c.id == container_id), "gone")
+
+    def _replace(self, container_id: str, **changes: Any) -> None:
+        self.listed = [replace(c, **changes) if c.id == container_id else c for c in self.listed]
+
+    def exit(self, container_id: str, code: int = 0) -> None:
         """The container's process exits: it is listed as exited, and docker says "die"."""
-        exited = replace(container, status="exited", exit_code=code, ports={}, addresses=())
-        self.listed = [exited if c.id == container.id else c for c in self.listed]
+        self._replace(container_id, status="exited", exit_code=code, ports={}, addresses=())
         event = copy.deepcopy(next(e for e in events() if e["Action"] == "die"))
-        event["id"] = event["Actor"]["ID"] = container.id
+        event["id"] = event["Actor"]["ID"] = container_id
         event["Actor"]["Attributes"]["exitCode"] = str(code)
-        self.deaths.events.put(event)
+        for stream in self.subscriptions:
+            stream.events.put(event)
+
+
+IMAGE = "model-orchestrator/standin:test"
+IMAGE_ID = "sha256:" + "1" * 64
+PLANS = {
+    "engine": Blueprint("hash-engine", IMAGE),
+    "sidecar": Blueprint("hash-sidecar", IMAGE),
+    "database": Blueprint("hash-database", IMAGE),
+}
+
+
+def made(
+    service: str,
+    container_id: str,
+    blueprint: Blueprint | None,
+    images: Mapping[str, str | None],
+    status: str = "created",
+) -> ContainerInfo:
+    """A container as compose creates it from the blueprint (its hash, its image's id)."""
+    return replace(
+        info("running"),
+        id=container_id,
+        name=f"mo-test-{service}-1",
+        service=service,
+        status=status,
+        exit_code=None,
+        ports={},
+        addresses=(),
+        config_hash=blueprint.config_hash if blueprint else None,
+        image_id=images.get(blueprint.image) if blueprint else None,
+    )
+
+
+def laid_out(tmp_path: Path, *containers: tuple[str, str, tuple[str, ...]]) -> RecordedDocker:
+    """A project of created containers, up to date: (service, status, depends_on) each."""
+    images: dict[str, str | None] = {IMAGE: IMAGE_ID}
+    docker = RecordedDocker(
+        tmp_path,
+        [
+            made(service, f"id-{service}", PLANS[service], images, status=status)
+            for service, status, _ in containers
+        ],
+    )
+    docker.plans, docker.images = dict(PLANS), images
+    for service, _, needs in containers:
+        docker.plans[service] = replace(
+            PLANS[service], depends_on=tuple(Dependency(d) for d in needs)
+        )
+    return docker
 
 
 # --- upstream_url ---------------------------------------------------------------------------
@@ -210,76 +308,96 @@ async def finished_within(task: asyncio.Future[Any], seconds: float) -> bool:
     return task in done
 
 
-class TestStopAndSettle:
-    async def test_stop_returns_at_the_death_and_settle_collects_the_removal(
+ENGINE_AND_SIDECAR = (("engine", "running", ()), ("sidecar", "running", ("engine",)))
+
+
+class TestStop:
+    async def test_the_engine_is_signalled_first_and_stop_returns_at_the_deaths(
         self, tmp_path: Path
     ) -> None:
-        """stop returns at the engine's death, its removal still running; settle waits for it."""
-        engine = info("running")
-        docker = RecordedDocker(tmp_path, [engine])
-        docker.removal_may_end.clear()
+        """The engine's stop signal goes out first (with its stop grace period), the
+        sidecar's with it; stop returns at their deaths while docker's stop calls go on."""
+        docker = laid_out(tmp_path, *ENGINE_AND_SIDECAR)
+        docker.stop_calls_may_end.clear()
         runtime = DockerRuntime(docker)
-        stopping = asyncio.ensure_future(runtime.stop(model()))
-        await eventually(lambda: docker.removing, what="compose rm under way")
-        assert docker.calls == [("subscribe", engine.id), ("rm", "alpha", "engine", "sidecar")]
-        docker.exit(engine)
-        assert await finished_within(stopping, 5)
-        await stopping
-        assert [(c.id, c.status) for c in await runtime.containers()] == [(engine.id, "exited")]
+        await asyncio.wait_for(runtime.stop(model(stop_timeout=7.0)), 5)
+        assert sorted(docker.calls[:2]) == [("list",), ("subscribe",)]
+        assert docker.calls[2:] == [("signal", "engine", "7.0"), ("signal", "sidecar", "None")]
+        assert {c.status for c in await runtime.containers()} == {"exited"}
         settling = asyncio.ensure_future(runtime.settle())
-        assert not await finished_within(settling, 0.2)  # the removal has not ended
-        docker.removal_may_end.set()
+        assert not await finished_within(settling, 0.2)  # docker has not finished stopping
+        docker.stop_calls_may_end.set()
         await asyncio.wait_for(settling, 5)
-        assert await runtime.containers() == []
+        assert ("remove", "engine") in docker.calls and ("remove", "sidecar") in docker.calls
 
-    async def test_settle_raises_a_failed_removal(self, tmp_path: Path) -> None:
-        """A removal that failed behind the switch is reported by settle."""
-        engine = info("running")
-        docker = RecordedDocker(tmp_path, [engine])
-        docker.removal_may_end.clear()
-        docker.removal_error = DockerError("docker compose rm failed (exit 1): busy")
+    async def test_what_the_engine_depends_on_stops_after_it(self, tmp_path: Path) -> None:
+        """A database the engine needs gets its signal once the engine has exited."""
+        docker = laid_out(
+            tmp_path, ("database", "running", ()), ("engine", "running", ("database",))
+        )
+        docker.exit_on_signal = False
+        docker.stop_calls_may_end.clear()
         runtime = DockerRuntime(docker)
-        stopping = asyncio.ensure_future(runtime.stop(model()))
-        await eventually(lambda: docker.removing, what="compose rm under way")
-        docker.exit(engine)
+        stopping = asyncio.ensure_future(runtime.stop(model(services=("engine", "database"))))
+        await eventually(lambda: ("signal", "engine", "None") in docker.calls, what="signal")
+        assert not await finished_within(stopping, 0.1)
+        assert not any(c[:2] == ("signal", "database") for c in docker.calls)
+        docker.exit("id-engine")
+        await eventually(lambda: ("signal", "database", "None") in docker.calls, what="second")
+        docker.exit("id-database")
         await asyncio.wait_for(stopping, 5)
-        docker.removal_may_end.set()
-        with pytest.raises(DockerError, match="busy"):
-            await runtime.settle()
-        await runtime.settle()  # reported once
+        docker.stop_calls_may_end.set()
+        await runtime.settle()
 
-    async def test_a_start_waits_for_its_services_removal(self, tmp_path: Path) -> None:
-        """A start of services still being removed waits for the removal: no compose race."""
-        engine = info("running")
-        docker = RecordedDocker(tmp_path, [engine])
-        docker.removal_may_end.clear()
-        runtime = DockerRuntime(docker)
-        stopping = asyncio.ensure_future(runtime.stop(model()))
-        await eventually(lambda: docker.removing, what="compose rm under way")
-        docker.exit(engine)
-        await asyncio.wait_for(stopping, 5)
-        starting = asyncio.ensure_future(runtime.start(model()))
-        assert not await finished_within(starting, 0.2)
-        assert ("up", "alpha", "engine", "sidecar") not in docker.calls
-        docker.removal_may_end.set()
-        await asyncio.wait_for(starting, 5)
-        assert docker.calls[-1] == ("up", "alpha", "engine", "sidecar")
+    async def test_the_stop_calls_end_is_enough_without_an_event(self, tmp_path: Path) -> None:
+        """If no "die" comes (the event stream is late), the stop call's return is the exit."""
+        docker = laid_out(tmp_path, ("engine", "running", ()))
+        docker.exit_on_signal = False
+        await asyncio.wait_for(DockerRuntime(docker).stop(model()), 5)
 
-    async def test_nothing_running_is_removed_before_stop_returns(self, tmp_path: Path) -> None:
-        """A model whose containers have all exited is removed within the stop itself."""
-        docker = RecordedDocker(tmp_path, [info("exited")])
+    async def test_a_failed_stop_call_is_raised(self, tmp_path: Path) -> None:
+        """A stop call that fails while the engine still runs fails the stop."""
+        docker = laid_out(tmp_path, ("engine", "running", ()))
+        docker.exit_on_signal = False
+        docker.stop_error = DockerError("docker engine error: 500 Server Error")
+        with pytest.raises(DockerError, match="500 Server Error"):
+            await asyncio.wait_for(DockerRuntime(docker).stop(model()), 5)
+
+    async def test_the_removal_and_fresh_containers_follow_behind(self, tmp_path: Path) -> None:
+        """After the stop, the exited containers are removed and fresh ones created from the
+        current file, so that the model's next start is a docker start."""
+        docker = laid_out(tmp_path, *ENGINE_AND_SIDECAR)
         runtime = DockerRuntime(docker)
         await runtime.stop(model())
-        assert await runtime.containers() == []
-        assert docker.calls == [("rm", "alpha", "engine", "sidecar")]
+        await runtime.settle()
+        await eventually(
+            lambda: ("create", "alpha", "engine", "sidecar") in docker.calls, what="created"
+        )
+        assert {(c.service, c.status) for c in docker.listed} == {
+            ("engine", "created"),
+            ("sidecar", "created"),
+        }
 
-    async def test_a_container_that_outlives_the_removal_is_an_error(self, tmp_path: Path) -> None:
-        """If compose's rm ends and a container still runs, stop says which."""
-        engine = info("running")
-        docker = RecordedDocker(tmp_path, [engine])
-        docker.removal_removes = False
-        with pytest.raises(DockerError, match=f"still running after stop: {engine.name}$"):
-            await DockerRuntime(docker).stop(model())
+    async def test_containers_that_never_ran_are_left_for_the_next_start(
+        self, tmp_path: Path
+    ) -> None:
+        """A model with nothing running is not signalled; its created containers stay."""
+        docker = laid_out(tmp_path, ("engine", "created", ()))
+        runtime = DockerRuntime(docker)
+        await runtime.stop(model())
+        await runtime.settle()
+        assert [c[0] for c in docker.calls if c[0] not in {"list", "subscribe"}] == []
+        assert [c.id for c in docker.listed] == ["id-engine"]
+
+    async def test_settle_raises_a_failed_removal_once(self, tmp_path: Path) -> None:
+        """A removal that failed behind the switch is reported by settle, once."""
+        docker = laid_out(tmp_path, ("engine", "running", ()))
+        docker.removal_error = DockerError("docker engine error: removal busy")
+        runtime = DockerRuntime(docker)
+        await runtime.stop(model())
+        with pytest.raises(DockerError, match="busy"):
+            await runtime.settle()
+        await runtime.settle()
 
     async def test_the_fake_runtime_keeps_the_same_timing(self) -> None:
         """FakeRuntime too keeps stopped containers listed, exited, until settle removes them."""
@@ -293,6 +411,168 @@ class TestStopAndSettle:
         await fake.settle()
         assert await fake.containers() == []
         assert fake.removed == [running.id]
+
+
+# --- start and prepare -----------------------------------------------------------------------
+
+
+def started(docker: RecordedDocker) -> list[str]:
+    return [c[1] for c in docker.calls if c[0] == "start"]
+
+
+def composed(docker: RecordedDocker) -> list[tuple[str, ...]]:
+    return [c for c in docker.calls if c[0] in {"up", "create"}]
+
+
+class TestStart:
+    async def test_created_containers_start_through_the_api_dependencies_first(
+        self, tmp_path: Path
+    ) -> None:
+        """Up-to-date containers are started with docker's API in dependency order (what
+        compose start does), a dependency outside the model too; no compose process."""
+        docker = laid_out(
+            tmp_path,
+            ("database", "created", ()),
+            ("engine", "created", ("database",)),
+            ("sidecar", "created", ("engine",)),
+        )
+        await DockerRuntime(docker).start(model())
+        assert started(docker) == ["database", "engine", "sidecar"]
+        assert composed(docker) == []
+
+    async def test_a_dependency_not_required_and_not_there_is_left_out(
+        self, tmp_path: Path
+    ) -> None:
+        """depends_on with required: false: compose starts the model without it."""
+        docker = laid_out(tmp_path, ("engine", "created", ()))
+        assert docker.plans is not None
+        docker.plans["engine"] = replace(
+            docker.plans["engine"], depends_on=(Dependency("database", required=False),)
+        )
+        await DockerRuntime(docker).start(model(services=("engine",)))
+        assert started(docker) == ["engine"]
+
+    async def test_a_running_dependency_is_left_as_it_is(self, tmp_path: Path) -> None:
+        """A shared service already up is not started again."""
+        docker = laid_out(
+            tmp_path, ("database", "running", ()), ("engine", "created", ("database",))
+        )
+        await DockerRuntime(docker).start(model(services=("engine",)))
+        assert started(docker) == ["engine"]
+
+    @pytest.mark.parametrize(
+        "why",
+        ["stale hash", "missing", "exited", "healthy condition", "file unread", "cycle"],
+    )
+    async def test_compose_up_when_the_containers_are_not_ready_to_start(
+        self, tmp_path: Path, why: str
+    ) -> None:
+        """compose up does the start when a container is missing, out of date with the file,
+        left over from a run, waits on a condition, or the file's hashes are unknown."""
+        docker = laid_out(tmp_path, ("engine", "created", ()), ("sidecar", "created", ()))
+        engine = docker.listed[0]
+        assert docker.plans is not None
+        plans = docker.plans
+        if why == "stale hash":
+            docker.listed[0] = replace(engine, config_hash="an older hash")
+        elif why == "missing":
+            del docker.listed[0]
+        elif why == "exited":
+            docker.listed[0] = replace(engine, status="exited", exit_code=0)
+        elif why == "healthy condition":
+            plans["sidecar"] = replace(
+                plans["sidecar"], depends_on=(Dependency("engine", "service_healthy"),)
+            )
+        elif why == "file unread":
+            docker.plans = None
+        else:
+            plans["engine"] = replace(plans["engine"], depends_on=(Dependency("sidecar"),))
+            plans["sidecar"] = replace(plans["sidecar"], depends_on=(Dependency("engine"),))
+        await DockerRuntime(docker).start(model())
+        assert started(docker) == []
+        assert composed(docker) == [("up", "alpha", "engine", "sidecar")]
+
+    async def test_a_failed_api_start_falls_back_to_compose(self, tmp_path: Path) -> None:
+        """If docker refuses the start, compose up tries, and its error is what is raised."""
+        docker = laid_out(tmp_path, ("engine", "created", ()))
+        docker.start_error = DockerError("docker engine error: port is already allocated")
+        docker.up_error = UP_FAILED
+        with pytest.raises(DockerError) as caught:
+            await DockerRuntime(docker).start(model(services=("engine",)))
+        assert caught.value is UP_FAILED
+        assert started(docker) == ["engine"]
+        assert composed(docker) == [("up", "alpha", "engine")]
+
+    async def test_a_model_stopped_twice_still_starts(self, tmp_path: Path) -> None:
+        """Two stops of one model leave two clean-ups behind; its start waits for both and
+        they never wait for each other."""
+        docker = laid_out(tmp_path, ("engine", "running", ()))
+        docker.stop_calls_may_end.clear()
+        runtime = DockerRuntime(docker)
+        spec = model(services=("engine",))
+        await runtime.stop(spec)
+        # docker lists a container as running for a moment after its death was reported
+        docker.listed = [replace(c, status="running") for c in docker.listed]
+        await runtime.stop(spec)
+        docker.stop_calls_may_end.set()  # both clean-ups go on at once
+        await asyncio.wait_for(runtime.start(spec), 5)
+        assert started(docker) == ["engine"]
+
+    async def test_a_start_waits_for_the_work_behind_its_services(self, tmp_path: Path) -> None:
+        """Starting a model just stopped waits for its removal and fresh containers, then
+        starts those with the API."""
+        docker = laid_out(tmp_path, ("engine", "running", ()))
+        docker.stop_calls_may_end.clear()
+        runtime = DockerRuntime(docker)
+        spec = model(services=("engine",))
+        await runtime.stop(spec)
+        starting = asyncio.ensure_future(runtime.start(spec))
+        assert not await finished_within(starting, 0.2)
+        assert started(docker) == []
+        docker.stop_calls_may_end.set()
+        await asyncio.wait_for(starting, 5)
+        assert started(docker) == ["engine"]
+        assert [c.id for c in docker.listed] == ["new-engine-1"]
+
+
+class TestPrepare:
+    async def test_up_to_date_containers_are_left_alone(self, tmp_path: Path) -> None:
+        docker = laid_out(tmp_path, ("engine", "created", ()), ("sidecar", "created", ()))
+        await DockerRuntime(docker).prepare(model())
+        assert composed(docker) == []
+
+    async def test_only_what_is_missing_or_stale_is_created(self, tmp_path: Path) -> None:
+        """A service whose image moved on, or whose container ran before, is made again;
+        one running (for another model) is not touched."""
+        docker = laid_out(
+            tmp_path,
+            ("engine", "created", ()),
+            ("sidecar", "exited", ()),
+            ("database", "running", ()),
+        )
+        docker.images[IMAGE] = "sha256:" + "2" * 64  # the tag now names a newer build
+        await DockerRuntime(docker).prepare(model(services=("engine", "sidecar", "database")))
+        assert composed(docker) == [("create", "alpha", "engine", "sidecar")]
+
+    async def test_ahead_of_time_one_model_after_another(self, tmp_path: Path) -> None:
+        """Models prepared ahead are made one at a time; a failure is logged, not raised."""
+        docker = laid_out(tmp_path)
+        docker.create_error = DockerError("docker compose up failed (exit 1): no such image")
+        runtime = DockerRuntime(docker)
+        runtime.prepare_ahead([model(), model(id="beta", services=("database",))])
+        await eventually(lambda: len(composed(docker)) == 2, what="both models tried")
+        assert composed(docker) == [
+            ("create", "alpha", "engine", "sidecar"),
+            ("create", "beta", "database"),
+        ]
+
+    async def test_a_dropped_model_loses_its_idle_containers(self, tmp_path: Path) -> None:
+        """discard removes what a removed model left that does not run."""
+        docker = laid_out(tmp_path, ("engine", "created", ()), ("sidecar", "exited", ()))
+        runtime = DockerRuntime(docker)
+        runtime.discard(model())
+        await runtime.settle()
+        assert docker.listed == []
 
 
 # --- wait_ready -----------------------------------------------------------------------------
@@ -342,6 +622,15 @@ class Scripted:
 
     # Not used while waiting for readiness.
     async def prepare(self, spec: ModelSpec) -> None:
+        raise NotImplementedError
+
+    def prepare_ahead(self, specs: Sequence[ModelSpec]) -> None:
+        raise NotImplementedError
+
+    def discard(self, spec: ModelSpec) -> None:
+        raise NotImplementedError
+
+    async def running(self, services: frozenset[str]) -> list[ContainerInfo]:
         raise NotImplementedError
 
     async def start(self, spec: ModelSpec) -> None:

@@ -224,6 +224,24 @@ class TestFailures:
         assert "exit code 137" in (switcher.status.reason or "")
         assert not switcher.serving
 
+    async def test_a_death_is_recorded_with_its_log_and_the_container_removed(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """The dead engine's log tail is kept in the switch history, then its container is
+        stopped and removed, so exited engines do not pile up."""
+        await switch(switcher, "a")
+        dead = runtime.kill("a")
+        switcher.notify(ModelDied(dead.id, dead.service, 137))
+        await eventually(lambda: runtime.calls[-1] == ("stop", "a"), what="what is left stopped")
+        (record, *_) = await switcher.history.recent(1)
+        assert (record.kind, record.from_model, record.to_model) == ("died", "a", None)
+        assert record.outcome == "failed"
+        assert record.error is not None
+        assert record.error["code"] == "model_exited"
+        assert record.error["exit_code"] == 137
+        assert record.error["log_tail"] == f"last lines of {dead.id}\nCUDA out of memory\n"
+        assert runtime.removed == [dead.id]
+
     async def test_stale_death_report_is_ignored(
         self, switcher: Switcher, runtime: FakeRuntime
     ) -> None:
@@ -263,6 +281,26 @@ class TestFailures:
         runtime.kill("a")
         await eventually(lambda: switcher.status.state is State.FAILED, what="failed")
         assert "died behind the daemon's back" in (switcher.status.reason or "")
+
+
+class TestAhead:
+    async def test_every_runnable_model_is_prepared_at_start(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """At start, containers are made ahead for each model that can run."""
+        assert runtime.ahead == ["a", "b", "c", "nocache"]
+
+    async def test_changed_models_are_prepared_and_removed_ones_dropped(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        models = dict(switcher.models)
+        removed = models.pop("c")
+        models["a"] = spec("a", timeout=9.0)
+        models["d"] = spec("d")
+        runtime.ahead.clear()
+        switcher.set_models(models, disabled=frozenset({"d"}))
+        assert runtime.ahead == ["a"]  # d is disabled; b and nocache did not change
+        assert runtime.discarded == [removed.id]
 
 
 class TestConcurrency:
