@@ -7,6 +7,7 @@ for a fake that records calls, and the integration tests use it against Docker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -370,30 +371,75 @@ async def wait_ready(
     seen: Callable[[ContainerInfo], None],
 ) -> Ready:
     """Wait until the model's engine answers its health check; raise if it exits first or
-    its startup timeout passes. ``seen`` is told of each look at the engine's container."""
+    its startup timeout passes. ``seen`` is told of each look at the engine's container.
+
+    The health check is polled, and tried again at once whenever the engine writes a log
+    line: vLLM says "Application startup complete" as it becomes ready, so the daemon
+    notices within milliseconds rather than within a poll interval.
+    """
     deadline = began + spec.startup_timeout
     engine: ContainerInfo | None = None
     url: str | None = None
     next_exit_check = 0.0
-    while True:
-        now = clock()
-        if now >= next_exit_check or engine is None:
-            next_exit_check = now + EXIT_CHECK_INTERVAL
-            engine = await _look(runtime, spec, engine)
-            if engine is not None:
-                seen(engine)
-                _raise_if_gone(spec, engine, await _tail_if_gone(runtime, engine))
-                url = url or runtime.upstream_url(spec, engine)
-        if engine is not None and url is not None and await runtime.probe(url + spec.health_path):
-            return Ready(engine, url)
-        if clock() >= deadline:
-            tail = await runtime.logs_tail(engine.id, LOG_TAIL_LINES) if engine else ""
-            raise StartTimeout(
-                f"{spec.id}: not healthy at {spec.health_path} within {spec.startup_timeout:g} s",
-                model=spec.id,
-                log_tail=tail,
-            )
-        await asyncio.sleep(READY_POLL_INTERVAL)
+    nudges = _Nudges()
+    try:
+        while True:
+            now = clock()
+            if now >= next_exit_check or engine is None:
+                next_exit_check = now + EXIT_CHECK_INTERVAL
+                engine = await _look(runtime, spec, engine)
+                if engine is not None:
+                    seen(engine)
+                    _raise_if_gone(spec, engine, await _tail_if_gone(runtime, engine))
+                    url = url or runtime.upstream_url(spec, engine)
+                    nudges.follow(runtime, engine.id)
+            if engine and url and await runtime.probe(url + spec.health_path):
+                return Ready(engine, url)
+            if clock() >= deadline:
+                tail = await runtime.logs_tail(engine.id, LOG_TAIL_LINES) if engine else ""
+                raise StartTimeout(
+                    f"{spec.id}: not healthy at {spec.health_path} within"
+                    f" {spec.startup_timeout:g} s",
+                    model=spec.id,
+                    log_tail=tail,
+                )
+            await nudges.wait(READY_POLL_INTERVAL)
+    finally:
+        nudges.close()
+
+
+class _Nudges:
+    """Set by each new line of the engine's log: the health check need not wait its turn."""
+
+    def __init__(self) -> None:
+        self._line = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stream: LogStream | None = None
+
+    def follow(self, runtime: ModelRuntime, container_id: str) -> None:
+        if self._task is not None:
+            return
+        try:
+            self._stream = runtime.follow_logs(container_id, tail=0)
+        except OrchestratorError:
+            return  # followed by too many already: the poll alone will do
+        self._task = asyncio.create_task(self._listen(self._stream), name="ready-nudges")
+
+    async def _listen(self, stream: LogStream) -> None:
+        with contextlib.suppress(Exception):
+            async for _ in stream.lines():
+                self._line.set()
+
+    async def wait(self, at_most: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._line.wait(), at_most)
+        self._line.clear()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._stream is not None:
+            self._stream.close()
 
 
 async def _look(

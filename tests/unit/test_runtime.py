@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import queue
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -590,6 +590,8 @@ class Scripted:
     now: float = 100.0
     probed: list[str] = field(default_factory=list)
     inspected: list[str] = field(default_factory=list)
+    followed: list[str] = field(default_factory=list)
+    log: LogStream | None = None  # the engine's log as followed; None: it says nothing
 
     def clock(self) -> float:
         return self.now
@@ -643,7 +645,34 @@ class Scripted:
         raise NotImplementedError
 
     def follow_logs(self, container_id: str, tail: int) -> LogStream:
-        raise NotImplementedError
+        self.followed.append(container_id)
+        return self.log if self.log is not None else Silent()
+
+
+class Talking:
+    """A followed log whose lines the test writes."""
+
+    def __init__(self) -> None:
+        self.written: asyncio.Queue[str] = asyncio.Queue()
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def lines(self) -> AsyncIterator[str]:
+        while True:
+            yield await self.written.get()
+
+
+class Silent:
+    """A followed log with nothing more to say."""
+
+    def close(self) -> None:
+        pass
+
+    async def lines(self) -> AsyncIterator[str]:
+        await asyncio.Event().wait()
+        yield ""  # never reached: the wait lasts until the follower is closed
 
 
 @pytest.fixture(autouse=True)
@@ -734,6 +763,27 @@ class TestWaitReady:
         assert caught.value.message == "alpha: not healthy at /health within 5 s"
         assert caught.value.details["log_tail"] == f"the last 40 lines of {engine.id}"
         assert 100.0 + 5.0 <= scripted.now < 100.0 + 5.0 + 0.5
+
+    async def test_a_log_line_brings_the_next_probe_forward(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With a poll interval of a minute, the engine's log lines alone drive the probes:
+        each line, a probe; the followed log is closed once the engine is ready."""
+        monkeypatch.setattr(runtime_module, "READY_POLL_INTERVAL", 60)
+        log = Talking()
+        scripted = Scripted(listings=[[info("running")]], probes_until_ready=2, log=log)
+        waiting = asyncio.ensure_future(wait(scripted))
+
+        def probed_more_than(count: int) -> Callable[[], bool]:
+            return lambda: len(scripted.probed) > count
+
+        for line in ("Starting to load model", "Application startup complete."):
+            await eventually(lambda: log.written.empty(), what="the line read")
+            log.written.put_nowait(line)
+            await eventually(probed_more_than(len(scripted.probed)), what="a probe")
+        await asyncio.wait_for(waiting, 5)
+        assert scripted.followed == [info("running").id]
+        assert log.closed
 
     async def test_no_engine_at_all_times_out_without_a_log(self) -> None:
         """An engine container that never appears times out with an empty log tail."""
