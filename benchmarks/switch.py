@@ -202,14 +202,15 @@ async def measure(rig: Rig, rounds: int, load_delay: float, probers: int) -> dic
                 )
                 worker.start()
                 await asyncio.sleep(0.3)
+            sent = time.time()
             wall, body = await switch(session, rig, target)
             if queue is not None:
                 done.set()
             finished = datetime.fromisoformat(body["switch"]["finished_at"]).timestamp()
             await asyncio.sleep(0.3)  # let the die event arrive
             exited, stop = events.stop_time(f"engine-{current}", began_wall)
-            sigterms.append(events.first("kill", f"engine-{current}", began_wall) - began_wall)
-            starts.append(events.first("start", f"engine-{target}", began_wall) - began_wall)
+            sigterms.append(events.first("kill", f"engine-{current}", began_wall) - sent)
+            starts.append(events.first("start", f"engine-{target}", began_wall) - sent)
             ready = engine_ready_time(rig, f"engine-{target}")
             for phase, seconds in (body["switch"]["timings"] or {}).items():
                 phases.setdefault(phase, []).append(seconds)

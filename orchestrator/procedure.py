@@ -108,12 +108,18 @@ class Procedure:
         """
         models = self._models()
         active = self._status().active
-        if active is not None and active != except_model:
-            await self._stop_one(models[active], target)
-        # Docker may list an engine as running for a moment after its death was reported.
-        done = {except_model, active}
         service_model = {s: m.id for m in models.values() for s in m.services}
-        containers = await self.runtime.running(frozenset(service_model))
+        # Listed while the active model stops: nothing else starts meanwhile, and the look
+        # for strays then costs the switch no time of its own.
+        listing = asyncio.create_task(self.runtime.running(frozenset(service_model)))
+        try:
+            if active is not None and active != except_model:
+                await self._stop_one(models[active], target)
+        except BaseException:
+            listing.cancel()
+            raise
+        containers = await listing
+        done = {except_model, active}
         for model_id in sorted({service_model[c.service] for c in containers} - done):
             await self._stop_one(models[model_id], target)
         if self._status().state is not State.IDLE:
