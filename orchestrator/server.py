@@ -14,7 +14,6 @@ import asyncio
 import errno
 import resource
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -58,19 +57,23 @@ class ConnectionGuard:
 
     def __init__(self, max_connections: int) -> None:
         self.max_connections = max_connections
-        self._busy: Counter[RequestHandler] = Counter()
+        # A plain dict: every request passes here, and Counter's arithmetic is Python code.
+        self._busy: dict[RequestHandler, int] = {}
         self.evicted = 0
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         protocol = request.protocol
-        self._busy[protocol] += 1
+        busy = self._busy
+        busy[protocol] = busy.get(protocol, 0) + 1
         try:
             return await handler(request)
         finally:
-            self._busy[protocol] -= 1
-            if self._busy[protocol] <= 0:
-                del self._busy[protocol]
+            left = busy[protocol] - 1
+            if left:
+                busy[protocol] = left
+            else:
+                del busy[protocol]
 
     def factory(self, server: web.Server) -> Callable[[], RequestHandler]:
         """The protocol factory for the listening socket, over aiohttp's server."""
