@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import stat
 import subprocess
@@ -34,7 +35,7 @@ from orchestrator.security import (
     keys_for_bind,
     normalise_origin,
 )
-from orchestrator.server import QuietExhaustion, connection_bound
+from orchestrator.server import QuietExhaustion, connection_bound, freeze_startup_heap
 from tests.fakes import TWO_MODEL_COMPOSE, FakeRuntime, make_snapshot, open_daemon
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -667,6 +668,14 @@ class TestProcessLimits:
         assert connection_bound(0, 1024) == 768
         assert connection_bound(0, 1 << 20) == 16_384
         assert connection_bound(0, 100) == 64
+
+    def test_start_up_objects_leave_the_collectors_walks(self) -> None:
+        """What start-up built is frozen: a full collection no longer walks it."""
+        try:
+            freeze_startup_heap()
+            assert gc.get_freeze_count() > 0
+        finally:
+            gc.unfreeze()  # the rest of the test run collects as usual
 
 
 def compose_binary() -> str:
