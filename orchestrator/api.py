@@ -307,7 +307,7 @@ class HealthAnswers:
         switcher = self._switcher
         status = switcher.status
         under_way = switcher.switch_under_way
-        if status is not self._status or under_way is not self._under_way:
+        if status is not self._status or under_way != self._under_way:
             answer = _health_answer(switcher, None)
             self._code = 200 if isinstance(answer, answers.HealthPass) else 503
             self._body = json.dumps(answer.to_json()).encode()
