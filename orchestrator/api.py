@@ -32,7 +32,7 @@ from .errors import (
     SwitchNotFound,
     TooManyStreams,
 )
-from .events import EventHub
+from .events import EventHub, sse_message
 from .gateway import MAX_V1_BODY, Gateway, error_response
 from .history import History, Operation
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -49,7 +49,7 @@ from .security import (
     is_gateway_path,
 )
 from .server import ConnectionGuard
-from .states import State
+from .states import State, Status
 from .switcher import Switcher
 from .watcher import Watcher
 
@@ -68,6 +68,7 @@ CATALOG = web.AppKey[Catalog]("catalog")
 GATEWAY = web.AppKey[Gateway | None]("gateway")
 EVENTS = web.AppKey[EventHub]("events")
 METRICS = web.AppKey[Metrics]("metrics")
+HEALTH = web.AppKey["HealthAnswers"]("health")
 # Clients that may follow /events at once; each model's log has the same bound.
 STREAM_LIMIT = web.AppKey[int]("stream_limit")
 
@@ -285,19 +286,59 @@ async def get_switches(request: web.Request) -> web.Response:
     return _render(answers.SwitchList(switches=[answers.Switch.of(r) for r in records]))
 
 
-async def get_health(request: web.Request) -> web.Response:
-    """Answered from the switcher's in-memory state: no Docker call, no waiting on a switch."""
-    switcher = request.app[SWITCHER]
+class HealthAnswers:
+    """/health's answer, rendered when what it says changes rather than for every probe.
+
+    Load balancers ask thousands of times a second, a switch included, and the answer
+    changes a few times a switch. The switcher replaces its status snapshot at each
+    transition and never alters one, so the snapshot, compared by identity, and whether
+    a switch is under way tell whether the rendered answer still holds.
+    """
+
+    def __init__(self, switcher: Switcher) -> None:
+        self._switcher = switcher
+        self._status: Status | None = None
+        self._under_way = False
+        self._code = 503
+        self._body = b""
+
+    def current(self) -> tuple[int, bytes]:
+        """The status code and body /health answers with now."""
+        switcher = self._switcher
+        status = switcher.status
+        under_way = switcher.switch_under_way
+        if status is not self._status or under_way != self._under_way:
+            answer = _health_answer(switcher, None)
+            self._code = 200 if isinstance(answer, answers.HealthPass) else 503
+            self._body = json.dumps(answer.to_json()).encode()
+            self._status, self._under_way = status, under_way
+        return self._code, self._body
+
+
+def _health_answer(switcher: Switcher, wanted: str | None) -> answers.Answer:
     status = switcher.status
-    wanted = request.query.get("model")
-    if wanted is not None:
-        switcher.spec(wanted)  # 404 for a model that does not exist
     if switcher.serving and (wanted is None or wanted == status.active):
-        return _render(answers.HealthPass(model=status.active), content_type=HEALTH_JSON)
-    failing = answers.HealthFail(
+        return answers.HealthPass(model=status.active)
+    return answers.HealthFail(
         state=status.state, model=status.active, output=_health_reason(switcher, wanted)
     )
-    return _render(failing, status=503, content_type=HEALTH_JSON)
+
+
+_LIVENESS = json.dumps(answers.Liveness().to_json()).encode()
+
+
+async def get_health(request: web.Request) -> web.Response:
+    """Answered from the switcher's in-memory state: no Docker call, no waiting on a switch."""
+    if request.query_string:
+        switcher = request.app[SWITCHER]
+        wanted = request.query.get("model")
+        if wanted is not None:
+            switcher.spec(wanted)  # 404 for a model that does not exist
+        answer = _health_answer(switcher, wanted)
+        failing = isinstance(answer, answers.HealthFail)
+        return _render(answer, status=503 if failing else 200, content_type=HEALTH_JSON)
+    code, body = request.app[HEALTH].current()
+    return web.Response(body=body, status=code, content_type=HEALTH_JSON, charset="utf-8")
 
 
 def _health_reason(switcher: Switcher, wanted: str | None) -> str:
@@ -367,7 +408,7 @@ async def post_pull(request: web.Request) -> web.Response:
 
 
 async def get_live(request: web.Request) -> web.Response:
-    return _render(answers.Liveness(), content_type=HEALTH_JSON)
+    return web.Response(body=_LIVENESS, content_type=HEALTH_JSON, charset="utf-8")
 
 
 async def get_v1_models(request: web.Request) -> web.Response:
@@ -406,11 +447,6 @@ async def _event_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _sse(event: str, data: Any, event_id: int | None = None) -> bytes:
-    head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n".encode()
-
-
 async def get_events(request: web.Request) -> web.StreamResponse:
     """Every state change as a server-sent event, starting with the current status."""
     hub = request.app[EVENTS]
@@ -422,16 +458,18 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         )
     async with hub.subscribe() as queue:
         response = await _event_stream(request)
-        await response.write(_sse("status", (await _status(request.app)).to_json()))
+        await response.write(sse_message("status", (await _status(request.app)).to_json()))
         while True:
             try:
-                event = await asyncio.wait_for(queue.get(), SSE_HEARTBEAT)
+                # A timeout, not wait_for: wait_for wraps each get in a task of its own.
+                async with asyncio.timeout(SSE_HEARTBEAT):
+                    event = await queue.get()
             except TimeoutError:
                 await response.write(b": keep-alive\n\n")
                 continue
             if event is None:  # the daemon is stopping
                 return response
-            await response.write(_sse(event.kind, event.to_json(), event.id))
+            await response.write(event.sse)
 
 
 def _tail_parameter(request: web.Request) -> int:
@@ -468,10 +506,10 @@ async def get_model_logs(request: web.Request) -> web.StreamResponse:
     follower = runtime.follow_logs(engine.id, tail)  # refused here when too many follow
     try:
         response = await _event_stream(request)
-        await response.write(_sse("container", {"model": spec.id, "container": engine.name}))
+        await response.write(sse_message("container", {"model": spec.id, "container": engine.name}))
         async for line in follower.lines():
-            await response.write(_sse("log", line))
-        await response.write(_sse("end", {"model": spec.id}))
+            await response.write(sse_message("log", line))
+        await response.write(sse_message("end", {"model": spec.id}))
     finally:
         follower.close()
     return response
@@ -529,6 +567,7 @@ def create_app(
     app[STREAM_LIMIT] = max_streams
     app[SWITCHER], app[RUNTIME], app[WATCHER], app[HISTORY] = switcher, runtime, watcher, history
     app[CATALOG], app[GATEWAY], app[EVENTS], app[METRICS] = catalog, gateway, events, metrics
+    app[HEALTH] = HealthAnswers(switcher)
     app.router.add_post("/switch", post_switch)
     app.router.add_post("/stop", post_stop)
     app.router.add_get("/status", get_status)

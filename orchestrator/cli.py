@@ -44,6 +44,7 @@ from .pull import PullProgress, pull
 from .registry import ModelEntry
 from .server import (
     QuietExhaustion,
+    freeze_startup_heap,
     listen,
     raise_descriptor_limit,
 )
@@ -439,6 +440,7 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
         await daemon.start()
+        freeze_startup_heap()
         # Cancelling the handler of a client that hung up is what cancels its request to
         # the engine and frees its place in the queue. The keep-alive timeout also runs
         # from a connection's start: one that sends no complete request in time is closed.

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +24,12 @@ if TYPE_CHECKING:
 SUBSCRIBER_QUEUE = 256
 
 
+def sse_message(event: str, data: Any, event_id: int | None = None) -> bytes:
+    """One server-sent event: its id if it has one, its name, and its data as JSON."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
 @dataclass(frozen=True)
 class Event:
     kind: str  # switch_requested, state, switch_finished, rolled_back, model_died, pull, ...
@@ -31,6 +39,12 @@ class Event:
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "at": self.at, **self.data}
+
+    @functools.cached_property
+    def sse(self) -> bytes:
+        """The event as /events sends it, encoded by the first subscriber that writes it:
+        a state change is one JSON encoding however many clients follow."""
+        return sse_message(self.kind, self.to_json(), self.id)
 
 
 class EventHub:

@@ -51,10 +51,16 @@ class OperationQueue:
     def will_change(self, status: Status) -> bool:
         """Whether an operation here will change what runs: a stop while something is up,
         or a switch to a model that is not the ready one."""
-        return any(
-            status.active is not None if op.kind is Kind.STOP else not status.holds(op.model)
-            for op in self.all()
-        )
+        # /health asks on every probe: look without building a list of the operations.
+        current = self.current
+        if current is not None and _changes(current, status):
+            return True
+        pending = self._pending
+        return bool(pending) and any(_changes(op, status) for op in pending)
 
     def involves(self, model_id: str) -> bool:
         return any(model_id in {op.model, op.from_model} for op in self.all())
+
+
+def _changes(op: Operation, status: Status) -> bool:
+    return status.active is not None if op.kind is Kind.STOP else not status.holds(op.model)

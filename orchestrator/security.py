@@ -22,7 +22,7 @@ import ipaddress
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,7 +38,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 KEY_FILE = "api-key"
 PROBE_PATHS = frozenset({"/health", "/health/live"})
+# A load balancer probes thousands of times a second with the same one or two Host
+# headers; the verdict on each is kept. Names are the client's to choose, so only this
+# many are kept and the rest are judged afresh each time.
+HOST_VERDICTS = 64
 CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_PROBE_METHODS = frozenset({"GET", "HEAD"})
 # The dashboard's own files hold no data; a browser cannot send a key when it opens a page.
 PAGE_PATHS = frozenset({"/"})
 PAGE_PREFIX = "/ui/"
@@ -127,6 +132,9 @@ class AccessPolicy:
     allowed_hosts: frozenset[str] = frozenset()
     allowed_origins: frozenset[str] = frozenset()
     protect_reads: bool = False
+    _host_verdicts: dict[str, bool] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @classmethod
     def build(
@@ -150,8 +158,13 @@ class AccessPolicy:
         if not self.loopback_bind or host_header is None:
             # Off the loopback the key is the guard; HTTP/1.0 clients may send no Host.
             return True
-        name, _port = _split_host(host_header)
-        return is_loopback(name) or name in self.allowed_hosts
+        verdict = self._host_verdicts.get(host_header)
+        if verdict is None:
+            name, _port = _split_host(host_header)
+            verdict = is_loopback(name) or name in self.allowed_hosts
+            if len(self._host_verdicts) < HOST_VERDICTS:
+                self._host_verdicts[host_header] = verdict
+        return verdict
 
     def needs_key(self, request: web.Request) -> bool:
         if not self.keys or request.path in PROBE_PATHS:
@@ -276,11 +289,22 @@ def guard_middleware(policy: AccessPolicy) -> Any:
 
 def _admit(policy: AccessPolicy, request: web.Request) -> web.Response | None:
     """Raise unless the request may reach its handler; the answer to a CORS preflight."""
-    if not policy.host_allowed(request.headers.get("Host")):
+    headers = request.headers
+    if not policy.host_allowed(headers.get("Host")):
         raise Forbidden(
-            f"the Host {request.headers.get('Host')!r} is not this daemon's loopback"
+            f"the Host {headers.get('Host')!r} is not this daemon's loopback"
             " name; add it to allowed_hosts if you reach the daemon under that name",
         )
+    if (
+        request.method in _PROBE_METHODS
+        and request.path in PROBE_PATHS
+        and "Origin" not in headers
+        and "Sec-Fetch-Site" not in headers
+    ):
+        # A load balancer's probe, thousands a second: no page sent it (no Origin, no
+        # Sec-Fetch-Site), so there is no CORS to answer; probes need no key, and a
+        # read has no body to check. What the steps below would conclude, sooner.
+        return None
     origin = _check_origin(policy, request)
     request[_CORS_ORIGIN] = origin
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:

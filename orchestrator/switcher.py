@@ -96,7 +96,8 @@ class Switcher:
     @property
     def switch_under_way(self) -> bool:
         """True while an accepted request will change what runs (queued or running)."""
-        return self._queue.will_change(self.status)
+        queue = self._queue
+        return bool(queue) and queue.will_change(self.status)
 
     @property
     def serving(self) -> bool:

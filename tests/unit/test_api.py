@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp.test_utils import TestClient
 
+from orchestrator.api import HealthAnswers
 from orchestrator.daemon import Daemon
+from orchestrator.states import State, Status
 from orchestrator.switcher import Switcher
 from tests.fakes import Behaviour, FakeRuntime, daemon_of, spec
+from tests.waiting import eventually
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -221,6 +225,28 @@ class TestHealth:
         assert (await pending).status == 200
         assert (await client.get("/health")).status == 200
 
+    async def test_health_follows_a_hung_engine_and_its_recovery(
+        self, client: TestClient[Any, Any], runtime: FakeRuntime
+    ) -> None:
+        """The answer is kept between changes, and each change of the status shows at once."""
+        await client.post("/switch", json={"model": "alpha"})
+        response = await client.get("/health")
+        assert response.headers["Content-Type"] == "application/health+json; charset=utf-8"
+        assert await response.json() == {"status": "pass", "model": "alpha"}
+        runtime.behaviours["alpha"] = Behaviour(hang=True)
+
+        async def failing() -> bool:
+            answer = await client.get("/health")
+            return answer.status == 503 and "not answering" in (await answer.json())["output"]
+
+        await eventually(failing, what="/health failing for the hung engine")
+        runtime.behaviours["alpha"] = Behaviour(probes_until_ready=0)
+
+        async def passing() -> bool:
+            return (await client.get("/health")).status == 200
+
+        await eventually(passing, what="/health passing once the engine answers again")
+
     async def test_status_lists_every_model(self, client: TestClient[Any, Any]) -> None:
         """/status names each model with its container, upstream and uptime."""
         await client.post("/switch", json={"model": "alpha"})
@@ -251,3 +277,41 @@ class TestModels:
         response = await client.get("/models/zzz")
         assert response.status == 404
         assert (await error_of(response))["code"] == "model_not_found"
+
+
+@dataclass
+class SwitcherView:
+    """What /health reads of the switcher, set by hand."""
+
+    status: Status
+    switch_under_way: bool = False
+
+    @property
+    def serving(self) -> bool:
+        status = self.status
+        return status.state is State.READY and status.healthy and not self.switch_under_way
+
+
+class TestHealthAnswers:
+    def test_an_accepted_switch_fails_the_answer_before_the_state_moves(self) -> None:
+        """The status snapshot stays the same while a switch waits its turn; the queue alone
+        turns the answer, and the answer turns back once it is done."""
+        view = SwitcherView(Status(state=State.READY, active="alpha", healthy=True))
+        health = HealthAnswers(cast(Switcher, view))
+        code, body = health.current()
+        assert (code, json.loads(body)) == (200, {"status": "pass", "model": "alpha"})
+        assert health.current()[1] is body  # rendered once while nothing changes
+        view.switch_under_way = True
+        code, body = health.current()
+        assert code == 503
+        assert "a switch is under way" in json.loads(body)["output"]
+        view.switch_under_way = False
+        assert health.current()[0] == 200
+
+    def test_a_new_status_is_rendered_anew(self) -> None:
+        view = SwitcherView(Status(state=State.READY, active="alpha", healthy=True))
+        health = HealthAnswers(cast(Switcher, view))
+        assert health.current()[0] == 200
+        view.status = replace(view.status, state=State.STOPPING, reason="stopping alpha")
+        code, body = health.current()
+        assert (code, json.loads(body)["state"]) == (503, "stopping")

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from orchestrator import api
 from orchestrator.daemon import Daemon
+from orchestrator.events import Event
 from orchestrator.switcher import Switcher
 from tests.fakes import Behaviour, FakeRuntime, daemon_of
 
@@ -125,6 +127,49 @@ class TestEvents:
             runtime.kill("alpha")
             seen = await read_events(response, lambda event, _data: event == "model_died")
         assert seen[-1][1]["model"] == "alpha"
+
+    async def test_two_followers_get_the_same_bytes_encoded_once(
+        self, client: TestClient[Any, Any], daemon: Daemon
+    ) -> None:
+        """An event is encoded once for all who follow, in the format each one parses."""
+        sent: list[Event] = []
+        async with client.get("/events") as first, client.get("/events") as second:
+            for response in (first, second):
+                await read_events(response, lambda event, _data: event == "status")
+            async with daemon.events.subscribe() as queue:
+                await client.post("/switch", json={"model": "alpha"})
+                while (event := await queue.get()) is not None:
+                    sent.append(event)
+                    if event.kind == "switch_finished":
+                        break
+            seen = [
+                await read_events(response, lambda event, _data: event == "switch_finished")
+                for response in (first, second)
+            ]
+        assert seen[0] == seen[1]
+        assert [data for _, data in seen[0]] == [event.to_json() for event in sent]
+        assert all(event.sse is event.sse for event in sent)
+
+    async def test_a_quiet_stream_gets_heartbeats(
+        self, client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Nothing happening: a comment now and then keeps proxies from closing the stream."""
+        monkeypatch.setattr(api, "SSE_HEARTBEAT", 0.01)
+        beats = 0
+        async with client.get("/events") as response, asyncio.timeout(5):
+            async for raw in response.content:
+                beats += raw == b": keep-alive\n"
+                if beats == 2:
+                    break
+        assert beats == 2
+
+    def test_an_event_as_server_sent(self) -> None:
+        event = Event("state", {"state": "ready"}, 7, at=1.5)
+        expected = (
+            b"id: 7\nevent: state\n"
+            b'data: {"id": 7, "kind": "state", "at": 1.5, "state": "ready"}\n\n'
+        )
+        assert event.sse == expected
 
 
 class TestLogs:

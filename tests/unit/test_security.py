@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import stat
 import subprocess
@@ -27,8 +28,14 @@ from orchestrator import cache
 from orchestrator.cache import Verdicts, verify_local_model
 from orchestrator.daemon import Daemon
 from orchestrator.docker import runtime_environment, user_environment
-from orchestrator.security import is_loopback, keys_for_bind, normalise_origin
-from orchestrator.server import QuietExhaustion, connection_bound
+from orchestrator.security import (
+    HOST_VERDICTS,
+    AccessPolicy,
+    is_loopback,
+    keys_for_bind,
+    normalise_origin,
+)
+from orchestrator.server import QuietExhaustion, connection_bound, freeze_startup_heap
 from tests.fakes import TWO_MODEL_COMPOSE, FakeRuntime, make_snapshot, open_daemon
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -236,6 +243,23 @@ class TestOrigin:
         assert preflight.status == 403
         assert "Access-Control-Allow-Origin" not in preflight.headers
 
+    @pytest.mark.parametrize("path", ["/health", "/health/live"])
+    async def test_the_probes_answer_pages_as_every_route_does(
+        self, client: TestClient[Any, Any], path: str
+    ) -> None:
+        """Probes pass the guard by a shorter way; a page still meets all of it."""
+        assert (await client.get(path, headers={"Origin": EVIL})).status == 403
+        cross_site = await client.get(path, headers={"Sec-Fetch-Site": "cross-site"})
+        assert cross_site.status == 403
+        allowed = await client.get(path, headers={"Origin": WEBUI, "Sec-Fetch-Site": "cross-site"})
+        assert allowed.headers["Access-Control-Allow-Origin"] == WEBUI
+        preflight = await client.options(
+            path, headers={"Origin": EVIL, "Access-Control-Request-Method": "GET"}
+        )
+        assert preflight.status == 403
+        probe = await client.get(path)
+        assert "Access-Control-Allow-Origin" not in probe.headers
+
     def test_origins_are_compared_as_browsers_send_them(self) -> None:
         assert normalise_origin("HTTP://WebUI.lan:80/") == "http://webui.lan"
         assert normalise_origin("https://x.example:443") == "https://x.example"
@@ -257,10 +281,17 @@ class TestHost:
         self, client: TestClient[Any, Any], core: Daemon, host: str
     ) -> None:
         """DNS rebinding: the page's own name pointed at 127.0.0.1 is 403, reads included."""
-        for method, path in (("GET", "/status"), ("GET", "/models"), ("POST", "/stop")):
+        for method, path in (
+            ("GET", "/status"),
+            ("GET", "/models"),
+            ("POST", "/stop"),
+            ("GET", "/health"),
+            ("HEAD", "/health/live"),
+        ):
             response = await client.request(method, path, json={}, headers={"Host": host})
             assert response.status == 403, (method, path)
-            assert "allowed_hosts" in (await response.json())["error"]["message"]
+            if method != "HEAD":
+                assert "allowed_hosts" in (await response.json())["error"]["message"]
         nothing_moved(core)
 
     async def test_allowed_hosts_are_answered(
@@ -276,6 +307,21 @@ class TestHost:
         """On a LAN address the key is the guard, not the name."""
         client = await aiohttp_client(await daemon_app(open_with, host="0.0.0.0", api_keys=KEYS))
         assert (await client.get("/status", headers={"Host": "gpu-box:8080"})).status == 200
+
+    def test_host_verdicts_kept_are_bounded_and_never_change_the_verdict(self) -> None:
+        """Host names are the client's to choose: past the bound each is judged afresh."""
+        policy = AccessPolicy.build(keys=[], bind_host="127.0.0.1", allowed_hosts=["gpu.lan"])
+        for number in range(HOST_VERDICTS * 3):
+            assert not policy.host_allowed(f"evil-{number}.example")
+            assert policy.host_allowed(f"127.0.0.1:{number + 1}")
+        assert len(policy._host_verdicts) == HOST_VERDICTS
+        for host in ("evil-1.example", "fresh.evil.example"):
+            assert not policy.host_allowed(host), host
+        for host in ("gpu.lan:8080", "[::1]:9", "localhost"):
+            assert policy.host_allowed(host), host
+        assert policy == AccessPolicy.build(
+            keys=[], bind_host="127.0.0.1", allowed_hosts=["gpu.lan"]
+        )
 
     def test_loopback_addresses(self) -> None:
         for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "LOCALHOST."):
@@ -622,6 +668,14 @@ class TestProcessLimits:
         assert connection_bound(0, 1024) == 768
         assert connection_bound(0, 1 << 20) == 16_384
         assert connection_bound(0, 100) == 64
+
+    def test_start_up_objects_leave_the_collectors_walks(self) -> None:
+        """What start-up built is frozen: a full collection no longer walks it."""
+        try:
+            freeze_startup_heap()
+            assert gc.get_freeze_count() > 0
+        finally:
+            gc.unfreeze()  # the rest of the test run collects as usual
 
 
 def compose_binary() -> str:
