@@ -23,7 +23,7 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from huggingface_hub.file_download import REGEX_COMMIT_HASH
@@ -109,6 +109,10 @@ class ModelSettings(BaseModel):
     ttl: float | None = Field(default=None, ge=0)
     max_concurrency: int | None = Field(default=None, gt=0)
     aliases: tuple[str, ...] = ()
+    # vLLM's sleep level for warm swaps (1: weights to host RAM, 2: dropped); false: cold.
+    sleep: Literal[1, 2, False] | None = None
+    # One short generation before the model counts as ready.
+    warmup: bool | None = None
 
     @field_validator("aliases")
     @classmethod
@@ -164,6 +168,9 @@ class ModelSpec:
     tokenizer_revision: str | None = None
     # Why the model cannot be run at all; a switch to it is refused with this.
     unusable: str | None = None
+    # vLLM's sleep level when a switch moves away from it (1 or 2); None: stopped instead.
+    sleep: int | None = None
+    warmup: bool = False  # one short generation before the model counts as ready
 
 
 @dataclass(frozen=True)
@@ -1095,6 +1102,8 @@ def _spec(
         ttl=settings.ttl,
         max_concurrency=settings.max_concurrency,
         aliases=settings.aliases,
+        sleep=settings.sleep or None,
+        warmup=bool(settings.warmup),
         revision=command.revision if command and is_repo else None,
         tokenizer_revision=command.tokenizer_revision if command and is_repo else None,
     )

@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     drain_timeout: Seconds = 60.0
     # Seconds without requests before a model is unloaded; 0 keeps it loaded.
     ttl: Seconds = 0.0
+    # Warm swaps: sleeping models kept at once, their host RAM (GiB; None: half of
+    # what is available at start), and how long one may sleep before it is stopped (0: ever).
+    max_asleep: Count = 2
+    sleep_ram_budget: float | None = None
+    sleep_ttl: Seconds = 0.0
     # A model to load at start when none is running (before the last requested one).
     preload: str | None = None
     # Requests that may wait for one model; past that the gateway answers 429.
@@ -173,7 +178,7 @@ class Settings(BaseSettings):
         # Highest first: the flags (init arguments), then what load_settings opened.
         return (init_settings, *_LAYERS.get())
 
-    @field_validator("drain_timeout", "ttl")
+    @field_validator("drain_timeout", "ttl", "sleep_ttl")
     @classmethod
     def _not_negative(cls, value: float, info: ValidationInfo) -> float:
         if value < 0:
