@@ -11,6 +11,7 @@ Behaviour is steered by environment variables (see README.md next to this file).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import math
@@ -22,11 +23,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import parse_qs
 
 VLLM_VERSION = "0.11.0"
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -78,8 +80,20 @@ def parse_max_model_len(raw: str) -> int:
     return int(number * factor)
 
 
+SLEEP_MODE_FLAGS = {"--enable-sleep-mode", "--no-enable-sleep-mode"}
+
+
+def normalise_flag(token: str) -> str:
+    # vLLM's parser takes `--enable_sleep_mode` for `--enable-sleep-mode` (compose files and
+    # vLLM's own examples use both). Only the sleep flag is normalised: other underscore
+    # spellings stay unknown to the stand-in, as they always were.
+    name, sep, value = token.partition("=")
+    dashed = name.replace("_", "-")
+    return dashed + sep + value if dashed in SLEEP_MODE_FLAGS else token
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    tokens = list(argv)
+    tokens = [normalise_flag(token) for token in argv]
     # The vllm/vllm-openai entrypoint is `vllm serve`; accepting the word keeps a compose
     # `command:` written for either image working with both.
     if tokens and tokens[0] == "serve":
@@ -98,6 +112,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--revision")
     parser.add_argument("--max-model-len", type=parse_max_model_len, default=None)
+    # BooleanOptionalAction, as vLLM declares its boolean flags: the last of
+    # --enable-sleep-mode / --no-enable-sleep-mode wins.
+    parser.add_argument("--enable-sleep-mode", action=argparse.BooleanOptionalAction, default=False)
+    # Kept as text: the value only shapes an error message, and a value the stand-in
+    # cannot read must not turn a command line it used to accept into an error.
+    parser.add_argument("--gpu-memory-utilization")
     args, _ignored = parser.parse_known_args(tokens)
 
     if positional is not None and args.model is not None:
@@ -112,6 +132,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         # that only ever hides a broken command line.
         die("ERROR: no model given (positional MODEL or --model MODEL)", 2)
     args.served_model_names = args.served_model_name or [args.model]
+    try:
+        args.gpu_memory_utilization = float(args.gpu_memory_utilization or 0.9)
+    except ValueError:
+        args.gpu_memory_utilization = 0.9
     return args
 
 
@@ -268,6 +292,99 @@ def error_body(message: str, err_type: str, code: int) -> dict[str, Any]:
     return {"object": "error", "message": message, "type": err_type, "param": None, "code": code}
 
 
+# --------------------------------------------------------------------------- GPU and sleep
+
+
+def cuda_oom_message(gpu_memory_utilization: float) -> str:
+    total = 23.55
+    return (
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate "
+        f"{total * gpu_memory_utilization:.2f} GiB. GPU 0 has a total capacity of "
+        f"{total:.2f} GiB of which 1.02 GiB is free. "
+        "Of the allocated memory 21.87 GiB is allocated by PyTorch."
+    )
+
+
+class GpuLock:
+    """The one simulated GPU: an exclusive flock on a file every engine can see.
+
+    Engines on one host share the file through a volume; an awake engine holds the lock
+    the way a real one holds most of the GPU's memory, so a second engine that wants the
+    GPU while the first is awake fails as vLLM does, with CUDA out of memory.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            # Never blocking: a real allocation fails at once when memory is taken, it
+            # does not wait for another process to free it.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            # The lock belongs to this open file description; closing it lets go.
+            os.close(fd)
+
+
+class EngineState:
+    """What vLLM's executor knows about sleep: which tags sleep, and whether the weights
+    on the GPU are still the model's."""
+
+    def __init__(self, sleep_mode: bool, gpu: GpuLock | None) -> None:
+        self.sleep_mode = sleep_mode
+        self.gpu = gpu
+        # Empty when awake. Sleep puts both tags to sleep; wake_up(tags) wakes some, and
+        # the engine is awake again only when none is left, as in vLLM's executor.
+        self.sleeping_tags: set[str] = set()
+        # Level 2 discards the weights: woken, their memory holds garbage until
+        # collective_rpc reload_weights fills it again.
+        self.weights_discarded = False
+        self.falling_asleep = False
+        # Bumped by /sleep; a stream that began under an older epoch is aborted.
+        self.epoch = 0
+        # vLLM's engine core runs utility calls (sleep, wake_up, collective_rpc) one at
+        # a time; a second call waits for the first.
+        self.transition = threading.Lock()
+
+    @property
+    def is_sleeping(self) -> bool:
+        return bool(self.sleeping_tags)
+
+    def unfit_to_run(self) -> str | None:
+        """Why a forward pass now would crash the engine, or None when it may run."""
+        if self.falling_asleep or self.is_sleeping:
+            return f"the engine is asleep (sleeping tags: {sorted(self.sleeping_tags)})"
+        if self.weights_discarded:
+            return "the weights were discarded by sleep level 2 and not reloaded"
+        return None
+
+
+def dev_mode() -> bool:
+    raw = os.environ.get("VLLM_SERVER_DEV_MODE", "0")
+    # vLLM reads the variable as bool(int(value)): "true" is not a spelling it takes,
+    # and the server dies on import with this very error.
+    try:
+        return bool(int(raw))
+    except ValueError:
+        die(f"ValueError: invalid literal for int() with base 10: {raw!r}")
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -276,7 +393,13 @@ class EngineServer(ThreadingHTTPServer):
     # Load tests open many connections at once; the default backlog of 5 would reset some.
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], args: argparse.Namespace, model_path: str):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        args: argparse.Namespace,
+        model_path: str,
+        gpu: GpuLock | None = None,
+    ):
         self.args = args
         self.model_path = model_path
         self.served_names: list[str] = args.served_model_names
@@ -284,7 +407,26 @@ class EngineServer(ThreadingHTTPServer):
         self.token_delay = env_float("STANDIN_TOKEN_DELAY", 0.01)
         self.created = int(time.time())
         self.unhealthy_until = time.monotonic() + env_float("STANDIN_HEALTH_503_FOR", 0.0)
+        self.dev_mode = dev_mode()
+        self.sleep_time = env_float("STANDIN_SLEEP_TIME", 0.2)
+        self.wake_time = env_float("STANDIN_WAKE_TIME", 0.2)
+        self.reload_time = env_float("STANDIN_RELOAD_TIME", 0.2)
+        self.engine = EngineState(bool(args.enable_sleep_mode), gpu)
         super().__init__(address, Handler)
+
+    def die_of_engine_failure(self) -> NoReturn:
+        # os._exit: the process must go now, from a handler thread, with the others
+        # mid-request, as vLLM's server does once its engine core is dead.
+        os._exit(1)
+
+
+# Registered by vLLM only when VLLM_SERVER_DEV_MODE is on; 404 otherwise.
+DEV_ROUTES = {
+    "/sleep": "POST",
+    "/wake_up": "POST",
+    "/is_sleeping": "GET",
+    "/collective_rpc": "POST",
+}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -365,7 +507,12 @@ class Handler(BaseHTTPRequestHandler):
             return None
         return body
 
-    def stream_events(self, events: Iterator[dict[str, Any]]) -> None:
+    def stream_events(
+        self,
+        events: Iterator[dict[str, Any]],
+        epoch: int,
+        abort_event: Callable[[], dict[str, Any]],
+    ) -> None:
         # Chunked encoding rather than Connection: close, so a streaming client's pooled
         # connection stays usable afterwards, as with uvicorn.
         self.send_response(200)
@@ -379,6 +526,11 @@ class Handler(BaseHTTPRequestHandler):
                 if not first and self.server.token_delay > 0:
                     time.sleep(self.server.token_delay)
                 first = False
+                if self.server.engine.epoch != epoch:
+                    # /sleep aborted the request: vLLM ends the stream with
+                    # finish_reason "abort" instead of the rest of the answer.
+                    self.write_chunk(f"data: {json.dumps(abort_event())}\n\n".encode())
+                    break
                 self.write_chunk(f"data: {json.dumps(event)}\n\n".encode())
             self.write_chunk(b"data: [DONE]\n\n")
             self.wfile.write(b"0\r\n\r\n")
@@ -393,8 +545,29 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- routes
 
+    def dev_route(self, method: str) -> bool:
+        """Answer a dev-mode route; False when the path is not one (or dev mode is off)."""
+        path, _, query = self.path.partition("?")
+        if not self.server.dev_mode or path not in DEV_ROUTES:
+            return False
+        body = self.read_body() if method == "POST" else b""
+        if DEV_ROUTES[path] != method:
+            self.send_json(405, {"detail": "Method Not Allowed"})
+        elif path == "/sleep":
+            self.sleep(parse_qs(query).get("level", ["1"])[-1])
+        elif path == "/wake_up":
+            self.wake_up(parse_qs(query).get("tags") or None)
+        elif path == "/is_sleeping":
+            log("INFO: check whether the engine is sleeping")
+            self.send_json(200, {"is_sleeping": self.server.engine.is_sleeping})
+        else:
+            self.collective_rpc(body)
+        return True
+
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        if self.dev_route("GET"):
+            return
         if path == "/health":
             healthy = time.monotonic() >= self.server.unhealthy_until
             self.send_empty(200 if healthy else 503)
@@ -420,6 +593,8 @@ class Handler(BaseHTTPRequestHandler):
             self.read_body()
             self.send_empty(200)
             return
+        if self.dev_route("POST"):
+            return
         route = routes.get(path)
         if route is None:
             self.read_body()
@@ -428,6 +603,130 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_json()
         if body is not None:
             route(body)
+
+    # ---- sleep mode
+
+    def internal_error(self, message: str) -> None:
+        self.send_json(500, error_body(message, "InternalServerError", 500))
+
+    def sleep(self, raw_level: str) -> None:
+        engine = self.server.engine
+        try:
+            level = int(raw_level)
+        except ValueError:
+            self.internal_error(f"invalid literal for int() with base 10: {raw_level!r}")
+            return
+        if not engine.sleep_mode:
+            log("ERROR: Sleep mode is not enabled in the model config", err=True)
+            self.internal_error("Sleep mode is not enabled in the model config")
+            return
+        with engine.transition:
+            if engine.is_sleeping:
+                log("WARNING: Executor is already sleeping.", err=True)
+                self.send_empty(200)
+                return
+            started = time.monotonic()
+            engine.falling_asleep = True
+            engine.epoch += 1
+            time.sleep(max(self.server.sleep_time, 0.0))
+            engine.sleeping_tags = {"weights", "kv_cache"}
+            # Level 1 backs the weights up in CPU memory; any other level drops them
+            # (vLLM offloads only for level 1).
+            if level != 1:
+                engine.weights_discarded = True
+            engine.falling_asleep = False
+            if engine.gpu is not None:
+                engine.gpu.release()
+            log(f"INFO: It took {time.monotonic() - started:.6f} seconds to fall asleep.")
+        self.send_empty(200)
+
+    def wake_up(self, tags: list[str] | None) -> None:
+        engine = self.server.engine
+        log(f"INFO: wake up the engine with tags: {tags}")
+        with engine.transition:
+            if not engine.is_sleeping:
+                log("WARNING: Executor is not sleeping.", err=True)
+                self.send_empty(200)
+                return
+            for tag in tags or []:
+                if tag not in engine.sleeping_tags:
+                    # vLLM ignores the whole call then, and still answers 200.
+                    log(
+                        f"WARNING: Tag {tag} is not in sleeping tags {engine.sleeping_tags}",
+                        err=True,
+                    )
+                    self.send_empty(200)
+                    return
+            if engine.gpu is not None and not engine.gpu.acquire():
+                message = cuda_oom_message(self.server.args.gpu_memory_utilization)
+                log(f"ERROR: wake_up failed: {message}", err=True)
+                self.internal_error(message)
+                return
+            started = time.monotonic()
+            time.sleep(max(self.server.wake_time, 0.0))
+            woken = set(tags) if tags else set(engine.sleeping_tags)
+            engine.sleeping_tags -= woken
+            log(
+                f"INFO: It took {time.monotonic() - started:.6f} seconds to wake up tags "
+                f"{sorted(woken)}."
+            )
+        self.send_empty(200)
+
+    def collective_rpc(self, raw: bytes) -> None:
+        engine = self.server.engine
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError as exc:
+            self.send_json(400, {"detail": f"JSON decode error: {exc}"})
+            return
+        method = body.get("method") if isinstance(body, dict) else None
+        if method is None:
+            self.send_json(400, {"detail": "Missing 'method' in request body"})
+            return
+        if method != "reload_weights":
+            self.internal_error(f"the stand-in engine does not implement {method!r}")
+            return
+        with engine.transition:
+            if "weights" in engine.sleeping_tags:
+                # The stand-in's own answer: in vLLM this writes into unmapped memory.
+                # Refusing keeps the mistake visible without a crash that hides it.
+                self.internal_error("reload_weights while the weights are asleep")
+                return
+            time.sleep(max(self.server.reload_time, 0.0))
+            engine.weights_discarded = False
+            log("INFO: Reloading weights inplace...")
+        # One result per worker, and reload_weights returns None.
+        self.send_json(200, {"results": [None]})
+
+    def ready_to_run(self) -> int:
+        """The epoch a generation runs in; crashes the engine if it cannot run now.
+
+        vLLM has no guard here: a request reaching a sleeping engine runs kernels on
+        freed memory and the engine core dies (vllm-project/vllm#15483). After level 2
+        without reload_weights vLLM answers with gibberish instead (#29341); the stand-in
+        dies there too, because gibberish would pass unnoticed in a test.
+        """
+        engine = self.server.engine
+        reason = engine.unfit_to_run()
+        if reason is None:
+            return engine.epoch
+        log(f"ERROR: EngineCore encountered a fatal error ({reason}).", err=True)
+        log("RuntimeError: CUDA error: an illegal memory access was encountered", err=True)
+        log(
+            "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue. "
+            "See stack trace (above) for the root cause.",
+            err=True,
+        )
+        self.send_json(
+            500,
+            error_body(
+                "EngineCore encountered an issue. See stack trace (above) for the root cause.",
+                "EngineDeadError",
+                500,
+            ),
+        )
+        log("ERROR: Engine core is dead, terminating server process", err=True)
+        self.server.die_of_engine_failure()
 
     def models_body(self) -> dict[str, Any]:
         return {
@@ -457,6 +756,7 @@ class Handler(BaseHTTPRequestHandler):
         return DEFAULT_MAX_TOKENS
 
     def chat_completions(self, body: dict[str, Any]) -> None:
+        epoch = self.ready_to_run()
         messages = body.get("messages") or []
         user_messages = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         prompt = message_text(user_messages[-1].get("content")) if user_messages else ""
@@ -493,9 +793,12 @@ class Handler(BaseHTTPRequestHandler):
             if include_usage(body):
                 yield {**common, "object": "chat.completion.chunk", "choices": [], "usage": usage}
 
-        self.stream_events(events())
+        abort = {**common, "object": "chat.completion.chunk"}
+        abort["choices"] = [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "abort"}]
+        self.stream_events(events(), epoch, lambda: abort)
 
     def completions(self, body: dict[str, Any]) -> None:
+        epoch = self.ready_to_run()
         prompt = body.get("prompt", "")
         if isinstance(prompt, list):
             # Batched prompts or token ids: echoing the first string prompt is enough here.
@@ -530,9 +833,12 @@ class Handler(BaseHTTPRequestHandler):
             if include_usage(body):
                 yield {**common, "choices": [], "usage": usage}
 
-        self.stream_events(events())
+        abort_choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": "abort"}
+        abort = {**common, "choices": [abort_choice]}
+        self.stream_events(events(), epoch, lambda: abort)
 
     def embeddings(self, body: dict[str, Any]) -> None:
+        self.ready_to_run()
         raw = body.get("input", "")
         inputs = (
             raw if isinstance(raw, list) and not all(isinstance(x, int) for x in raw) else [raw]
@@ -598,6 +904,13 @@ def main(argv: list[str]) -> None:
     load_delay = env_float("STANDIN_LOAD_DELAY", 2.0)
     log(f"INFO: vLLM API server version {VLLM_VERSION} (stand-in)")
     log(f"INFO: non-default args: {{'model': {args.model!r}}}")
+    # vLLM reads the variable when its server module is imported, before any loading.
+    if dev_mode():
+        log(
+            "WARNING: SECURITY WARNING: Development endpoints are enabled! "
+            "This should NOT be used in production!",
+            err=True,
+        )
 
     model_path = resolve_model(args.model, args.revision, env_flag("HF_HUB_OFFLINE"))
     log(f"INFO: Starting to load model {model_path}...")
@@ -612,15 +925,24 @@ def main(argv: list[str]) -> None:
 
     if env_flag("STANDIN_CRASH"):
         log("ERROR: EngineCore failed to start.", err=True)
-        die(
-            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. "
-            "GPU 0 has a total capacity of 23.55 GiB of which 1.02 GiB is free. "
-            "Of the allocated memory 21.87 GiB is allocated by PyTorch."
-        )
+        die(cuda_oom_message(args.gpu_memory_utilization))
+
+    gpu_path = os.environ.get("STANDIN_GPU_LOCK", "").strip()
+    gpu = GpuLock(gpu_path) if gpu_path else None
+    try:
+        got_gpu = gpu is None or gpu.acquire()
+    except OSError as err:
+        # A test rig's mistake (the volume not mounted), not something vLLM could do:
+        # say so plainly instead of a traceback that looks like an engine failure.
+        die(f"ERROR: STANDIN_GPU_LOCK={gpu_path!r} cannot be opened: {err}", 2)
+    if not got_gpu:
+        # Another engine is awake on the "GPU": its memory is taken.
+        log("ERROR: EngineCore failed to start.", err=True)
+        die(cuda_oom_message(args.gpu_memory_utilization))
 
     # Binding only now is the point: vLLM's port stays closed for the whole load, and
     # the orchestrator's readiness logic must cope with connection refused.
-    server = EngineServer((args.host, args.port), args, model_path)
+    server = EngineServer((args.host, args.port), args, model_path, gpu)
     log(f"INFO: Started server process [{os.getpid()}]")
     log("INFO: Application startup complete.")
     log(f"INFO: Uvicorn running on http://{args.host}:{args.port} (Press CTRL+C to quit)")
