@@ -31,7 +31,7 @@ from .history import Kind, Operation, Outcome, SwitchRecord
 from .pull import PullProgress as Download
 from .pull import PullState
 from .registry import Origin
-from .states import State
+from .states import Residency, State
 
 if TYPE_CHECKING:
     from .traffic import TrafficSnapshot
@@ -139,7 +139,10 @@ class Switch(Answer):
     duration: Seconds | None
     error: ErrorDetail | None
     timings: dict[str, float] | None = Field(
-        description="Seconds per phase: drain, stop, up, ready, ..."
+        description="Seconds per phase: drain, stop, sleep, wake, up, ready, ..."
+    )
+    path: Literal["warm", "cold"] | None = Field(
+        description="warm: the model was woken from sleep; cold: its container started"
     )
 
     @classmethod
@@ -211,6 +214,10 @@ class Model(Answer):
     services: list[str]
     engine_service: str
     active: bool
+    residency: Residency = Field(
+        description="awake: on the GPU; asleep: in vLLM's sleep mode, ready to wake; stopped"
+    )
+    sleep: Literal[1, 2] | None = Field(description="vLLM sleep level when switched away from")
     container: Container | None
     upstream: str | None
     started_at: Timestamp | None
@@ -243,6 +250,16 @@ class GatewayTraffic(Answer):
         return cls.model_validate(snapshot)
 
 
+class WarmPool(Answer):
+    """The models asleep, least recently used first, and the pool's limits."""
+
+    asleep: list[str]
+    ram_bytes: int = Field(ge=0, description="Host RAM their weights take, as estimated")
+    max_asleep: int = Field(ge=0)
+    ram_budget_bytes: int | None = Field(description="None: no cap")
+    sleep_ttl: Seconds = Field(description="0: a model may sleep for ever")
+
+
 class Status(Answer):
     """The switcher's state, every model, the queue and the last switch."""
 
@@ -256,6 +273,7 @@ class Status(Answer):
     queue: list[PendingSwitch]
     models: list[Model]
     last_switch: Switch | None
+    warm_pool: WarmPool
     pulls: dict[str, PullProgress]
     gateway: GatewayTraffic | None
 

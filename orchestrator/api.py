@@ -40,7 +40,16 @@ from .metrics import Metrics
 from .openapi import openapi_document
 from .registry import ModelEntry
 from .runtime import ModelRuntime
-from .schemas import ModelChanges, NewModel, Parsed, PullRequest, StopRequest, SwitchRequest, parse
+from .schemas import (
+    ModelChanges,
+    NewModel,
+    Parsed,
+    PullRequest,
+    SleepRequest,
+    StopRequest,
+    SwitchRequest,
+    parse,
+)
 from .security import (
     AccessPolicy,
     add_response_headers,
@@ -174,8 +183,11 @@ def _model(
     running = engine is not None and engine.running
     started = engine.started_at.timestamp() if running and engine and engine.started_at else None
     upstream: str | None = None
+    sleeper = status.sleeper(spec.id)
     if status.active == spec.id and status.upstream:
         upstream = status.upstream
+    elif sleeper is not None:
+        upstream = sleeper.upstream
     elif running:
         upstream = runtime.upstream_url(spec, engine)
     progress = catalog.pull_progress(spec.id)
@@ -189,6 +201,8 @@ def _model(
             "services": spec.services,
             "engine_service": spec.engine_service,
             "active": status.active == spec.id,
+            "residency": status.residency(spec.id),
+            "sleep": spec.sleep,
             "container": None if engine is None else answers.Container.of(engine),
             "upstream": upstream,
             "started_at": started,
@@ -227,6 +241,13 @@ async def _status(app: web.Application) -> answers.Status:
         queue=[answers.PendingSwitch.of(op) for op in switcher.queued()],
         models=await _models(app),
         last_switch=None if last is None else answers.Switch.of(last),
+        warm_pool=answers.WarmPool(
+            asleep=[s.model for s in status.asleep],
+            ram_bytes=sum(s.ram_bytes for s in status.asleep),
+            max_asleep=switcher.pool.max_asleep,
+            ram_budget_bytes=switcher.pool.ram_budget,
+            sleep_ttl=switcher.pool.sleep_ttl,
+        ),
         pulls={
             model_id: answers.PullProgress.of(progress)
             for model_id, progress in catalog.pulls().items()
@@ -262,6 +283,13 @@ async def post_stop(request: web.Request) -> web.Response:
     body = await _parsed(request, StopRequest)
     audit(request, "stop")
     op = await request.app[SWITCHER].stop()
+    return await _answer(request, op, body.wait)
+
+
+async def post_sleep(request: web.Request) -> web.Response:
+    body = await _parsed(request, SleepRequest)
+    audit(request, "sleep")
+    op = await request.app[SWITCHER].sleep()
     return await _answer(request, op, body.wait)
 
 
@@ -570,6 +598,7 @@ def create_app(
     app[HEALTH] = HealthAnswers(switcher)
     app.router.add_post("/switch", post_switch)
     app.router.add_post("/stop", post_stop)
+    app.router.add_post("/sleep", post_sleep)
     app.router.add_get("/status", get_status)
     app.router.add_get("/switches", get_switches)
     app.router.add_get("/switches/{switch_id}", get_switch)

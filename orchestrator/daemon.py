@@ -31,6 +31,7 @@ from .events import EventFeed, EventHub
 from .gateway import Gateway
 from .history import History
 from .metrics import Metrics
+from .pool import PoolLimits, default_budget
 from .registry import EngineDefaults, RegistryLimits
 from .runtime import DockerRuntime, ModelRuntime
 from .security import AccessPolicy, keys_for_bind
@@ -186,6 +187,11 @@ def _switcher(
         rollback=settings.rollback,
         restore_on_start=settings.restore_on_start,
         preload=settings.preload,
+        pool=PoolLimits(
+            max_asleep=settings.max_asleep,
+            ram_budget=default_budget(settings.sleep_ram_budget),
+            sleep_ttl=settings.sleep_ttl,
+        ),
     )
 
 

@@ -145,6 +145,13 @@ class ModelExited(OrchestratorError):
     code = "model_exited"
 
 
+class SleepModeFailed(OrchestratorError):
+    """vLLM's sleep or wake-up did not happen, or was not confirmed in time."""
+
+    status = 502
+    code = "sleep_mode_failed"
+
+
 class StartTimeout(OrchestratorError):
     """The model did not become healthy within its startup timeout."""
 

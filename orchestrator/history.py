@@ -37,7 +37,8 @@ class Outcome(StrEnum):
 class Kind(StrEnum):
     SWITCH = "switch"
     STOP = "stop"
-    DIED = "died"  # the ready model's engine exited behind the daemon's back
+    DIED = "died"  # a model's engine exited behind the daemon's back
+    SLEEP = "sleep"  # the awake model put to sleep, none woken (POST /sleep, its ttl)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class SwitchRecord:
     error: dict[str, Any] | None
     # Seconds spent in each phase (drain, stop, up, ready), for people and the benchmark.
     timings: dict[str, float] | None = None
+    # How the model came up: "warm" (woken from sleep) or "cold" (its container started).
+    path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +77,7 @@ class Operation:
     started_monotonic: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
     cancelled: bool = False  # POST /stop called the switch off
+    path: str | None = None  # "warm" or "cold", once the model came up
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -124,6 +128,7 @@ class History:
             duration=duration,
             error=error,
             timings={k: round(v, 4) for k, v in op.timings.items()} or None,
+            path=op.path,
         )
 
     async def begun(self, op: Operation) -> None:

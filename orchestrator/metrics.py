@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .states import State, Status
+from .states import Residency, State, Status
 from .switcher import Switcher
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -48,6 +48,26 @@ class _PresentState(Collector):
         for model_id in switcher.models:
             active.add_metric([model_id], 1.0 if model_id == status.active else 0.0)
         yield active
+        residency = GaugeMetricFamily(
+            "orchestrator_model_residency",
+            "1 for where each model is: awake on the GPU, asleep in its container, or stopped",
+            labels=["model", "residency"],
+        )
+        for model_id in switcher.models:
+            where = status.residency(model_id)
+            for place in Residency:
+                residency.add_metric([model_id, str(place)], float(place is where))
+        yield residency
+        yield GaugeMetricFamily(
+            "orchestrator_warm_pool_models",
+            "Models asleep, ready to wake",
+            value=len(status.asleep),
+        )
+        yield GaugeMetricFamily(
+            "orchestrator_warm_pool_ram_bytes",
+            "Host RAM the sleeping models' weights take, as estimated from their files",
+            value=sum(s.ram_bytes for s in status.asleep),
+        )
         yield GaugeMetricFamily(
             "orchestrator_serving",
             "1 while /health passes: a model ready and no switch under way",
@@ -80,6 +100,12 @@ class Metrics:
             buckets=SWITCH_BUCKETS,
             registry=self.registry,
         )
+        self.swaps = Counter(
+            "orchestrator_swaps",
+            "Switches that brought a model up, by path: warm (woken) or cold (started)",
+            ["path"],
+            registry=self.registry,
+        )
         self.requests = Counter(
             "orchestrator_gateway_requests",
             "Requests forwarded by the /v1 gateway, by model and status code",
@@ -104,6 +130,8 @@ class Metrics:
             return
         labels = (str(data.get("operation")), str(data.get("outcome")))
         self.switches.labels(*labels).inc()
+        if data.get("path") is not None:
+            self.swaps.labels(str(data["path"])).inc()
         if data.get("duration") is not None:
             self.switch_seconds.labels(*labels).observe(float(data["duration"]))
 

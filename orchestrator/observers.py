@@ -57,4 +57,5 @@ class Observers:
             outcome=record.outcome,
             duration=record.duration,
             error=record.error,
+            path=record.path,
         )

@@ -151,7 +151,8 @@ FORWARD = "to the engine of the model the request names"
 
 SUMMARIES = {
     "switchModel": "Load a model, stopping the one that holds the GPU",
-    "stopModel": "Unload the model and free the GPU",
+    "stopModel": "Unload every model, asleep ones too, and free the GPU",
+    "sleepModel": "Put the awake model to sleep (vLLM sleep mode) without waking another",
     "getStatus": "The switcher's state, every model, the queue and the last switch",
     "listSwitches": "The 50 most recent switches, newest first",
     "getSwitch": "One switch: pending while it runs, then its record",
@@ -230,6 +231,14 @@ def _control() -> list[Operation]:
             switched,
             (400, 413, 502),
             body=schemas.StopRequest,
+            optional_body=True,
+        ),
+        _op(
+            "POST /sleep",
+            "sleepModel",
+            switched,
+            (400, 409, 413, 502),
+            body=schemas.SleepRequest,
             optional_body=True,
         ),
         _op("GET /status", "getStatus", {"200": _json(answers.Status)}),

@@ -1,8 +1,13 @@
-"""The steps of a switch: drain the old model, stop every other, start, wait, roll back.
+"""The steps of a switch: drain the old model, put it to sleep or stop it, stop every
+other, wake or start the new one, wait, roll back.
 
 The switcher's worker runs these, one operation at a time. They change state only through
 the ``enter`` they are given, which is the switcher's one transition method, and read it
 through ``status``; so the switcher stays the one owner of its state.
+
+At most one model is awake on the GPU: the one leaving is confirmed asleep, or stopped,
+before another wakes or starts. Sleepers keep their running containers; the warm pool in
+the status says which they are, least recently used first.
 """
 
 from __future__ import annotations
@@ -11,19 +16,41 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Mapping
+from enum import StrEnum
 from typing import Any, Protocol
 
 import structlog
 
 from .compose import ModelSpec
-from .errors import Cancelled, DockerError, ModelExited, OrchestratorError, StartTimeout
+from .errors import (
+    Cancelled,
+    Conflict,
+    DockerError,
+    ModelExited,
+    OrchestratorError,
+    SleepModeFailed,
+    StartTimeout,
+)
 from .history import Operation, Outcome
 from .observers import Drain, Observers
-from .runtime import ModelRuntime, wait_ready
-from .states import NO_ENGINE, State, Status
+from .pool import PoolLimits, to_evict
+from .runtime import READY_POLL_INTERVAL, ModelRuntime, wait_ready
+from .states import NO_ENGINE, Sleeper, State, Status
 from .watcher import Watcher
 
 log = structlog.get_logger(__name__)
+
+
+# How long a woken engine has to pass its health check once vLLM says it is awake.
+WAKE_HEALTH_TIMEOUT = 10.0
+
+
+class Left(StrEnum):
+    """What became of the model a switch moved away from."""
+
+    ASLEEP = "asleep"
+    STOPPED = "stopped"
+    AWAKE = "awake"  # it may not sleep: the caller stops it
 
 
 class Enter(Protocol):
@@ -40,15 +67,19 @@ class Procedure:
         status: Callable[[], Status],
         models: Callable[[], Mapping[str, ModelSpec]],
         preflight: Callable[[ModelSpec], None],
+        weights_bytes: Callable[[ModelSpec], int] = lambda spec: 0,
+        pool: PoolLimits | None = None,
         rollback: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runtime, self.watcher = runtime, watcher
         self._enter, self._status, self._models = enter, status, models
         self._preflight, self.rollback, self._clock = preflight, rollback, clock
+        self._weights_bytes, self.pool = weights_bytes, pool or PoolLimits()
         self._drain_with: Drain | None = None
         self._observers = Observers()
         self._starting: asyncio.Task[None] | None = None  # a start POST /stop may call off
+        self._why_not_asleep = ""  # for the error of a sleep that did not happen
 
     def connect(self, *, drain: Drain | None, observers: Observers) -> None:
         self._drain_with, self._observers = drain, observers
@@ -68,12 +99,15 @@ class Procedure:
         await self.drain(op)
         began = self._clock()
         # Creating the target's containers needs no GPU, so it overlaps the old model's
-        # stop and takes that work off the switch's critical path.
-        preparing = asyncio.create_task(self._prepare(spec))
+        # stop and takes that work off the switch's critical path. A sleeper has its own.
+        preparing = None
+        if status.sleeper(spec.id) is None:
+            preparing = asyncio.create_task(self._prepare(spec))
         try:
-            await self.stop_all(except_model=spec.id, target=spec.id)
+            await self.stop_all(except_model=spec.id, target=spec.id, op=op)
         finally:
-            await preparing
+            if preparing is not None:
+                await preparing
         op.timings["stop"] = self._clock() - began
         try:
             await self._cancellable_start(spec, op)
@@ -83,10 +117,35 @@ class Procedure:
             raise
 
     async def stop(self, op: Operation) -> Outcome:
+        """Stop every model container, the sleepers' too: they still hold GPU memory."""
         await self.drain(op)
-        await self.stop_all()
+        await self.stop_all(keep_asleep=False)
         await self.runtime.settle()
         return Outcome.OK
+
+    async def sleep(self, op: Operation) -> Outcome:
+        """Put the awake model to sleep and wake none; a model without sleep mode refuses."""
+        status = self._status()
+        if status.active is None:
+            return Outcome.NOOP
+        spec = self._models()[status.active]
+        if spec.sleep is None or status.state is not State.READY:
+            raise Conflict(
+                f"{spec.id} cannot be put to sleep: it has no sleep level set (sleep: 1 or 2"
+                " in its x-orchestrator settings); POST /stop unloads it",
+                model=spec.id,
+            )
+        await self.drain(op)
+        left = await self._sleep_or_stop(spec, None, op)
+        if left is Left.ASLEEP:
+            return Outcome.OK
+        if left is Left.AWAKE:
+            await self.stop_all(keep_asleep=True)
+        raise SleepModeFailed(
+            f"{spec.id} could not be put to sleep ({self._why_not_asleep}); it was stopped"
+            " instead, so the GPU is free",
+            model=spec.id,
+        )
 
     async def drain(self, op: Operation) -> None:
         """Let the ready model finish the requests it is answering, within the drain bound."""
@@ -100,11 +159,19 @@ class Procedure:
         if cut_off:
             op.timings["cut_off"] = cut_off
 
-    async def stop_all(self, except_model: str | None = None, target: str | None = None) -> None:
-        """Stop every model that has a container up, so that at most one ever holds the GPU.
+    async def stop_all(
+        self,
+        except_model: str | None = None,
+        target: str | None = None,
+        *,
+        op: Operation | None = None,
+        keep_asleep: bool = True,
+    ) -> None:
+        """Leave at most the sleepers running (none if not ``keep_asleep``), so that no
+        model but the one about to come up holds the GPU awake.
 
-        The active model is stopped first, before anything is listed: its engine's stop
-        signal is what the switch waits on. Then whatever else is found running.
+        The active model goes first, before anything is listed: its engine's stop signal
+        (or its sleep) is what the switch waits on. Then whatever else is found running.
         """
         models = self._models()
         active = self._status().active
@@ -114,25 +181,125 @@ class Procedure:
         listing = asyncio.create_task(self.runtime.running(frozenset(service_model)))
         try:
             if active is not None and active != except_model:
-                await self._stop_one(models[active], target)
+                spec = models[active]
+                left = (
+                    Left.AWAKE if not keep_asleep else await self._sleep_or_stop(spec, target, op)
+                )
+                if left is Left.AWAKE:
+                    await self._stop_one(spec, target)
         except BaseException:
             listing.cancel()
             raise
         containers = await listing
-        done = {except_model, active}
+        asleep = {s.model for s in self._status().asleep} if keep_asleep else set()
+        done = {except_model, active} | asleep
         for model_id in sorted({service_model[c.service] for c in containers} - done):
             await self._stop_one(models[model_id], target)
+        for sleeper in () if keep_asleep else self._status().asleep:
+            await self._stop_one(models[sleeper.model], target)  # one no longer running
         if self._status().state is not State.IDLE:
             self._enter(State.IDLE, active=None, target=target, **NO_ENGINE)
 
     async def _stop_one(self, spec: ModelSpec, target: str | None) -> None:
-        reason = f"stopping {spec.id}"
-        self._enter(State.STOPPING, active=spec.id, target=target, healthy=False, reason=reason)
+        status = self._status()
+        # A stray or a sleeper has no engine of ours to keep pointing at.
+        engine: Mapping[str, Any] = {"healthy": False} if status.active == spec.id else NO_ENGINE
+        self._enter(State.STOPPING, active=spec.id, target=target, reason=f"stopping {spec.id}",
+                    asleep=status.without(spec.id), **engine)  # fmt: skip
         try:
             await self._stop_model(spec)
         except DockerError as err:
             self._enter(State.FAILED, reason=err.message)
             raise
+
+    # -- the warm pool ------------------------------------------------------------------------
+
+    async def _sleep_or_stop(
+        self, spec: ModelSpec, target: str | None, op: Operation | None
+    ) -> Left:
+        """Put the ready model to sleep, making room in the warm pool first; it stays awake
+        when it may not sleep (no sleep level, not ready and answering, no room for it).
+        When vLLM does not confirm the sleep, the model is stopped: the GPU must be free."""
+        status = self._status()
+        url, container = status.upstream, status.engine_container
+        if spec.sleep is None:
+            self._why_not_asleep = "it has no sleep level"
+            return Left.AWAKE
+        if status.state is not State.READY or not status.healthy:
+            self._why_not_asleep = "it is not ready and answering"
+            return Left.AWAKE
+        if url is None or container is None:
+            self._why_not_asleep = "its engine's address is not known"
+            return Left.AWAKE
+        ram = await asyncio.to_thread(self._weights_bytes, spec) if spec.sleep == 1 else 0
+        # The model about to wake leaves the pool, so it makes no room for this one.
+        staying = [s for s in status.asleep if s.model != target]
+        evicted = to_evict(staying, ram, self.pool)
+        if evicted is None:
+            self._why_not_asleep = "the warm pool has no room for it"
+            log.info(
+                "no room to sleep; stopping", model=spec.id, ram_bytes=ram, **self.pool.to_json()
+            )
+            return Left.AWAKE
+        for sleeper in evicted:
+            await self.stop_sleeper(sleeper, "the warm pool is full")
+        reason = f"putting {spec.id} to sleep (level {spec.sleep})"
+        self._enter(State.STOPPING, active=spec.id, target=target, healthy=False, reason=reason)
+        began = self._clock()
+        try:
+            await self.runtime.sleep(spec, url)
+        except SleepModeFailed as err:
+            log.warning("sleep failed; stopping the model", error=err.message)
+            self._observers.happened("sleep_failed", model=spec.id, error=err.message)
+            self._why_not_asleep = err.message
+            await self._stop_one(spec, target)
+            self._enter(State.IDLE, active=None, target=target, **NO_ENGINE)
+            return Left.STOPPED
+        if op is not None:
+            op.timings["sleep"] = self._clock() - began
+        pool = (
+            *self._status().without(spec.id),
+            Sleeper(spec.id, container, url, spec.sleep, ram_bytes=ram),
+        )
+        self._enter(State.IDLE, active=None, target=target, asleep=pool,
+                    reason=f"{spec.id} is asleep", **NO_ENGINE)  # fmt: skip
+        self._observers.happened("model_asleep", model=spec.id, level=spec.sleep)
+        return Left.ASLEEP
+
+    async def stop_sleeper(self, sleeper: Sleeper, why: str) -> None:
+        """Stop a sleeping model's containers and take it out of the pool."""
+        spec = self._models().get(sleeper.model)
+        log.info("stopping a sleeping model", model=sleeper.model, why=why)
+        if spec is not None:
+            await self._stop_model(spec)
+        status = self._status()
+        self._enter(status.state, asleep=status.without(sleeper.model), reason=status.reason)
+        self._observers.happened("sleeper_stopped", model=sleeper.model, why=why)
+
+    async def _wake(self, spec: ModelSpec, sleeper: Sleeper, op: Operation | None) -> None:
+        status = self._status()
+        self._enter(State.STARTING, target=spec.id, active=None, asleep=status.without(spec.id),
+                    reason=f"waking {spec.id}")  # fmt: skip
+        began = self._clock()
+        await self.runtime.wake(spec, sleeper.upstream)
+        await self._answering(spec, sleeper.upstream)
+        if op is not None:
+            op.timings["wake"] = self._clock() - began
+            op.path = "warm"
+        self._enter(State.READY, active=spec.id, target=None, upstream=sleeper.upstream,
+                    engine_container=sleeper.engine_container, healthy=True)  # fmt: skip
+
+    async def _answering(self, spec: ModelSpec, url: str) -> None:
+        """A woken engine's health check passes at once; one that does not is broken."""
+        deadline = self._clock() + WAKE_HEALTH_TIMEOUT
+        while not await self.runtime.probe(url + spec.health_path):
+            if self._clock() >= deadline:
+                raise SleepModeFailed(
+                    f"{spec.id}: awake but not healthy at {spec.health_path} within"
+                    f" {WAKE_HEALTH_TIMEOUT:g} s",
+                    model=spec.id,
+                )
+            await asyncio.sleep(READY_POLL_INTERVAL)
 
     async def _cancellable_start(self, spec: ModelSpec, op: Operation) -> None:
         """Start the model in a task of its own, so that POST /stop can call it off."""
@@ -191,6 +358,16 @@ class Procedure:
         )
         err.message += f"; rolled back to {previous}"
 
+    async def _warm_up(self, spec: ModelSpec, url: str, op: Operation | None) -> None:
+        began = self._clock()
+        try:
+            await self.runtime.warm_up(spec, url)
+        except SleepModeFailed as err:
+            # Healthy all the same: the first user's request will tell whether it is broken.
+            log.warning("warm-up generation failed", error=err.message)
+        if op is not None:
+            op.timings["warmup"] = self._clock() - began
+
     async def _prepare(self, spec: ModelSpec) -> None:
         try:
             await self.runtime.prepare(spec)
@@ -207,6 +384,20 @@ class Procedure:
         self.watcher.forget(spec.services)
 
     async def _start(self, spec: ModelSpec, op: Operation | None) -> None:
+        sleeper = self._status().sleeper(spec.id)
+        if sleeper is not None:
+            began = self._clock()
+            try:
+                await self._wake(spec, sleeper, op)
+                return
+            except (SleepModeFailed, DockerError) as err:
+                # CUDA out of memory, an engine error, no answer: the container goes, and
+                # the model starts afresh in a new one.
+                log.warning("wake failed; starting cold", error=err.message)
+                self._observers.happened("wake_failed", model=spec.id, error=err.message)
+                if op is not None:
+                    op.timings["failed_wake"] = self._clock() - began
+                await self._stop_model(spec)
         self._enter(State.STARTING, target=spec.id, active=None, reason=f"starting {spec.id}")
         began = self._clock()
         await self.runtime.start(spec)
@@ -215,8 +406,11 @@ class Procedure:
         ready = await wait_ready(
             self.runtime, spec, began=began, clock=self._clock, seen=self.watcher.saw
         )
+        if spec.warmup:
+            await self._warm_up(spec, ready.url, op)
         if op is not None:
             op.timings["ready"] = self._clock() - began
+            op.path = "cold"
         self._enter(
             State.READY,
             active=spec.id,

@@ -50,7 +50,7 @@ class OperationQueue:
 
     def will_change(self, status: Status) -> bool:
         """Whether an operation here will change what runs: a stop while something is up,
-        or a switch to a model that is not the ready one."""
+        a sleep while a model is awake, or a switch to a model that is not the ready one."""
         # /health asks on every probe: look without building a list of the operations.
         current = self.current
         if current is not None and _changes(current, status):
@@ -63,4 +63,8 @@ class OperationQueue:
 
 
 def _changes(op: Operation, status: Status) -> bool:
-    return status.active is not None if op.kind is Kind.STOP else not status.holds(op.model)
+    if op.kind is Kind.STOP:
+        return status.active is not None or bool(status.asleep)
+    if op.kind is Kind.SLEEP:
+        return status.active is not None
+    return not status.holds(op.model)

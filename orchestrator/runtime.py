@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import aiohttp
 import structlog
 
+from . import sleepmode
 from .compose import ModelSpec
 from .docker import Blueprint, ContainerInfo, Dependency, Docker, EventSubscription
 from .errors import DockerError, ModelExited, OrchestratorError, StartTimeout
@@ -54,6 +55,10 @@ class ModelRuntime(Protocol):
     async def inspect(self, container_id: str) -> ContainerInfo | None: ...
     def upstream_url(self, spec: ModelSpec, engine: ContainerInfo | None) -> str | None: ...
     async def probe(self, url: str) -> bool: ...
+    async def is_sleeping(self, url: str) -> bool | None: ...
+    async def sleep(self, spec: ModelSpec, url: str) -> None: ...
+    async def wake(self, spec: ModelSpec, url: str) -> None: ...
+    async def warm_up(self, spec: ModelSpec, url: str) -> None: ...
     async def logs_tail(self, container_id: str, lines: int = 40) -> str: ...
     def follow_logs(self, container_id: str, tail: int) -> LogStream: ...
 
@@ -348,6 +353,20 @@ class DockerRuntime:
         except (aiohttp.ClientError, TimeoutError, OSError):
             # Refused, reset, or an empty reply from docker's port proxy: not ready.
             return False
+
+    # -- vLLM's sleep mode ----------------------------------------------------------------
+
+    async def is_sleeping(self, url: str) -> bool | None:
+        return await sleepmode.is_sleeping(self._http(), url)
+
+    async def sleep(self, spec: ModelSpec, url: str) -> None:
+        await sleepmode.sleep(self._http(), url, spec.sleep or 1, spec.id)
+
+    async def wake(self, spec: ModelSpec, url: str) -> None:
+        await sleepmode.wake(self._http(), url, spec.sleep or 1, spec.id)
+
+    async def warm_up(self, spec: ModelSpec, url: str) -> None:
+        await sleepmode.warm_up(self._http(), url, spec.served_name, spec.id, spec.startup_timeout)
 
     async def logs_tail(self, container_id: str, lines: int = 40) -> str:
         return await self.docker.logs_tail(container_id, lines)

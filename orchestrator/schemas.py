@@ -221,6 +221,10 @@ class StopRequest(Request):
     )
 
 
+class SleepRequest(StopRequest):
+    """POST /sleep: the awake model sleeps, none wakes."""
+
+
 class PullRequest(Request):
     model_config = ConfigDict(extra="ignore")
 

@@ -33,6 +33,26 @@ class IllegalTransition(RuntimeError):
     pass
 
 
+class Residency(StrEnum):
+    """Where a model is: awake on the GPU, asleep (vLLM's sleep mode) or not running."""
+
+    AWAKE = "awake"
+    ASLEEP = "asleep"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Sleeper:
+    """A model whose engine sleeps in its running container, ready to wake."""
+
+    model: str
+    engine_container: str
+    upstream: str
+    level: int
+    since: float = field(default_factory=time.time)  # when it fell asleep
+    ram_bytes: int = 0  # host RAM its weights take while asleep, as estimated
+
+
 @dataclass(frozen=True)
 class Status:
     """A snapshot: readers get a consistent view without asking the worker."""
@@ -45,7 +65,23 @@ class Status:
     upstream: str | None = None  # base URL of the ready model's engine
     engine_container: str | None = None
     healthy: bool = False  # the ready model's last probe answered 200
+    # The warm pool, least recently used first: models asleep next to the active one.
+    asleep: tuple[Sleeper, ...] = ()
 
     def holds(self, model_id: str | None) -> bool:
         """Whether the model is loaded and ready."""
         return self.state is State.READY and self.active == model_id
+
+    def sleeper(self, model_id: str | None) -> Sleeper | None:
+        return next((s for s in self.asleep if s.model == model_id), None)
+
+    def without(self, model_id: str) -> tuple[Sleeper, ...]:
+        """The warm pool without this model."""
+        return tuple(s for s in self.asleep if s.model != model_id)
+
+    def residency(self, model_id: str) -> Residency:
+        if self.sleeper(model_id) is not None:
+            return Residency.ASLEEP
+        if self.active == model_id:  # holds the GPU, ready or on its way out
+            return Residency.AWAKE
+        return Residency.STOPPED

@@ -42,11 +42,16 @@ MIGRATIONS: Sequence[str] = (
         updated_at REAL NOT NULL
     );
     """,
+    # Warm swaps: whether a switch woke its model or started it.
+    """
+    ALTER TABLE switches ADD COLUMN path TEXT;
+    """,
 )
 
 
 _COLUMNS = (
-    "id, kind, from_model, to_model, requested_at, finished_at, outcome, duration, timings, error"
+    "id, kind, from_model, to_model, requested_at, finished_at, outcome, duration, timings,"
+    " error, path"
 )
 
 
@@ -81,11 +86,11 @@ class Store:
         await self._db.execute(
             f"""
             INSERT INTO switches ({_COLUMNS})
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (id) DO UPDATE SET
                 from_model = excluded.from_model, finished_at = excluded.finished_at,
                 outcome = excluded.outcome, duration = excluded.duration,
-                timings = excluded.timings, error = excluded.error
+                timings = excluded.timings, error = excluded.error, path = excluded.path
             """,
             (
                 record.id,
@@ -98,6 +103,7 @@ class Store:
                 record.duration,
                 json.dumps(record.timings) if record.timings else None,
                 json.dumps(record.error) if record.error is not None else None,
+                record.path,
             ),
         )
         await self._db.commit()
@@ -171,4 +177,5 @@ def _record(row: Sequence[Any]) -> SwitchRecord:
         duration=row[7],
         timings=json.loads(row[8]) if row[8] else None,
         error=json.loads(row[9]) if row[9] else None,
+        path=row[10],
     )

@@ -1,7 +1,8 @@
 """The switcher: one owner of which model holds the GPU.
 
 State lives in an explicit machine (idle, starting, ready, stopping, failed) and changes
-in one method, ``_enter``, called only from the worker task. Callers ask for outcomes
+in one method, ``_enter``, called only from the worker task; the warm pool (the models
+asleep in their running containers) is part of that state. Callers ask for outcomes
 (``switch_to``, ``stop``) and await them; they never read a state and then act on it, so
 they cannot race a transition. Requests queue in order; a request for a model that is
 already being started, or already queued, joins that operation instead of adding a swap.
@@ -28,6 +29,7 @@ from .compose import ModelSpec
 from .docker import ContainerInfo
 from .errors import (
     Cancelled,
+    Conflict,
     DockerError,
     ModelExited,
     ModelNotFound,
@@ -35,11 +37,12 @@ from .errors import (
 )
 from .history import History, Kind, Operation, Outcome, outcome_of
 from .observers import Drain, Observers, SwitchObserver
+from .pool import PoolLimits
 from .preflight import check_runnable
 from .procedure import Procedure
 from .queue import OperationQueue
 from .runtime import LOG_TAIL_LINES, ModelRuntime
-from .states import NO_ENGINE, TRANSITIONS, IllegalTransition, State, Status
+from .states import NO_ENGINE, TRANSITIONS, IllegalTransition, Sleeper, State, Status
 from .store import Store
 from .tasks import cancel_all
 from .watcher import EventSource, ModelDied, Notice, ProbeTarget, Watcher
@@ -62,6 +65,7 @@ class Switcher:
         rollback: bool = True,
         restore_on_start: bool = True,
         preload: str | None = None,
+        pool: PoolLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runtime, self.store, self.history = runtime, store, history
@@ -82,9 +86,12 @@ class Switcher:
             status=lambda: self.status,
             models=lambda: self.models,
             preflight=self.preflight,
+            weights_bytes=self._weights_bytes,
+            pool=pool,
             rollback=rollback,
             clock=clock,
         )
+        self.pool = self._procedure.pool
 
     def connect(self, *, drain: Drain | None, observers: Sequence[SwitchObserver]) -> None:
         """Who drains a model before it stops (the gateway), and who hears of changes."""
@@ -136,9 +143,18 @@ class Switcher:
         return [s for s in specs if s.unusable is None and s.id not in self.disabled]
 
     def involves(self, model_id: str) -> bool:
-        """Whether the model is loaded, being started, or waiting in the queue."""
+        """Whether the model is loaded, asleep, being started, or waiting in the queue."""
         status = self.status
-        return model_id in {status.active, status.target} or self._queue.involves(model_id)
+        return (
+            model_id in {status.active, status.target}
+            or status.sleeper(model_id) is not None
+            or self._queue.involves(model_id)
+        )
+
+    def _weights_bytes(self, spec: ModelSpec) -> int:
+        """Host RAM a level-1 sleeper's weights take: the size of what its engine loads."""
+        verdict = self.verdicts.of(spec)
+        return verdict.size_bytes if verdict is not None else 0
 
     def preflight(self, spec: ModelSpec) -> None:
         """Refuse a model that cannot run (see ``check_runnable``); call it off the loop."""
@@ -167,6 +183,22 @@ class Switcher:
         """Unload whatever runs; a switch under way or waiting is called off first."""
         await self._call_off_switches()
         op = self._queue.find(Kind.STOP, None) or self._enqueue(Operation(Kind.STOP, None))
+        await self.store.set_value(DESIRED_MODEL_KEY, None)
+        return op
+
+    async def sleep(self) -> Operation:
+        """Put the awake model to sleep without waking another (POST /sleep, its ttl)."""
+        # The model awake when this runs: the last queued switch's, else the active one.
+        queued = self._queue.all()
+        awake = queued[-1].model if queued else self.status.active
+        spec = self.models.get(awake or "")
+        if spec is not None and spec.sleep is None:
+            raise Conflict(
+                f"{spec.id} has no sleep level set (sleep: 1 or 2 in its settings), so it"
+                " cannot sleep; POST /stop unloads it",
+                model=spec.id,
+            )
+        op = self._queue.find(Kind.SLEEP, None) or self._enqueue(Operation(Kind.SLEEP, None))
         await self.store.set_value(DESIRED_MODEL_KEY, None)
         return op
 
@@ -234,7 +266,8 @@ class Switcher:
                 op.future.exception()  # mark retrieved: nobody may be waiting
 
     async def _reconcile(self) -> None:
-        """Adopt a healthy model found running; otherwise start what should run."""
+        """Adopt a healthy model found running, and the sleepers found asleep; otherwise
+        start what should run."""
         containers = await self.runtime.containers()
         self.watcher.saw_all(containers)
         running: dict[str, list[ContainerInfo]] = {}
@@ -242,10 +275,12 @@ class Switcher:
             model = self._service_model.get(container.service)
             if model is not None and container.running:
                 running.setdefault(model, []).append(container)
+        asleep = await self._adopt_sleepers(running)
+        awake = {model: found for model, found in running.items() if model not in asleep}
         desired = await self.store.get_value(DESIRED_MODEL_KEY)
-        log.info("reconcile", running=sorted(running), desired=desired)
-        if len(running) == 1:
-            ((model_id, found),) = running.items()
+        log.info("reconcile", running=sorted(awake), asleep=sorted(asleep), desired=desired)
+        if len(awake) == 1:
+            ((model_id, found),) = awake.items()
             spec = self.models[model_id]
             engine = next((c for c in found if c.service == spec.engine_service), None)
             url = self.runtime.upstream_url(spec, engine)
@@ -258,13 +293,29 @@ class Switcher:
                 return
         # Starting, unhealthy, or more than one model: an ordinary switch sorts it out,
         # stopping every other model first and waiting for this one's health.
-        wanted = desired if desired in running else min(running, default=None)
+        wanted = desired if desired in awake else min(awake, default=None)
         if wanted is None and self.preload in self.models:
             wanted = self.preload
         elif wanted is None and self.restore_on_start and desired in self.models:
             wanted = desired
         if wanted is not None:
             self._enqueue(Operation(kind=Kind.SWITCH, model=wanted))
+
+    async def _adopt_sleepers(self, running: Mapping[str, list[ContainerInfo]]) -> set[str]:
+        """The models with sleep mode whose running engine says it sleeps join the pool."""
+        found: list[Sleeper] = []
+        for model_id, containers in sorted(running.items()):
+            spec = self.models[model_id]
+            engine = next((c for c in containers if c.service == spec.engine_service), None)
+            url = self.runtime.upstream_url(spec, engine)
+            if spec.sleep is None or engine is None or url is None:
+                continue
+            if await self.runtime.is_sleeping(url) is True:
+                ram = await asyncio.to_thread(self._weights_bytes, spec) if spec.sleep == 1 else 0
+                found.append(Sleeper(model_id, engine.id, url, spec.sleep, ram_bytes=ram))
+        if found:
+            self._enter(self.status.state, asleep=tuple(found), reason="adopted at daemon start")
+        return {s.model for s in found}
 
     # -- the one place state changes ------------------------------------------
 
@@ -274,7 +325,10 @@ class Switcher:
             raise IllegalTransition(f"{current} -> {state}")
         # A reason holds for the state it was given with, unless given again.
         changes.setdefault("reason", None)
-        self.status = replace(self.status, state=state, since=time.time(), **changes)
+        # ``since`` is when the state was entered: a change within it (health, the pool)
+        # does not restart the clock a ttl counts on.
+        since = self.status.since if state is current else time.time()
+        self.status = replace(self.status, state=state, since=since, **changes)
         self._observers.status_changed(self.status)
         status = self.status
         log.info("state", state=state, previous=current, active=status.active,
@@ -284,8 +338,10 @@ class Switcher:
 
     async def _work(self) -> None:
         while True:
-            await self._wakeup.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._until_a_sleeper_expires())
             self._wakeup.clear()
+            await self._stop_expired_sleepers()
             while self._notices or self._queue.has_waiting():
                 while self._notices:
                     await self._apply_notice(self._notices.popleft())
@@ -298,8 +354,34 @@ class Switcher:
                         # again: its end is not always a change of state.
                         self._observers.released()
 
+    def _until_a_sleeper_expires(self) -> float | None:
+        ttl = self.pool.sleep_ttl
+        if ttl <= 0 or not self.status.asleep:
+            return None
+        first = min(s.since for s in self.status.asleep)
+        return max(0.0, first + ttl - time.time())
+
+    async def _stop_expired_sleepers(self) -> None:
+        ttl = self.pool.sleep_ttl
+        if ttl <= 0:
+            return
+        for sleeper in self.status.asleep:
+            if time.time() - sleeper.since >= ttl:
+                with structlog.contextvars.bound_contextvars(model=sleeper.model):
+                    try:
+                        await self._procedure.stop_sleeper(sleeper, f"asleep longer than {ttl:g} s")
+                    except DockerError as err:
+                        log.warning("could not stop an expired sleeper", error=err.message)
+
     async def _apply_notice(self, notice: Notice) -> None:
         status = self.status
+        if isinstance(notice, ModelDied):
+            sleeper = next(
+                (s for s in status.asleep if s.engine_container == notice.container_id), None
+            )
+            if sleeper is not None:
+                await self._model_died(sleeper.model, notice, asleep=True)
+                return
         # Reports about containers other than the ready engine are stale: a switch moved on.
         if status.state is not State.READY or notice.container_id != status.engine_container:
             return
@@ -313,13 +395,19 @@ class Switcher:
                 State.READY, healthy=notice.healthy, reason=None if notice.healthy else hung
             )
 
-    async def _model_died(self, model_id: str, notice: ModelDied) -> None:
-        """The ready engine exited: say so, keep its last words in the history, then stop
-        and remove what is left of the model, so that exited engines do not pile up."""
+    async def _model_died(self, model_id: str, notice: ModelDied, *, asleep: bool = False) -> None:
+        """An engine exited, the ready one or a sleeper: say so, keep its last words in the
+        history, then stop and remove what is left of the model, so that exited engines do
+        not pile up. A sleeper is forgotten; the awake model, if any, carries on."""
         code = "" if notice.exit_code is None else f" with exit code {notice.exit_code}"
         self._observers.happened("model_died", model=model_id, exit_code=notice.exit_code)
-        reason = f"model {model_id} died behind the daemon's back: its container exited"
-        self._enter(State.FAILED, active=None, reason=reason + code, **NO_ENGINE)
+        where = "while asleep" if asleep else "behind the daemon's back"
+        reason = f"model {model_id} died {where}: its container exited"
+        if asleep:
+            status = self.status
+            self._enter(status.state, asleep=status.without(model_id), reason=status.reason)
+        else:
+            self._enter(State.FAILED, active=None, reason=reason + code, **NO_ENGINE)
         with structlog.contextvars.bound_contextvars(model=model_id):
             try:
                 tail = await self.runtime.logs_tail(notice.container_id, LOG_TAIL_LINES)
@@ -345,6 +433,8 @@ class Switcher:
             log.info("switch begins", kind=op.kind, from_model=op.from_model)
             if op.kind is Kind.STOP:
                 outcome = await self._procedure.stop(op)
+            elif op.kind is Kind.SLEEP:
+                outcome = await self._procedure.sleep(op)
             else:
                 outcome = await self._procedure.switch(op, self.spec(op.model or ""))
             record = await self.history.finished(op, outcome)

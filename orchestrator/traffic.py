@@ -285,5 +285,8 @@ class Traffic:
             ready_for = time.time() - status.since
             idle_for = min(self._clock() - self.last_activity.get(model, -1e18), ready_for)
             if idle_for >= ttl:
-                log.info("idle unload", model=model, idle_for=round(idle_for, 1), ttl=ttl)
-                await self.switcher.stop()
+                spec = self.switcher.models.get(model)
+                asleep = spec is not None and spec.sleep is not None
+                log.info("idle unload", model=model, idle_for=round(idle_for, 1), ttl=ttl,
+                         to="sleep" if asleep else "stop")  # fmt: skip
+                await (self.switcher.sleep() if asleep else self.switcher.stop())

@@ -19,6 +19,7 @@ from orchestrator.compose import ComposeSource, ModelSpec
 from orchestrator.config import load_settings
 from orchestrator.daemon import Daemon, build_daemon
 from orchestrator.docker import ContainerInfo, compose_config, user_environment
+from orchestrator.errors import SleepModeFailed
 from orchestrator.history import History
 from orchestrator.runtime import LogStream, ModelRuntime
 from orchestrator.states import Status
@@ -165,7 +166,14 @@ class Recorder:
         self.releases += 1
 
 
-def spec(model_id: str, *, repo: str | None = None, timeout: float = 5.0) -> ModelSpec:
+def spec(
+    model_id: str,
+    *,
+    repo: str | None = None,
+    timeout: float = 5.0,
+    sleep: int | None = None,
+    warmup: bool = False,
+) -> ModelSpec:
     return ModelSpec(
         id=model_id,
         display_name=model_id.upper(),
@@ -176,6 +184,8 @@ def spec(model_id: str, *, repo: str | None = None, timeout: float = 5.0) -> Mod
         engine_service=f"svc-{model_id}",
         container_port=8000,
         startup_timeout=timeout,
+        sleep=sleep,
+        warmup=warmup,
     )
 
 
@@ -187,6 +197,8 @@ class Behaviour:
     crash: bool = False
     hang: bool = False
     start_delay: float = 0.0
+    sleep_fails: bool = False  # /sleep answers 500
+    wake_fails: bool = False  # /wake_up answers 500 (CUDA out of memory)
 
 
 @dataclass
@@ -215,6 +227,7 @@ class FakeRuntime:
     _probes: dict[str, int] = field(default_factory=dict)
     _counter: int = 0
     _services: dict[str, str] = field(default_factory=dict)  # model -> its engine service
+    asleep: set[str] = field(default_factory=set)  # models whose engine sleeps
 
     def _service(self, model_id: str) -> str:
         return self._services.get(model_id, f"svc-{model_id}")
@@ -274,11 +287,7 @@ class FakeRuntime:
         for service in set(spec.services) & set(self._removing):
             self._remove(service)
             del self._removing[service]
-        others = [
-            c for c in self._containers.values() if c.running and c.service not in spec.services
-        ]
-        if others:
-            self.overlaps.append(f"{spec.id} started while {[c.service for c in others]} up")
+        self._check_alone(spec, "started")
         behaviour = self.behaviours.get(spec.id, Behaviour())
         if self.gate is not None:
             await self.gate.wait()
@@ -286,10 +295,49 @@ class FakeRuntime:
         self._probes[spec.id] = 0
         self.run_container(spec.id, service=spec.engine_service)
 
+    def _check_alone(self, spec: ModelSpec, what: str) -> None:
+        """No other engine may be awake on the GPU when one starts or wakes."""
+        sleeping = {self._service(model) for model in self.asleep}
+        others = [
+            c.service
+            for c in self._containers.values()
+            if c.running and c.service not in spec.services and c.service not in sleeping
+        ]
+        if others:
+            self.overlaps.append(f"{spec.id} {what} while {others} up")
+
+    async def is_sleeping(self, url: str) -> bool | None:
+        await asyncio.sleep(0)
+        model_id = url.removeprefix("http://fake/").split("/")[0]
+        container = self._containers.get(self._service(model_id))
+        if container is None or not container.running:
+            return None
+        return model_id in self.asleep
+
+    async def sleep(self, spec: ModelSpec, url: str) -> None:
+        self.calls.append(("sleep", spec.id))
+        await asyncio.sleep(0)
+        if self.behaviours.get(spec.id, Behaviour()).sleep_fails:
+            raise SleepModeFailed(f"{spec.id}: the engine refused to sleep: HTTP 500")
+        self.asleep.add(spec.id)
+
+    async def wake(self, spec: ModelSpec, url: str) -> None:
+        self.calls.append(("wake", spec.id))
+        await asyncio.sleep(0)
+        self._check_alone(spec, "woke")
+        if self.behaviours.get(spec.id, Behaviour()).wake_fails:
+            raise SleepModeFailed(f"{spec.id}: the engine refused to wake: CUDA out of memory")
+        self.asleep.discard(spec.id)
+
+    async def warm_up(self, spec: ModelSpec, url: str) -> None:
+        self.calls.append(("warm_up", spec.id))
+        await asyncio.sleep(0)
+
     async def stop(self, spec: ModelSpec) -> None:
         """Every running container of the model exits (SIGTERM, exit 0); their removal is
         left to ``settle``. A model with nothing running is removed at once."""
         self.calls.append(("stop", spec.id))
+        self.asleep.discard(spec.id)
         await asyncio.sleep(0)
         mine = [c for c in self._containers.values() if c.service in spec.services]
         if not any(c.running for c in mine):
@@ -350,6 +398,7 @@ class FakeRuntime:
     def kill(self, model_id: str, exit_code: int = 137) -> ContainerInfo:
         """The engine's container exits behind the daemon's back."""
         old = self._containers[self._service(model_id)]
+        self.asleep.discard(model_id)
         dead = replace(old, status="exited", exit_code=exit_code, ports={}, addresses=())
         self._put(dead)
         return dead

@@ -644,6 +644,18 @@ class Scripted:
     async def settle(self) -> None:
         raise NotImplementedError
 
+    async def is_sleeping(self, url: str) -> bool | None:
+        raise NotImplementedError
+
+    async def sleep(self, spec: ModelSpec, url: str) -> None:
+        raise NotImplementedError
+
+    async def wake(self, spec: ModelSpec, url: str) -> None:
+        raise NotImplementedError
+
+    async def warm_up(self, spec: ModelSpec, url: str) -> None:
+        raise NotImplementedError
+
     def follow_logs(self, container_id: str, tail: int) -> LogStream:
         self.followed.append(container_id)
         return self.log if self.log is not None else Silent()

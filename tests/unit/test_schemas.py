@@ -303,6 +303,7 @@ def test_a_switch_is_sent_with_from_and_to_and_iso_times() -> None:
         "duration": 1.235,
         "error": {"code": "x", "message": "y", "log_tail": "z"},
         "timings": None,
+        "path": None,
     }
 
 
