@@ -17,6 +17,11 @@ Per switch A→B (no requests in flight, so the drain is empty):
   notice    = daemon's ready time - the engine's "Application startup complete" log line
 /health: 50 concurrent keep-alive probers in a separate process, for the whole of
 one switch; requests per second and latency percentiles.
+Warm swaps (issue 14), on a second project whose models have ``sleep: 1`` and whose
+stand-ins take fixed times to fall asleep and to wake:
+  warm wall     = switch wall time of A→B when B is asleep
+  daemon share  = warm wall - the engines' own sleep time - their own wake time
+and the cold swap's wall time beside it.
 """
 
 from __future__ import annotations
@@ -67,7 +72,31 @@ TARGETS = {
     "health_rps": (">=", 3000.0),
     "health_p50_ms": ("<=", 0.8),  # at a steady 3,000 req/s
     "health_p99_ms": ("<=", 10.0),  # at a steady 3,000 req/s
+    # Issue 14: what the daemon adds to vLLM's own sleep and wake.
+    "warm_share_p50_s": ("<=", 0.15),
+    "warm_share_max_s": ("<=", 0.2),
 }
+
+WARM_COMPOSE = """
+x-engine: &engine
+  image: {image}
+  ports: ["127.0.0.1::8000"]
+  environment:
+    STANDIN_LOAD_DELAY: "{delay}"
+    STANDIN_SLEEP_TIME: "{sleep}"
+    STANDIN_WAKE_TIME: "{wake}"
+  volumes: ["./models/hub:/root/.cache/huggingface/hub"]
+  x-orchestrator: {{sleep: 1}}
+services:
+  engine-alpha:
+    <<: *engine
+    profiles: ["alpha"]
+    command: ["--model", "org/alpha"]
+  engine-beta:
+    <<: *engine
+    profiles: ["beta"]
+    command: ["--model", "org/beta"]
+"""
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -260,6 +289,35 @@ async def measure(rig: Rig, rounds: int, load_delay: float, probers: int) -> dic
     }
 
 
+async def measure_warm(rig: Rig, rounds: int, engine_time: float) -> dict[str, Any]:
+    """Swaps between two sleeping models, once both have been started cold."""
+    walls: list[float] = []
+    phases: dict[str, list[float]] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        await switch(session, rig, "alpha")
+        await switch(session, rig, "beta")
+        current = "beta"
+        for _ in range(rounds):
+            target = "beta" if current == "alpha" else "alpha"
+            wall, body = await switch(session, rig, target)
+            if body["switch"]["path"] != "warm":
+                raise RuntimeError(f"the swap to {target} was not warm: {body['switch']}")
+            walls.append(wall)
+            for phase, seconds in (body["switch"]["timings"] or {}).items():
+                phases.setdefault(phase, []).append(seconds)
+            current = target
+    shares = [wall - engine_time for wall in walls]
+    return {
+        "warm_wall_s": walls,
+        "warm_wall_p50_s": statistics.median(walls),
+        "warm_engine_s": engine_time,
+        "warm_share_s": shares,
+        "warm_share_p50_s": statistics.median(shares),
+        "warm_share_max_s": max(shares),
+        "warm_phases_p50_s": {k: statistics.median(v) for k, v in phases.items()},
+    }
+
+
 def report(figures: dict[str, Any]) -> None:
     print(f"switch benchmark: {figures['rounds']} switches, load delay {figures['load_delay_s']} s")
     print(f"  switch wall time     : {', '.join(f'{w:.2f}' for w in figures['switch_wall_s'])} s")
@@ -291,6 +349,23 @@ def report(figures: dict[str, Any]) -> None:
         )
     phases = ", ".join(f"{k} {v:.3f}" for k, v in figures["daemon_phases_p50_s"].items())
     print(f"  daemon phases (p50)  : {phases} s (ready counts from the start of up)")
+    warm = ", ".join(f"{w:.3f}" for w in figures["warm_wall_s"])
+    print(
+        f"  warm swap wall time  : p50 {figures['warm_wall_p50_s']:.3f} s ({warm}); the"
+        f" engines' own sleep + wake {figures['warm_engine_s']:.3f} s"
+    )
+    print(
+        f"  warm daemon share    : p50 {figures['warm_share_p50_s']:.3f} s,"
+        f" max {figures['warm_share_max_s']:.3f} s"
+    )
+    cold = statistics.median(figures["switch_wall_s"])
+    print(
+        f"  cold vs warm (p50)   : {cold:.3f} s vs {figures['warm_wall_p50_s']:.3f} s with a"
+        f" {figures['load_delay_s']:g} s load; vLLM's own cold start is 37-58 s for 0.6-8 B"
+        " models, its wake 0.26-0.82 s (its published measurements)"
+    )
+    phases = ", ".join(f"{k} {v:.3f}" for k, v in figures["warm_phases_p50_s"].items())
+    print(f"  warm phases (p50)    : {phases} s")
     for key, (sign, target) in TARGETS.items():
         value = figures[key]
         met = value <= target if sign == "<=" else value >= target
@@ -302,6 +377,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--load-delay", type=float, default=2.0)
     parser.add_argument("--probers", type=int, default=50)
+    parser.add_argument("--warm-rounds", type=int, default=8)
+    parser.add_argument("--sleep-time", type=float, default=0.3, help="the stand-in's /sleep")
+    parser.add_argument("--wake-time", type=float, default=0.3, help="the stand-in's /wake_up")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     client = docker.from_env()
@@ -316,6 +394,25 @@ def main() -> None:
         try:
             rig.start_daemon("--log-level", "warning")
             figures = asyncio.run(measure(rig, args.rounds, args.load_delay, args.probers))
+        finally:
+            rig.clean()
+    with TemporaryDirectory(prefix="mo-bench-warm-") as folder:
+        root = Path(folder)
+        for name in ("alpha", "beta"):
+            make_snapshot(root / "models" / "hub", f"org/{name}")
+        (root / "docker-compose.yml").write_text(
+            WARM_COMPOSE.format(
+                image=STANDIN_IMAGE,
+                delay=args.load_delay,
+                sleep=args.sleep_time,
+                wake=args.wake_time,
+            )
+        )
+        rig = Rig(root=root, project=f"mo-bench-{uuid.uuid4().hex[:6]}", docker=client)
+        try:
+            rig.start_daemon("--log-level", "warning")
+            engine_time = args.sleep_time + args.wake_time
+            figures |= asyncio.run(measure_warm(rig, args.warm_rounds, engine_time))
         finally:
             rig.clean()
     report(figures)

@@ -99,6 +99,7 @@ function modelState(model) {
   if (status.active === model.id) return status.state;
   if (status.target === model.id) return status.state;
   if (model.enabled === false) return "disabled";
+  if (model.residency === "asleep") return "asleep";
   return model.container ? model.container.state : "stopped";
 }
 
@@ -108,7 +109,17 @@ function renderSummary() {
   badge.className = `badge ${status.state}`;
   $("#summary").dataset.state = status.state;
   $("#state-reason").textContent = text(status.reason);
-  $("#stop").disabled = !status.active && status.state !== "failed";
+  $("#stop").disabled =
+    !status.active && status.state !== "failed" && status.warm_pool.asleep.length === 0;
+  const pool = status.warm_pool;
+  $("#warm-pool").textContent = pool.asleep.length
+    ? `asleep: ${pool.asleep.join(", ")} (${pool.asleep.length} of ${pool.max_asleep},` +
+      ` ~${gib(pool.ram_bytes)} of host RAM)`
+    : "";
+}
+
+function gib(bytes) {
+  return `${(bytes / 1024 ** 3).toFixed(1)} GiB`;
 }
 
 function renderModels() {
@@ -153,7 +164,7 @@ async function renderHistory() {
     cell(row, new Date(record.requested_at).toLocaleTimeString());
     cell(row, record.from);
     cell(row, record.kind === "switch" ? record.to : `(${record.kind})`);
-    cell(row, record.outcome);
+    cell(row, record.path ? `${record.outcome} (${record.path})` : record.outcome);
     cell(row, duration(record.duration));
     cell(row, record.error ? record.error.message : "");
   }
