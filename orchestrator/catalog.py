@@ -357,6 +357,7 @@ class Catalog:
 
     def _install(self, project: ComposeProject) -> None:
         private_folder(self.paths.state_dir)
+        make_host_folders(project.host_folders)
         _write_atomically(self.paths.normalized, render(project))
         added = render_document(self._entries, self.paths.hub_dir.resolve(), self.engine_defaults)
         _write_atomically(
@@ -405,6 +406,19 @@ class Catalog:
             await self.store.delete_model_entry(removed)
         self._entries = entries
         self._install(project)
+
+
+def make_host_folders(folders: Iterable[Path]) -> None:
+    """Folders the engines bind, made as the daemon's user before compose runs: docker would
+    make them owned by root, which the user could then not clear."""
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            # Not fatal: docker makes it at the engine's start, as root.
+            log.warning(
+                "cannot make a folder the engines mount", folder=str(folder), error=str(err)
+            )
 
 
 def private_folder(folder: Path) -> None:

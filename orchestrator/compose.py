@@ -7,8 +7,10 @@ This module rewrites that canonical form so that every model loads offline from 
 cache (seed 002): a cache path given as the model becomes the repo id (a pinned snapshot
 becomes ``--revision``), the hub cache is mounted where the engine's environment says it
 looks, ``HF_HUB_OFFLINE=1`` is set, restarts are left to the daemon, and the engine gets a
-readable ``--served-model-name``. Every change is recorded as a note, every doubt as a
-problem, so that ``check`` can show the user what was done to their project.
+readable ``--served-model-name`` and a persistent vLLM cache; a model that sleeps between
+swaps gets vLLM's sleep mode and the dev-mode endpoints that drive it. Every change is
+recorded as a note, every doubt as a problem, so that ``check`` can show the user what
+was done to their project.
 
 Values here are what the container sees. Compose prints a literal ``$`` as ``$$``;
 ``canonical`` undoes that on the way in and ``render`` does it again, for every string,
@@ -18,6 +20,7 @@ on the way out: nothing in the copy is interpolated a second time.
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,6 +31,7 @@ from typing import Any, Literal
 import yaml
 from huggingface_hub.file_download import REGEX_COMMIT_HASH
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from .cache import is_repo_id, looks_like_path, repo_id_from_cache_path
 from .naming import MODEL_ID
@@ -48,6 +52,13 @@ OVERRIDE_FILE_NAMES = (
 )
 
 _OFFLINE_VAR = "HF_HUB_OFFLINE"
+# vLLM serves /sleep, /wake_up and /is_sleeping only in its dev mode.
+_DEV_MODE_VAR = "VLLM_SERVER_DEV_MODE"
+_SLEEP_FLAG = "--enable-sleep-mode"
+_NO_SLEEP_FLAG = "--no-enable-sleep-mode"
+# The host folder under the models dir that keeps vLLM's torch.compile and CUDA-graph
+# caches across container restarts.
+VLLM_CACHE_FOLDER = "vllm-cache"
 # The engine's own restarts would hide a crash from the daemon and loop forever.
 _RESTART = "no"
 
@@ -113,6 +124,25 @@ class ModelSettings(BaseModel):
     sleep: Literal[1, 2, False] | None = None
     # One short generation before the model counts as ready.
     warmup: bool | None = None
+
+    @field_validator("sleep", mode="before")
+    @classmethod
+    def _level(cls, level: object) -> object:
+        # true would leave the level to a guess, and 0 or 3 are no level vLLM has.
+        if level is None or level is False:
+            return level
+        # A value interpolated by compose arrives as a string.
+        text = "" if isinstance(level, bool) else str(level).strip()
+        if text in {"1", "2"}:
+            return int(text)
+        if text.lower() == "false":
+            return False
+        raise PydanticCustomError(
+            "sleep_level",
+            "must be vLLM's sleep level, 1 (weights kept in host RAM) or 2 (weights"
+            " dropped), or false (cold swaps), not {level}",
+            {"level": str(level).lower() if isinstance(level, bool) else repr(level)},
+        )
 
     @field_validator("aliases")
     @classmethod
@@ -201,6 +231,9 @@ class ComposeProject:
     shared_services: tuple[str, ...]
     notes: dict[str, list[RewriteNote]] = field(default_factory=dict)
     problems: dict[str, list[str]] = field(default_factory=dict)
+    # Host folders the copy binds that the daemon makes before compose runs: docker would
+    # make them owned by root.
+    host_folders: tuple[Path, ...] = ()
 
 
 def compose_files(given: Sequence[Path], environ: Mapping[str, str], cwd: Path) -> tuple[Path, ...]:
@@ -433,6 +466,8 @@ class EngineCommand:
     notes: list[str]
     problems: list[str]
     download_dir: str | None = None
+    # Whether vLLM runs with its sleep mode: the flags' say (the last wins), or None.
+    sleep_mode: bool | None = None
 
 
 @dataclass
@@ -451,9 +486,12 @@ class ArgEdits:
         return [token for at, token in enumerate(kept) if at not in self.dropped] + self.added
 
 
-def plan_args(tokens: list[str], start: int, positional: bool, model_id: str) -> ArgEdits | None:
-    """What to change in an engine's arguments: the model as a repo id (a pin as --revision)
-    and a served name; None when they name no model (a sidecar, a proxy)."""
+def plan_args(
+    tokens: list[str], start: int, positional: bool, model_id: str, sleep: int | None = None
+) -> ArgEdits | None:
+    """What to change in an engine's arguments: the model as a repo id (a pin as --revision),
+    a served name, and sleep mode for a model that sleeps at level ``sleep``; None when they
+    name no model (a sidecar, a proxy)."""
     args = _Args.read(tokens, start, positional)
     if args.positional_at is None and not args.flags.get("--model"):
         if args.problems:
@@ -481,11 +519,33 @@ def plan_args(tokens: list[str], start: int, positional: bool, model_id: str) ->
         served = model_id
         edits.added += ["--served-model-name", model_id]
         notes.append(f"added --served-model-name {model_id}")
+    sleep_mode = _sleep_mode(tokens[start:])
+    if sleep and sleep_mode is None:
+        sleep_mode = True
+        edits.added.append(_SLEEP_FLAG)
+        notes.append(f"added {_SLEEP_FLAG}: the model sleeps between swaps (sleep: {sleep})")
+    elif sleep and sleep_mode is False:
+        problems.append(
+            f"{_NO_SLEEP_FLAG} turns off the sleep mode that sleep: {sleep} needs, so the"
+            " model is stopped instead of put to sleep: remove the flag, or set sleep: false"
+        )
     edits.command = EngineCommand(
         model, served, args.value("--port"), revision, args.value("--tokenizer-revision"),
-        notes, problems, args.value("--download-dir"),
+        notes, problems, args.value("--download-dir"), sleep_mode,
     )  # fmt: skip
     return edits
+
+
+def _sleep_mode(tokens: Sequence[str]) -> bool | None:
+    """What the flags say of vLLM's sleep mode, in either spelling; the last one wins."""
+    said = None
+    for token in tokens:
+        flag = _flag_of(token)[0]
+        if flag == _SLEEP_FLAG:
+            said = True
+        elif flag == _NO_SLEEP_FLAG:
+            said = False
+    return said
 
 
 def _plan_model(tokens: list[str], args: _Args, edits: ArgEdits) -> tuple[str, str, str | None]:
@@ -521,10 +581,10 @@ def _plan_model(tokens: list[str], args: _Args, edits: ArgEdits) -> tuple[str, s
 
 
 def rewrite_args(
-    tokens: list[str], start: int, positional: bool, model_id: str
+    tokens: list[str], start: int, positional: bool, model_id: str, sleep: int | None = None
 ) -> tuple[list[str], EngineCommand] | None:
     """An engine's argument list rewritten (see ``plan_args``); None when it names no model."""
-    edits = plan_args(tokens, start, positional, model_id)
+    edits = plan_args(tokens, start, positional, model_id, sleep)
     return None if edits is None else (edits.apply(tokens), edits.command)
 
 
@@ -610,7 +670,9 @@ def _word_end(script: str, at: int) -> int:
 _UNSAFE_IN_SHELL = re.compile(r"\$|`")
 
 
-def rewrite_script(script: str, model_id: str) -> tuple[str, EngineCommand] | None:
+def rewrite_script(
+    script: str, model_id: str, sleep: int | None = None
+) -> tuple[str, EngineCommand] | None:
     """A ``sh -c`` script with its engine command rewritten in place; every other character
     (other commands, redirections, comments, line continuations, quoting) untouched."""
     words = _shell_words(script)
@@ -637,7 +699,7 @@ def rewrite_script(script: str, model_id: str) -> tuple[str, EngineCommand] | No
                 " the model out, or use compose's ${VAR} outside the script"
             )
         width, positional = found
-        edits = plan_args([w.value for w in arguments], skip + width, positional, model_id)
+        edits = plan_args([w.value for w in arguments], skip + width, positional, model_id, sleep)
         if edits is None:
             return None
         return _edit(script, arguments, edits), edits.command
@@ -670,7 +732,11 @@ def _shell_flag(token: str) -> bool:
 
 
 def rewrite_service_command(
-    entrypoint: list[str] | None, command: list[str] | None, model_id: str, vllm_image: bool
+    entrypoint: list[str] | None,
+    command: list[str] | None,
+    model_id: str,
+    vllm_image: bool,
+    sleep: int | None = None,
 ) -> _Rewritten:
     """The service's entrypoint and command with the engine's arguments rewritten.
 
@@ -684,9 +750,9 @@ def rewrite_service_command(
         program = PurePosixPath(entrypoint[0]).name
         if program in _SHELLS and len(entrypoint) >= 2 and _shell_flag(entrypoint[1]):
             if len(entrypoint) >= 3:
-                return _in_script(entrypoint, 2, command, model_id, in_entrypoint=True)
+                return _in_script(entrypoint, 2, command, model_id, sleep, in_entrypoint=True)
             if command:
-                return _in_script(command, 0, entrypoint, model_id, in_entrypoint=False)
+                return _in_script(command, 0, entrypoint, model_id, sleep, in_entrypoint=False)
             return _Rewritten(entrypoint, command, None)
         found = _launcher(entrypoint)
         if found is not None:
@@ -696,14 +762,14 @@ def rewrite_service_command(
                     "the entrypoint holds the engine's arguments; the daemon rewrites only the"
                     " command: move them from entrypoint to command"
                 )
-            result = rewrite_args(command or [], 0, positional, model_id)
+            result = rewrite_args(command or [], 0, positional, model_id, sleep)
             return _Rewritten(entrypoint, *(result if result else (command, None)))
         # Another program runs first (a wrapper script): the command may still be vLLM's.
     tokens = command or []
     if tokens:
         program = PurePosixPath(tokens[0]).name
         if program in _SHELLS and len(tokens) >= 3 and _shell_flag(tokens[1]):
-            shell = _in_script(tokens, 2, entrypoint, model_id, in_entrypoint=False)
+            shell = _in_script(tokens, 2, entrypoint, model_id, sleep, in_entrypoint=False)
             return _Rewritten(entrypoint, shell.command, shell.engine)
     found = _launcher(tokens)
     if found is not None:
@@ -711,14 +777,20 @@ def rewrite_service_command(
     else:
         width = 0
         positional = bool(tokens) and (vllm_image or _looks_like_model(tokens[0]))
-    result = rewrite_args(tokens, width, positional, model_id)
+    result = rewrite_args(tokens, width, positional, model_id, sleep)
     if result is None:
         return _Rewritten(entrypoint, command, None)
     return _Rewritten(entrypoint, result[0], result[1])
 
 
 def _in_script(
-    holder: list[str], at: int, other: list[str] | None, model_id: str, *, in_entrypoint: bool
+    holder: list[str],
+    at: int,
+    other: list[str] | None,
+    model_id: str,
+    sleep: int | None,
+    *,
+    in_entrypoint: bool,
 ) -> _Rewritten:
     """Rewrite the script at ``holder[at]``; ``other`` is the entrypoint or command beside it."""
     unchanged = _Rewritten(
@@ -726,7 +798,7 @@ def _in_script(
     )
     if at >= len(holder):
         return unchanged
-    result = rewrite_script(holder[at], model_id)
+    result = rewrite_script(holder[at], model_id, sleep)
     if result is None:
         if _launcher(holder[at:]) is not None:
             # `sh -c` runs one script; the words after it become $0, $1, ... and never run.
@@ -792,7 +864,7 @@ def rewrite_volumes(
             notes.append(f"removed volume {_describe_mount(volume)}: {target} is mounted")
             continue
         placed = True
-        mount = _hub_mount(hub_dir, target, bool(volume.get("read_only")))
+        mount = _bind_mount(hub_dir, target, bool(volume.get("read_only")))
         relabel = (volume.get("bind") or {}).get("selinux")
         if relabel:  # :z / :Z, which an SELinux host needs to let the engine read it
             mount["bind"]["selinux"] = relabel
@@ -800,23 +872,81 @@ def rewrite_volumes(
         if _describe_mount(volume) != _describe_mount(mount):
             notes.append(f"volume {_describe_mount(volume)} → {_describe_mount(mount)}")
     if not placed:
-        mount = _hub_mount(hub_dir, target, False)
+        mount = _bind_mount(hub_dir, target, False)
         kept.append(mount)
         notes.append(f"added volume {_describe_mount(mount)}")
     return kept, notes
 
 
-def _hub_mount(hub_dir: Path, target: str, read_only: bool) -> dict[str, Any]:
+def _bind_mount(folder: Path, target: str, read_only: bool) -> dict[str, Any]:
     # As the short syntax did: a missing folder is made rather than failing the start.
     mount: dict[str, Any] = {
         "type": "bind",
-        "source": str(hub_dir),
+        "source": str(folder),
         "target": target,
         "bind": {"create_host_path": True},
     }
     if read_only:
         mount["read_only"] = True
     return mount
+
+
+def vllm_cache_target(environment: Mapping[str, Any]) -> str:
+    """Where the engine's vLLM keeps its caches, by its environment (vLLM's envs.py)."""
+    home = str(environment.get("HOME") or "/root").rstrip("/")
+
+    def get(name: str) -> str | None:
+        value = environment.get(name)
+        if value in (None, ""):
+            return None
+        text = str(value)
+        # vLLM expands "~" in the result.
+        return home + text[1:] if text == "~" or text.startswith("~/") else text
+
+    root = get("VLLM_CACHE_ROOT")
+    if root:
+        return root.rstrip("/") or "/"
+    return f"{(get('XDG_CACHE_HOME') or home + '/.cache').rstrip('/')}/vllm"
+
+
+def mount_vllm_cache(
+    volumes: list[Any] | None, tmpfs: object, cache_dir: Path, target: str
+) -> tuple[list[Any], list[str]]:
+    """``cache_dir`` mounted at the engine's vLLM cache root, unless the user mounts something
+    there or above it (their own cache, or a tmpfs they chose on purpose)."""
+    kept = list(volumes or [])
+    place = PurePosixPath(target)
+    if not place.is_absolute():
+        return kept, []  # docker takes absolute targets alone; vLLM's own default then
+    taken = [str(v.get("target") or "") for v in kept if isinstance(v, Mapping)]
+    mounts = [tmpfs] if isinstance(tmpfs, str) else tmpfs if isinstance(tmpfs, list) else []
+    taken += [str(entry).split(":", 1)[0] for entry in mounts]
+    if any(at and PurePosixPath(at) in (place, *place.parents) for at in taken):
+        return kept, []
+    mount = _bind_mount(cache_dir, str(place), False)
+    # A relabel on the user's mounts says the host enforces SELinux: without one the engine
+    # could not write its cache. Shared (z), as every engine mounts the same folder.
+    if any(isinstance(v, Mapping) and (v.get("bind") or {}).get("selinux") for v in kept):
+        mount["bind"]["selinux"] = "z"
+    note = f"added volume {_describe_mount(mount)}: vLLM's compile caches outlive the container"
+    return [*kept, mount], [note]
+
+
+def dev_mode_environment(
+    environment: Mapping[str, Any], sleep: int
+) -> tuple[dict[str, Any], list[str]]:
+    """``VLLM_SERVER_DEV_MODE=1``, which a model that sleeps needs for /sleep and /wake_up."""
+    variables = dict(environment)
+    previous = variables.get(_DEV_MODE_VAR)
+    if previous is not None and str(previous) == "1":
+        return variables, []
+    variables[_DEV_MODE_VAR] = "1"
+    why = f"sleep: {sleep} needs vLLM's /sleep and /wake_up"
+    if _DEV_MODE_VAR in environment and previous is None:
+        return variables, [f"{_DEV_MODE_VAR} (passed on unset) → {_DEV_MODE_VAR}=1 ({why})"]
+    if previous is None:
+        return variables, [f"added {_DEV_MODE_VAR}=1 ({why})"]
+    return variables, [f"{_DEV_MODE_VAR}={previous} → {_DEV_MODE_VAR}=1 (overridden: {why})"]
 
 
 def rewrite_environment(environment: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
@@ -881,8 +1011,25 @@ class _Member:
     name: str
     service: dict[str, Any]
     settings: ModelSettings
+    profile: str  # the first: a service in several profiles can carry one served name
     rewritten: _Rewritten | None = None
     error: str | None = None
+    sleep: int | None = None  # the sleep level its vLLM is set up for
+
+    def read_command(self, sleep: int | None = None) -> None:
+        image = self.service.get("image")
+        self.sleep = sleep
+        try:
+            self.rewritten = rewrite_service_command(
+                self.service.get("entrypoint"),
+                self.service.get("command"),
+                self.profile,
+                vllm_image=isinstance(image, str) and "vllm" in image.lower(),
+                sleep=sleep,
+            )
+            self.error = None
+        except ComposeError as err:
+            self.rewritten, self.error = None, str(err)
 
     @property
     def engine_command(self) -> EngineCommand | None:
@@ -946,7 +1093,9 @@ def rewrite_project(
     services: dict[str, Any] = copy.deepcopy(dict(document["services"]))
     shared, members = _members(services)
     configured = _configured(overrides or {}, members)
+    _set_up_sleep(members, configured)
     hub_dir = models_dir.resolve() / "hub"
+    cache_dir = vllm_cache_dir(models_dir)
     models: dict[str, ModelSpec] = {}
     notes: dict[str, list[RewriteNote]] = {}
     problems: dict[str, list[str]] = {}
@@ -956,10 +1105,19 @@ def rewrite_project(
         fresh = [member for member in group if member.name not in rewritten]
         rewritten.update(member.name for member in group)
         models[model_id], notes[model_id], problems[model_id] = _model(
-            model_id, group, fresh, configured.get(model_id), hub_dir
+            model_id, group, fresh, configured.get(model_id), hub_dir, cache_dir
         )
     for model_id, collisions in _served_name_collisions(models).items():
         problems[model_id] += collisions
+    for model_id, collisions in _port_collisions(models, services).items():
+        problems[model_id] += collisions
+        # Asleep, it would keep the port from the model that shares it.
+        models[model_id] = replace(models[model_id], sleep=None)
+    mounted = any(
+        isinstance(volume, Mapping) and volume.get("source") == str(cache_dir)
+        for service in services.values()
+        for volume in service.get("volumes") or []
+    )
     return ComposeProject(
         source=source,
         name=str(document.get("name") or ""),
@@ -968,7 +1126,13 @@ def rewrite_project(
         shared_services=tuple(shared),
         notes=notes,
         problems=problems,
+        host_folders=(cache_dir,) if mounted else (),
     )
+
+
+def vllm_cache_dir(models_dir: Path) -> Path:
+    """The host folder mounted at every vLLM engine's cache root."""
+    return models_dir.resolve() / VLLM_CACHE_FOLDER
 
 
 def _members(services: Mapping[str, Any]) -> tuple[list[str], dict[str, list[_Member]]]:
@@ -983,17 +1147,8 @@ def _members(services: Mapping[str, Any]) -> tuple[list[str], dict[str, list[_Me
         settings = model_settings(service.get(SETTINGS_KEY, {}), f"services.{name}.{SETTINGS_KEY}")
         if isinstance(settings.engine, str):
             raise ComposeError(f"services.{name}.{SETTINGS_KEY}.engine must be true or false")
-        image = service.get("image")
-        member = _Member(name, service, settings)
-        try:
-            member.rewritten = rewrite_service_command(
-                service.get("entrypoint"),
-                service.get("command"),
-                profiles[0],  # a service in several profiles can carry one served name
-                vllm_image=isinstance(image, str) and "vllm" in image.lower(),
-            )
-        except ComposeError as err:
-            member.error = str(err)
+        member = _Member(name, service, settings, profiles[0])
+        member.read_command()
         for profile in profiles:
             members.setdefault(profile, []).append(member)
     return shared, members
@@ -1018,27 +1173,48 @@ def _configured(
     return configured
 
 
+def _named(configured: ModelSettings | None) -> str | None:
+    named = configured.engine if configured is not None else None
+    return named if isinstance(named, str) else None
+
+
+def _serving(group: list[_Member], engine: _Member, chosen: bool) -> list[_Member]:
+    """What runs vLLM: the engine the user named, when it passes a model (then another
+    service's --model is another program's, such as llama.cpp's); else every service
+    that passes one, which lets the engine be a proxy in front of vLLM."""
+    if chosen and engine.serves:
+        return [engine]
+    return [m for m in group if m.serves and m.settings.engine is not False]
+
+
+def _set_up_sleep(
+    members: Mapping[str, list[_Member]], configured: Mapping[str, ModelSettings]
+) -> None:
+    """Read again, with sleep mode, the commands of the vLLM services of models that sleep:
+    whether one sleeps is known only once its engine and settings are."""
+    for model_id, group in members.items():
+        engine, chosen, _ = _choose_engine(model_id, group, _named(configured.get(model_id)))
+        level = _merged(engine.settings, configured.get(model_id)).sleep
+        if not level:
+            continue
+        for member in _serving(group, engine, chosen):
+            if member.sleep is None:  # in two profiles: the first that sleeps sets it up
+                member.read_command(level)
+
+
 def _model(
     model_id: str,
     group: list[_Member],
     fresh: list[_Member],
     configured: ModelSettings | None,
     hub_dir: Path,
+    cache_dir: Path,
 ) -> tuple[ModelSpec, list[RewriteNote], list[str]]:
     """One profile's services rewritten (those not done yet) and its model's spec."""
-    named = configured.engine if configured is not None else None
-    engine, chosen, problems = _choose_engine(
-        model_id, group, named if isinstance(named, str) else None
-    )
+    engine, chosen, problems = _choose_engine(model_id, group, _named(configured))
     unusable = next((f"{m.name}: {m.error}" for m in group if m.error is not None), None)
     problems += [f"{m.name}: {m.error}" for m in group if m.error is not None]
-    # What runs vLLM: the engine the user named, when it passes a model (then another
-    # service's --model is another program's, such as llama.cpp's); else every service
-    # that passes one, which lets the engine be a proxy in front of vLLM.
-    if chosen and engine.serves:
-        serving = [engine]
-    else:
-        serving = [m for m in group if m.serves and m.settings.engine is not False]
+    serving = _serving(group, engine, chosen)
     if not serving and unusable is None:
         problems.append(
             f"no service of profile {model_id} passes vLLM a model (--model or a positional model)"
@@ -1046,7 +1222,7 @@ def _model(
     notes = [
         RewriteNote(member.name, what)
         for member in fresh
-        for what in _rewrite_member(member, member in serving, hub_dir)
+        for what in _rewrite_member(member, member in serving, hub_dir, cache_dir)
     ]
     for member in serving:
         command = member.engine_command
@@ -1102,7 +1278,8 @@ def _spec(
         ttl=settings.ttl,
         max_concurrency=settings.max_concurrency,
         aliases=settings.aliases,
-        sleep=settings.sleep or None,
+        # An engine whose flags turn sleep mode off is stopped instead (a problem says so).
+        sleep=(settings.sleep or None) if command and command.sleep_mode else None,
         warmup=bool(settings.warmup),
         revision=command.revision if command and is_repo else None,
         tokenizer_revision=command.tokenizer_revision if command and is_repo else None,
@@ -1115,7 +1292,7 @@ def _merged(declared: ModelSettings, configured: ModelSettings | None) -> ModelS
     return declared.model_copy(update=configured.model_dump(exclude_unset=True))
 
 
-def _rewrite_member(member: _Member, runs_vllm: bool, hub_dir: Path) -> list[str]:
+def _rewrite_member(member: _Member, runs_vllm: bool, hub_dir: Path, cache_dir: Path) -> list[str]:
     """Rewrite one model service in place; the notes say what changed."""
     service = member.service
     notes: list[str] = []
@@ -1132,6 +1309,9 @@ def _rewrite_member(member: _Member, runs_vllm: bool, hub_dir: Path) -> list[str
     notes += _own_restarts(service)
     if runs_vllm:
         environment, environment_notes = rewrite_environment(service.get("environment"))
+        if member.sleep:
+            environment, dev_notes = dev_mode_environment(environment, member.sleep)
+            environment_notes += dev_notes
         # vLLM reads weights from --download-dir when given, else from the hub cache.
         download_dir = rewritten.engine.download_dir if rewritten and rewritten.engine else None
         targets = dict.fromkeys(
@@ -1141,6 +1321,10 @@ def _rewrite_member(member: _Member, runs_vllm: bool, hub_dir: Path) -> list[str
         for target in targets:
             volumes, volume_notes = rewrite_volumes(volumes, hub_dir, target.rstrip("/"))
             notes += volume_notes
+        volumes, cache_notes = mount_vllm_cache(
+            volumes, service.get("tmpfs"), cache_dir, vllm_cache_target(environment)
+        )
+        notes += cache_notes
         service["volumes"] = volumes
         service["environment"] = environment
         notes += environment_notes
@@ -1175,6 +1359,84 @@ def _served_name_collisions(models: Mapping[str, ModelSpec]) -> dict[str, list[s
                 f"served name {spec.served_name!r} is also used by {', '.join(others)}"
             ]
     return collisions
+
+
+# A binding on every address meets any other binding of the same port.
+_ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
+_Binding = tuple[str, int, str]  # host address ("" for all), port, protocol
+
+
+def _fixed_host_ports(name: str, service: Mapping[str, Any], spec: ModelSpec) -> list[_Binding]:
+    """The host ports a running service holds whichever other model runs. An ephemeral port
+    (``127.0.0.1::8000``) or a range is picked free by docker at each start."""
+    held: list[_Binding] = []
+    if service.get("network_mode") == "host" and name == spec.engine_service:
+        held.append(("", spec.container_port, "tcp"))
+    for port in service.get("ports") or []:
+        published = str(port.get("published") or "") if isinstance(port, Mapping) else ""
+        if published.isdigit() and int(published) > 0:
+            address = str(port.get("host_ip") or "")
+            held.append((address, int(published), str(port.get("protocol") or "tcp")))
+    return held
+
+
+def _meet(one: _Binding, other: _Binding) -> bool:
+    same_address = one[0] == other[0] or {one[0], other[0]} & _ANY_ADDRESS
+    return one[1:] == other[1:] and bool(same_address)
+
+
+def _port_collisions(
+    models: Mapping[str, ModelSpec], services: Mapping[str, Any]
+) -> dict[str, list[str]]:
+    """Models that publish the same fixed host port where one of them sleeps: a sleeping
+    model's containers stay up, so the other cannot start while it sleeps. Cold models may
+    share ports, as only one runs at a time."""
+    held = {
+        spec.id: [
+            (name, binding)
+            for name in spec.services
+            for binding in _fixed_host_ports(name, services[name], spec)
+        ]
+        for spec in models.values()
+    }
+    found: dict[str, list[str]] = {}
+    specs = list(models.values())
+    for at, one in enumerate(specs):
+        for other in specs[at + 1 :]:
+            if not (one.sleep or other.sleep):
+                continue
+            for (name, binding), (other_name, other_binding) in itertools.product(
+                held[one.id], held[other.id]
+            ):
+                if name != other_name and _meet(binding, other_binding):
+                    found.setdefault(one.id, []).append(
+                        _collision(one, name, binding, other, other_name)
+                    )
+                    found.setdefault(other.id, []).append(
+                        _collision(other, other_name, other_binding, one, name)
+                    )
+    return {model_id: list(dict.fromkeys(problems)) for model_id, problems in found.items()}
+
+
+def _collision(
+    spec: ModelSpec, name: str, binding: _Binding, other: ModelSpec, other_name: str
+) -> str:
+    address, port, protocol = binding
+    shown = (f"[{address}]:" if ":" in address else f"{address}:") if address else ""
+    shown += str(port) + ("" if protocol == "tcp" else f"/{protocol}")
+    if spec.sleep and other.sleep:
+        asleep = "both sleep with their containers up"
+    else:
+        asleep = f"{spec.id if spec.sleep else other.id} sleeps with its containers up"
+    problem = (
+        f"{name}: host port {shown} is also published by {other_name} of model {other.id},"
+        f" and {asleep}, so the two cannot run side by side:"
+        " use distinct host ports or publish without a host port (127.0.0.1::8000);"
+        " clients reach models through /v1"
+    )
+    if spec.sleep:
+        problem += f"; until then {spec.id} is stopped instead of put to sleep"
+    return problem
 
 
 def describe_files(files: Iterable[Path]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import subprocess
 import textwrap
@@ -31,6 +32,7 @@ from orchestrator.compose import (
     hub_target,
     merge_services,
     model_settings,
+    mount_vllm_cache,
     parse_duration,
     render,
     rewrite_args,
@@ -39,6 +41,7 @@ from orchestrator.compose import (
     rewrite_script,
     rewrite_service_command,
     rewrite_volumes,
+    vllm_cache_target,
 )
 from orchestrator.docker import user_environment
 from orchestrator.errors import DockerError
@@ -53,6 +56,7 @@ VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
 API_SERVER = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
 GPT2 = ["--model", "gpt2"]
 SERVED = ["--served-model-name", "tiny"]
+VLLM_CACHE = "/root/.cache/vllm"
 NO_MODEL = "no service of profile {} passes vLLM a model (--model or a positional model)"
 RESTART_NOTE = "restart: {} → no (overridden: the daemon restarts models)"
 
@@ -132,6 +136,21 @@ def hub_described(tmp_path: Path, read_only: bool = False) -> str:
     return f"{hub_dir(tmp_path)}:{HUB_TARGET}" + (":ro" if read_only else "")
 
 
+def cache_dir(tmp_path: Path) -> str:
+    return str((tmp_path / "models").resolve() / "vllm-cache")
+
+
+def cache_mount(tmp_path: Path, target: str = VLLM_CACHE) -> dict[str, Any]:
+    """The vLLM cache mount the rewrite adds to every vLLM engine."""
+    return made(target, source=cache_dir(tmp_path))
+
+
+def cache_note(tmp_path: Path, target: str = VLLM_CACHE) -> str:
+    return (
+        f"added volume {cache_dir(tmp_path)}:{target}: vLLM's compile caches outlive the container"
+    )
+
+
 def bind(source: Path | str, target: str, read_only: bool = False) -> dict[str, Any]:
     """A short-syntax bind mount as compose prints it."""
     mount: dict[str, Any] = {"type": "bind", "source": str(source), "target": target}
@@ -206,7 +225,7 @@ class TestSeedFile:
             "--served-model-name",
             "text-4b",
         ]
-        assert engine["volumes"] == [hub_mount(tmp_path)]
+        assert engine["volumes"] == [hub_mount(tmp_path), cache_mount(tmp_path)]
         assert engine["environment"] == {"HF_HUB_OFFLINE": "1"}
         assert engine["restart"] == "no"
         written = f"{HF_HOME}/Qwen--Qwen3-4B-Instruct-2507"
@@ -223,6 +242,7 @@ class TestSeedFile:
                 "vllm-text",
                 f"volume {tmp_path / 'models'}:{HF_HOME} → {hub_described(tmp_path)}",
             ),
+            RewriteNote("vllm-text", cache_note(tmp_path)),
             RewriteNote("vllm-text", "HF_HUB_OFFLINE=0 → HF_HUB_OFFLINE=1"),
         ]
         assert project.problems == {"text-4b": []}
@@ -806,6 +826,7 @@ class TestServedName:
         assert project.models["tiny"].served_name == "chat"
         assert notes_of(project, "tiny") == [
             f"added volume {hub_described(tmp_path)}",
+            cache_note(tmp_path),
             "added HF_HUB_OFFLINE=1",
         ]
 
@@ -853,6 +874,7 @@ class TestVolumes:
             bind(tmp_path / "data", "/data"),
             hub_mount(tmp_path),
             bind("/etc/localtime", "/etc/localtime", read_only=True),
+            cache_mount(tmp_path),
         ]
         was = described.format(tmp=tmp_path)
         assert f"volume {was} → {hub_described(tmp_path)}" in notes_of(project, "tiny")
@@ -873,7 +895,10 @@ class TestVolumes:
     ) -> None:
         """A read-only cache mount stays read-only."""
         project = await load(tmp_path, one_model(GPT2, {"volumes": [volume]}))
-        assert service(project, "m")["volumes"] == [hub_mount(tmp_path, read_only=True)]
+        assert service(project, "m")["volumes"] == [
+            hub_mount(tmp_path, read_only=True),
+            cache_mount(tmp_path),
+        ]
         was = described.format(tmp=tmp_path)
         assert f"volume {was} → {hub_described(tmp_path, True)}" in notes_of(project, "tiny")
 
@@ -883,34 +908,43 @@ class TestVolumes:
         assert service(project, "m")["volumes"] == [
             bind(tmp_path / "data", "/data"),
             hub_mount(tmp_path),
+            cache_mount(tmp_path),
         ]
         assert f"added volume {hub_described(tmp_path)}" in notes_of(project, "tiny")
 
     async def test_added_when_no_volumes(self, tmp_path: Path) -> None:
         """A model service without any volumes gets a volumes list."""
         project = await load(tmp_path, one_model(GPT2))
-        assert service(project, "m")["volumes"] == [hub_mount(tmp_path)]
+        assert service(project, "m")["volumes"] == [hub_mount(tmp_path), cache_mount(tmp_path)]
 
     async def test_second_cache_mount_removed(self, tmp_path: Path) -> None:
         """Mounting both the HF home and the hub collapses into one hub mount."""
         volumes = [f"./models:{HF_HOME}", f"./models/hub:{HUB_TARGET}"]
         project = await load(tmp_path, one_model(GPT2, {"volumes": volumes}))
-        assert service(project, "m")["volumes"] == [hub_mount(tmp_path)]
+        assert service(project, "m")["volumes"] == [hub_mount(tmp_path), cache_mount(tmp_path)]
         removed = f"removed volume {tmp_path}/models/hub:{HUB_TARGET}: {HUB_TARGET} is mounted"
         assert removed in notes_of(project, "tiny")
 
     async def test_correct_mount_is_not_a_change(self, tmp_path: Path) -> None:
-        """A file that already mounts the hub where the daemon would gets no volume note."""
-        project = await load(tmp_path, one_model(GPT2, {"volumes": [hub_described(tmp_path)]}))
+        """A file that already mounts the hub and the vLLM cache where the daemon would gets
+        no volume note."""
+        mounts = [hub_described(tmp_path), f"{cache_dir(tmp_path)}:{VLLM_CACHE}"]
+        project = await load(tmp_path, one_model(GPT2, {"volumes": mounts}))
         volumes = service(project, "m")["volumes"]
-        assert [(v["source"], v["target"]) for v in volumes] == [(hub_dir(tmp_path), HUB_TARGET)]
+        assert [(v["source"], v["target"]) for v in volumes] == [
+            (hub_dir(tmp_path), HUB_TARGET),
+            (cache_dir(tmp_path), VLLM_CACHE),
+        ]
         assert not any("volume" in note for note in notes_of(project, "tiny"))
 
     async def test_mount_follows_hf_home(self, tmp_path: Path) -> None:
         """With HF_HOME set in the engine's environment, the hub is mounted under it."""
         keys = {"environment": {"HF_HOME": "/data/hf"}, "volumes": ["./models:/data/hf"]}
         project = await load(tmp_path, one_model(GPT2, keys))
-        assert service(project, "m")["volumes"] == [made("/data/hf/hub", source=hub_dir(tmp_path))]
+        assert service(project, "m")["volumes"] == [
+            made("/data/hf/hub", source=hub_dir(tmp_path)),
+            cache_mount(tmp_path),
+        ]
 
     async def test_sidecar_untouched(self, tmp_path: Path) -> None:
         """A service in the profile that runs no model keeps its volumes and environment."""
@@ -1208,7 +1242,7 @@ class TestAnchorsAndMergeKeys:
             "first",
         ]
         assert first["environment"] == {"HF_HUB_OFFLINE": "1", "SHARED": "1"}
-        assert first["volumes"] == [hub_mount(tmp_path)]
+        assert first["volumes"] == [hub_mount(tmp_path), cache_mount(tmp_path)]
         assert first["restart"] == "no"
         assert RESTART_NOTE.format("unless-stopped") in notes_of(project, "first")
 
@@ -1732,6 +1766,419 @@ class TestModelSpec:
         """Anything else is a ComposeError naming the key."""
         with pytest.raises(ComposeError, match=r"services\.m\.stop_grace_period: .* is not a dur"):
             parse_duration(value, "services.m.stop_grace_period")
+
+
+# --- warm swaps: sleep mode, the vLLM cache ------------------------------------------------
+
+SLEEP_FLAG_NOTE = "added --enable-sleep-mode: the model sleeps between swaps (sleep: {})"
+DEV_MODE_NOTE = "added VLLM_SERVER_DEV_MODE=1 (sleep: {} needs vLLM's /sleep and /wake_up)"
+NO_SLEEP_PROBLEM = (
+    "m: --no-enable-sleep-mode turns off the sleep mode that sleep: 1 needs, so the model is"
+    " stopped instead of put to sleep: remove the flag, or set sleep: false"
+)
+
+
+def sleeping(level: Any = 1, **keys: Any) -> dict[str, Any]:
+    return {"x-orchestrator": {"sleep": level}, **keys}
+
+
+class TestSleepMode:
+    async def test_sleep_adds_the_flag_and_dev_mode(self, tmp_path: Path) -> None:
+        """sleep: 1 gives the engine --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1, each noted."""
+        project = await load(tmp_path, one_model(GPT2, sleeping(1)))
+        engine = service(project, "m")
+        assert engine["command"] == [*GPT2, "--served-model-name", "tiny", "--enable-sleep-mode"]
+        assert engine["environment"] == {"HF_HUB_OFFLINE": "1", "VLLM_SERVER_DEV_MODE": "1"}
+        notes = notes_of(project, "tiny")
+        assert SLEEP_FLAG_NOTE.format(1) in notes
+        assert DEV_MODE_NOTE.format(1) in notes
+        assert project.models["tiny"].sleep == 1
+        assert project.problems["tiny"] == []
+
+    async def test_cold_model_is_left_alone(self, tmp_path: Path) -> None:
+        """Without sleep, or with sleep: false, the engine gets neither and swaps cold."""
+        for keys in ({}, sleeping(False)):
+            project = await load(tmp_path, one_model(GPT2, keys))
+            engine = service(project, "m")
+            assert "--enable-sleep-mode" not in engine["command"]
+            assert "VLLM_SERVER_DEV_MODE" not in engine["environment"]
+            assert project.models["tiny"].sleep is None
+            assert project.models["tiny"].warmup is False
+
+    @pytest.mark.parametrize(
+        ("declared", "configured", "level"),
+        [
+            pytest.param({"sleep": 1}, {"sleep": 2}, 2, id="file-level-wins"),
+            pytest.param({"sleep": 2}, {"sleep": False}, None, id="file-false-keeps-cold"),
+            pytest.param({}, {"sleep": 1}, 1, id="file-alone"),
+            pytest.param({"sleep": 2}, {"display_name": "x"}, 2, id="file-silent"),
+        ],
+    )
+    async def test_config_file_wins(
+        self,
+        tmp_path: Path,
+        declared: dict[str, Any],
+        configured: dict[str, Any],
+        level: int | None,
+    ) -> None:
+        """The config file's `models:` setting beats x-orchestrator's, false included."""
+        text = one_model(GPT2, {"x-orchestrator": declared})
+        project = await load(tmp_path, text, {"tiny": configured})
+        engine = service(project, "m")
+        assert project.models["tiny"].sleep == level
+        assert ("--enable-sleep-mode" in engine["command"]) == (level is not None)
+        assert ("VLLM_SERVER_DEV_MODE" in engine["environment"]) == (level is not None)
+
+    @pytest.mark.parametrize(
+        ("where", "settings"),
+        [
+            ("x-orchestrator", {"warmup": True}),
+            ("file", {"warmup": True}),
+            ("both", {"warmup": True}),
+        ],
+    )
+    async def test_warmup(self, tmp_path: Path, where: str, settings: dict[str, Any]) -> None:
+        """warmup comes from either place, the file winning; it changes nothing in the copy."""
+        declared = settings if where != "file" else {}
+        configured = {"tiny": settings} if where != "x-orchestrator" else None
+        if where == "both":
+            declared = {"warmup": False}
+        project = await load(tmp_path, one_model(GPT2, {"x-orchestrator": declared}), configured)
+        assert project.models["tiny"].warmup is True
+        assert service(project, "m")["command"] == [*GPT2, *SERVED[:1], "tiny"]
+
+    @pytest.mark.parametrize(
+        "given",
+        [
+            ["--enable-sleep-mode"],
+            ["--enable_sleep_mode"],
+            ["--no-enable-sleep-mode", "--enable-sleep-mode"],
+        ],
+    )
+    async def test_flag_already_given(self, tmp_path: Path, given: list[str]) -> None:
+        """Sleep mode the user turned on already, in either spelling, is not added again."""
+        command = [*GPT2, *given]
+        project = await load(tmp_path, one_model(command, sleeping(2)))
+        assert service(project, "m")["command"] == [*command, "--served-model-name", "tiny"]
+        assert not any("--enable-sleep-mode" in note for note in notes_of(project, "tiny")[1:])
+        assert project.models["tiny"].sleep == 2
+        assert project.problems["tiny"] == []
+
+    @pytest.mark.parametrize(
+        "given",
+        [["--no-enable-sleep-mode"], ["--enable-sleep-mode", "--no_enable_sleep_mode"]],
+    )
+    async def test_flag_turned_off_is_a_problem(self, tmp_path: Path, given: list[str]) -> None:
+        """--no-enable-sleep-mode (last) on a model that sleeps: reported, and it swaps cold."""
+        command = [*GPT2, *given]
+        project = await load(tmp_path, one_model(command, sleeping(1)))
+        assert service(project, "m")["command"] == [*command, "--served-model-name", "tiny"]
+        assert project.problems["tiny"] == [NO_SLEEP_PROBLEM]
+        assert project.models["tiny"].sleep is None
+
+    async def test_flag_turned_off_on_a_cold_model_is_fine(self, tmp_path: Path) -> None:
+        """The flag is the user's business when the model does not sleep."""
+        project = await load(tmp_path, one_model([*GPT2, "--no-enable-sleep-mode"]))
+        assert project.problems["tiny"] == []
+
+    @pytest.mark.parametrize(
+        ("environment", "expected", "note"),
+        [
+            (
+                {"VLLM_SERVER_DEV_MODE": "0"},
+                "1",
+                "VLLM_SERVER_DEV_MODE=0 → VLLM_SERVER_DEV_MODE=1"
+                " (overridden: sleep: 1 needs vLLM's /sleep and /wake_up)",
+            ),
+            (
+                ["VLLM_SERVER_DEV_MODE"],
+                "1",
+                "VLLM_SERVER_DEV_MODE (passed on unset) → VLLM_SERVER_DEV_MODE=1"
+                " (sleep: 1 needs vLLM's /sleep and /wake_up)",
+            ),
+            ({"VLLM_SERVER_DEV_MODE": "1"}, "1", None),
+        ],
+    )
+    async def test_dev_mode_overridden(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        environment: Any,
+        expected: str,
+        note: str | None,
+    ) -> None:
+        """A user's other value of VLLM_SERVER_DEV_MODE is overridden and noted."""
+        monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
+        project = await load(tmp_path, one_model(GPT2, sleeping(1, environment=environment)))
+        assert service(project, "m")["environment"]["VLLM_SERVER_DEV_MODE"] == expected
+        dev_notes = [n for n in notes_of(project, "tiny") if "VLLM_SERVER_DEV_MODE" in n]
+        assert dev_notes == ([note] if note else [])
+
+    async def test_dollar_stays_literal(self, tmp_path: Path) -> None:
+        """A replaced value with a literal "$" is noted as the container saw it, and the copy
+        still reads as literal values."""
+        text = one_model(GPT2, sleeping(1, environment={"VLLM_SERVER_DEV_MODE": "$$X", "K": "$$Y"}))
+        project = await load(tmp_path, text)
+        assert (
+            "VLLM_SERVER_DEV_MODE=$X → VLLM_SERVER_DEV_MODE=1"
+            " (overridden: sleep: 1 needs vLLM's /sleep and /wake_up)"
+        ) in notes_of(project, "tiny")
+        copy = write(tmp_path / "copy", render(project), "compose.yml")
+        reread = canonical(await read_config(ComposeSource((copy,))))
+        assert reread["services"]["m"]["environment"] == {
+            "HF_HUB_OFFLINE": "1",
+            "K": "$Y",
+            "VLLM_SERVER_DEV_MODE": "1",
+        }
+        assert reread["services"]["m"]["command"][-1] == "--enable-sleep-mode"
+
+    def test_flag_goes_into_a_script(self, tmp_path: Path) -> None:
+        """In a `sh -c` script the flag lands on the engine's command, after the model."""
+        result = rewrite_script("exec vllm serve gpt2 --port 8000 > /log 2>&1", "tiny", sleep=1)
+        assert result is not None
+        script, engine = result
+        assert script == (
+            "exec vllm serve gpt2 --served-model-name tiny --enable-sleep-mode --port 8000"
+            " > /log 2>&1"
+        )
+        assert engine.sleep_mode is True
+        assert "--enable-sleep-mode" in shell_run(script.replace(" > /log 2>&1", ""), tmp_path)
+
+    async def test_service_in_two_profiles_set_up_once(self, tmp_path: Path) -> None:
+        """A vLLM service shared by two profiles gets sleep mode when either model sleeps."""
+        shared = vllm(["alpha", "beta"])
+        project = await load(tmp_path, services_file(m=shared), {"beta": {"sleep": 1}})
+        assert service(project, "m")["command"][-1] == "--enable-sleep-mode"
+        assert project.models["alpha"].sleep is None
+        assert project.models["beta"].sleep == 1
+
+    async def test_proxy_engine_sets_up_the_vllm_behind_it(self, tmp_path: Path) -> None:
+        """With a proxy as the engine, the service that runs vLLM gets sleep mode."""
+        proxy = {"image": "nginx", "profiles": ["chat"], "x-orchestrator": {"engine": True}}
+        text = services_file(server=vllm(["chat"]), gateway=proxy)
+        project = await load(tmp_path, text, {"chat": {"sleep": 2}})
+        assert service(project, "server")["command"][-1] == "--enable-sleep-mode"
+        assert service(project, "server")["environment"]["VLLM_SERVER_DEV_MODE"] == "1"
+        assert "VLLM_SERVER_DEV_MODE" not in (service(project, "gateway").get("environment") or {})
+        assert project.models["chat"].sleep == 2
+
+    @pytest.mark.parametrize("level", [3, 0, True, "deep", 1.5])
+    async def test_bad_level_is_refused(self, tmp_path: Path, level: Any) -> None:
+        """A level vLLM does not have is a ComposeError naming the setting and the levels."""
+        shown = "true" if level is True else repr(level)
+        message = (
+            r"\.sleep: must be vLLM's sleep level, 1 \(weights kept in host RAM\) or 2"
+            rf" \(weights dropped\), or false \(cold swaps\), not {re.escape(shown)}$"
+        )
+        with pytest.raises(ComposeError, match=r"services\.m\.x-orchestrator" + message):
+            await load(tmp_path, one_model(GPT2, sleeping(level)))
+        with pytest.raises(ComposeError, match="settings for model 'tiny'" + message):
+            await load(tmp_path, one_model(GPT2), {"tiny": {"sleep": level}})
+
+    @pytest.mark.parametrize(("given", "level"), [("2", 2), (" 1 ", 1), ("false", False)])
+    def test_level_from_interpolation(self, given: str, level: int | bool) -> None:
+        """A level compose interpolated arrives as a string and is read as the number."""
+        assert model_settings({"sleep": given}, "here").sleep == level
+
+
+class TestVllmCache:
+    async def test_added_to_every_vllm_engine(self, tmp_path: Path) -> None:
+        """Every vLLM engine, sleeping or not, gets <models-dir>/vllm-cache; sidecars do not;
+        the project asks for the folder to be made."""
+        sidecar = {"image": "busybox", "profiles": ["tiny"]}
+        text = services_file(m=vllm(["tiny"]), n=vllm(["other"], **sleeping(1)), s=sidecar)
+        project = await load(tmp_path, text)
+        for name, model_id in (("m", "tiny"), ("n", "other")):
+            assert service(project, name)["volumes"][-1] == cache_mount(tmp_path)
+            assert cache_note(tmp_path) in notes_of(project, model_id)
+        assert "volumes" not in service(project, "s")
+        assert project.host_folders == (Path(cache_dir(tmp_path)),)
+
+    async def test_follows_vllm_cache_root(self, tmp_path: Path) -> None:
+        """VLLM_CACHE_ROOT in the engine's environment is where the folder goes."""
+        keys = {"environment": {"VLLM_CACHE_ROOT": "/cache/vllm/"}}
+        project = await load(tmp_path, one_model(GPT2, keys))
+        assert service(project, "m")["volumes"][-1] == cache_mount(tmp_path, "/cache/vllm")
+        assert cache_note(tmp_path, "/cache/vllm") in notes_of(project, "tiny")
+
+    @pytest.mark.parametrize(
+        "keys",
+        [
+            pytest.param({"volumes": ["./mine:/root/.cache/vllm"]}, id="there"),
+            pytest.param({"volumes": ["./mine:/root/.cache/vllm/"]}, id="there-slash"),
+            pytest.param({"volumes": ["./cache:/root/.cache"]}, id="parent"),
+            pytest.param({"volumes": ["vc:/root"]}, id="grandparent-volume"),
+            pytest.param({"tmpfs": ["/root/.cache:size=1g"]}, id="tmpfs"),
+            pytest.param(
+                {"environment": {"VLLM_CACHE_ROOT": "/c"}, "volumes": ["./c:/c"]}, id="own-root"
+            ),
+        ],
+    )
+    async def test_users_mount_wins(self, tmp_path: Path, keys: dict[str, Any]) -> None:
+        """Something the user mounts at the cache root or above it is left as it is."""
+        named: dict[str, Any] = {"volumes": {"vc": {}}}
+        top = named if "vc:/root" in keys.get("volumes", []) else None
+        project = await load(tmp_path, one_model(GPT2, keys, top=top))
+        sources = [v.get("source") for v in service(project, "m")["volumes"]]
+        assert cache_dir(tmp_path) not in sources
+        assert not any("vllm-cache" in note for note in notes_of(project, "tiny"))
+        assert project.host_folders == ()
+
+    async def test_no_vllm_no_folder(self, tmp_path: Path) -> None:
+        """A project with no vLLM engine mounts nothing and asks for no folder."""
+        text = services_file(m={"image": "ghcr.io/some/llm", "profiles": ["chat"]})
+        project = await load(tmp_path, text)
+        assert project.host_folders == ()
+
+    @pytest.mark.parametrize(
+        ("environment", "target"),
+        [
+            pytest.param({}, VLLM_CACHE, id="default"),
+            pytest.param({"VLLM_CACHE_ROOT": "/v/"}, "/v", id="VLLM_CACHE_ROOT"),
+            pytest.param({"VLLM_CACHE_ROOT": "/v", "XDG_CACHE_HOME": "/x"}, "/v", id="root-first"),
+            pytest.param({"XDG_CACHE_HOME": "/x/"}, "/x/vllm", id="XDG_CACHE_HOME"),
+            pytest.param({"HOME": "/home/u"}, "/home/u/.cache/vllm", id="HOME"),
+            pytest.param({"VLLM_CACHE_ROOT": "~/v", "HOME": "/h"}, "/h/v", id="tilde"),
+            pytest.param({"VLLM_CACHE_ROOT": "", "XDG_CACHE_HOME": None}, VLLM_CACHE, id="empty"),
+        ],
+    )
+    def test_vllm_cache_target(self, environment: dict[str, Any], target: str) -> None:
+        """The cache root is where the engine's vLLM would put it, by its environment."""
+        assert vllm_cache_target(environment) == target
+
+    @pytest.mark.parametrize(
+        ("volumes", "tmpfs", "target", "added"),
+        [
+            pytest.param(None, None, VLLM_CACHE, True, id="none"),
+            pytest.param([made(HUB_TARGET)], None, VLLM_CACHE, True, id="beside-the-hub"),
+            pytest.param([made("/root/.cache/vllm2")], None, VLLM_CACHE, True, id="prefix-only"),
+            pytest.param([made("/")], None, VLLM_CACHE, False, id="root"),
+            pytest.param(None, "/root/.cache", VLLM_CACHE, False, id="tmpfs-string"),
+            pytest.param(None, None, "relative/vllm", False, id="relative"),
+        ],
+    )
+    def test_mount_vllm_cache(
+        self, volumes: list[Any] | None, tmpfs: object, target: str, added: bool
+    ) -> None:
+        """The cache is mounted after the others unless something covers its place."""
+        result, notes = mount_vllm_cache(volumes, tmpfs, Path("/m/vllm-cache"), target)
+        expected = [*(volumes or []), made(target, source="/m/vllm-cache")] if added else volumes
+        assert result == (expected or [])
+        assert bool(notes) == added
+
+    def test_selinux_relabel_carried(self) -> None:
+        """On a host whose mounts are relabelled, the cache is relabelled too (shared)."""
+        relabelled = {**made(HUB_TARGET), "bind": {"selinux": "Z", "create_host_path": True}}
+        result, _ = mount_vllm_cache([relabelled], None, Path("/m/vllm-cache"), VLLM_CACHE)
+        assert result[-1]["bind"] == {"create_host_path": True, "selinux": "z"}
+
+
+def port_model(profile: str, ports: list[Any], level: int | None = None) -> dict[str, Any]:
+    keys: dict[str, Any] = {"ports": ports}
+    if level is not None:
+        keys["x-orchestrator"] = {"sleep": level}
+    return vllm([profile], **keys)
+
+
+def collision(
+    service_name: str, port: str, other: str, other_model: str, asleep: str, demoted: str | None
+) -> str:
+    problem = (
+        f"{service_name}: host port {port} is also published by {other} of model {other_model},"
+        f" and {asleep}, so the two cannot run side by side: use distinct host ports or"
+        " publish without a host port (127.0.0.1::8000); clients reach models through /v1"
+    )
+    return problem + (
+        f"; until then {demoted} is stopped instead of put to sleep" if demoted else ""
+    )
+
+
+class TestSleepPorts:
+    async def test_two_sleepers_on_one_host_port(self, tmp_path: Path) -> None:
+        """Two sleep-enabled models publishing host port 8000: both refused, both cold."""
+        text = services_file(
+            a=port_model("alpha", ["8000:8000"], 1), b=port_model("beta", ["8000:8000"], 2)
+        )
+        project = await load(tmp_path, text)
+        both = "both sleep with their containers up"
+        assert project.problems["alpha"] == [collision("a", "8000", "b", "beta", both, "alpha")]
+        assert project.problems["beta"] == [collision("b", "8000", "a", "alpha", both, "beta")]
+        assert project.models["alpha"].sleep is None
+        assert project.models["beta"].sleep is None
+
+    async def test_a_sleeper_and_a_cold_model(self, tmp_path: Path) -> None:
+        """A cold model cannot start on the port a sleeper holds: refused too."""
+        text = services_file(
+            a=port_model("alpha", ["127.0.0.1:8000:8000"], 1),
+            b=port_model("beta", ["8000:8001"]),
+        )
+        project = await load(tmp_path, text)
+        asleep = "alpha sleeps with its containers up"
+        assert project.problems["alpha"] == [
+            collision("a", "127.0.0.1:8000", "b", "beta", asleep, "alpha")
+        ]
+        assert project.problems["beta"] == [collision("b", "8000", "a", "alpha", asleep, None)]
+        assert project.models["alpha"].sleep is None
+
+    async def test_sidecars_count(self, tmp_path: Path) -> None:
+        """A sleeping model's other services stay up too."""
+        sidecar = {"image": "nginx", "profiles": ["alpha"], "ports": ["9000:80"]}
+        text = services_file(
+            a=port_model("alpha", ["127.0.0.1::8000"], 1),
+            s=sidecar,
+            b=port_model("beta", ["9000:8000"]),
+        )
+        project = await load(tmp_path, text)
+        asleep = "alpha sleeps with its containers up"
+        assert project.problems["alpha"] == [collision("s", "9000", "b", "beta", asleep, "alpha")]
+
+    @pytest.mark.parametrize(
+        ("alpha", "beta", "levels"),
+        [
+            pytest.param(["8000:8000"], ["8000:8000"], (None, None), id="cold-share"),
+            pytest.param(["127.0.0.1::8000"], ["127.0.0.1::8000"], (1, 1), id="ephemeral"),
+            pytest.param(["8000"], ["8000"], (1, 2), id="container-only"),
+            pytest.param(["8000:8000"], ["8001:8000"], (1, 1), id="distinct"),
+            pytest.param(["127.0.0.1:8000:8000"], ["127.0.0.2:8000:8000"], (1, 1), id="addresses"),
+            pytest.param(["8000:8000/udp"], ["8000:8000"], (1, 1), id="protocols"),
+            pytest.param(["8000-8001:8000"], ["8000-8001:8000"], (1, 1), id="range-docker-picks"),
+        ],
+    )
+    async def test_allowed(
+        self,
+        tmp_path: Path,
+        alpha: list[str],
+        beta: list[str],
+        levels: tuple[int | None, int | None],
+    ) -> None:
+        """Ports docker picks, distinct ports, and cold models sharing one are all fine."""
+        text = services_file(
+            a=port_model("alpha", alpha, levels[0]), b=port_model("beta", beta, levels[1])
+        )
+        project = await load(tmp_path, text)
+        assert project.problems == {"alpha": [], "beta": []}
+        assert (project.models["alpha"].sleep, project.models["beta"].sleep) == levels
+
+    async def test_shared_service_is_no_collision(self, tmp_path: Path) -> None:
+        """A service in both profiles is one container, not two on the same port."""
+        proxy = {"image": "nginx", "profiles": ["alpha", "beta"], "ports": ["9000:80"]}
+        text = services_file(
+            a=port_model("alpha", ["127.0.0.1::8000"], 1),
+            b=port_model("beta", ["127.0.0.1::8000"], 1),
+            proxy=proxy,
+        )
+        project = await load(tmp_path, text)
+        assert project.problems == {"alpha": [], "beta": []}
+
+    async def test_host_network(self, tmp_path: Path) -> None:
+        """Engines on the host's network hold their own port on the host."""
+        text = services_file(
+            a=vllm(["alpha"], network_mode="host", **sleeping(1)),
+            b=vllm(["beta"], network_mode="host"),
+        )
+        project = await load(tmp_path, text)
+        asleep = "alpha sleeps with its containers up"
+        assert project.problems["beta"] == [collision("b", "8000", "a", "alpha", asleep, None)]
 
 
 # --- problems --------------------------------------------------------------------------------

@@ -95,6 +95,8 @@ class ModelCase(_Strict):
     served_name: str
     display_name: str | None = None  # null: not checked
     container_port: int = 8000
+    sleep: int | None = None  # the level a switch away puts it to sleep at; null: cold
+    warmup: bool = False
     unusable: str | None = None  # a substring of ModelSpec.unusable; null: usable
     problems: list[str] = Field(default_factory=list)  # each problem matches one of these
     notes: list[str] = Field(default_factory=list)  # each must be in some note
@@ -278,6 +280,8 @@ def _check_model(
     assert spec.revision == expected.revision
     assert spec.served_name == expected.served_name
     assert spec.container_port == expected.container_port
+    assert spec.sleep == expected.sleep
+    assert spec.warmup == expected.warmup
     if expected.display_name is not None:
         assert spec.display_name == expected.display_name
     if expected.unusable is None:

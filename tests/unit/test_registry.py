@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -141,6 +142,8 @@ class TestAdding:
             str(root / "models" / "hub"),
             True,
         )
+        # Written to by the engine: torch.compile and CUDA graph caches.
+        assert mounts(service)["/root/.cache/vllm"] == (str(root / "models" / "vllm-cache"), False)
         assert "deploy" not in service  # gpus: none
         assert "svc-alpha" in normalized["services"]  # the user's models are still there
         owned = yaml.safe_load((root / "state" / REGISTRY_COMPOSE).read_text())
@@ -339,6 +342,13 @@ class TestChanging:
         assert daemon.switcher.status.active == "alpha"
         assert (await client.post("/models/beta/enable", json={})).status == 200
         assert (await client.post("/switch", json={"model": "beta"})).status == 200
+
+
+async def test_vllm_cache_folder_is_made_before_compose_runs(daemon: Daemon, root: Path) -> None:
+    """The daemon makes <models-dir>/vllm-cache as its own user; docker would as root."""
+    folder = root / "models" / "vllm-cache"
+    assert folder.is_dir()
+    assert folder.stat().st_uid == os.getuid()
 
 
 async def test_registry_survives_a_restart(root: Path) -> None:
