@@ -151,7 +151,7 @@ async def test_a_return_to_a_sleeping_model_wakes_its_container(
     answer = await status(http, rig)
     assert answer["serving"] and answer["warm_pool"]["asleep"] == ["beta"]
     async with http.post(
-        f"{rig.url}/v1/completions", json={"model": "org/alpha", "prompt": "hi", "max_tokens": 3}
+        f"{rig.url}/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 3}
     ) as response:
         assert response.status == 200, await response.text()
 
@@ -162,7 +162,7 @@ async def test_a_stream_under_way_finishes_before_its_model_sleeps(
     rig = warm_rig
     rig.start_daemon()
     await call(http, rig, "/switch", {"model": "alpha"})
-    body = {"model": "org/alpha", "prompt": "go", "max_tokens": 30, "stream": True}
+    body = {"model": "alpha", "prompt": "go", "max_tokens": 30, "stream": True}
     async with http.post(f"{rig.url}/v1/completions", json=body) as response:
         assert response.status == 200
         first = await response.content.readline()
@@ -175,7 +175,7 @@ async def test_a_stream_under_way_finishes_before_its_model_sleeps(
         if line.startswith("data: ") and line != "data: [DONE]"
     ]
     assert rest.rstrip().endswith("data: [DONE]")
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"][0]["finish_reason"] in {"stop", "length"}  # not "abort"
     assert sum(1 for c in chunks if c["choices"][0]["text"]) == 30
     switched = await switching
     assert switched["switch"]["outcome"] == "ok"
@@ -245,15 +245,27 @@ async def test_a_killed_daemon_adopts_the_awake_model_and_the_sleeper(
     rig.stop_daemons(signal.SIGKILL)
     rig.start_daemon()
 
+    seen: list[dict[str, Any]] = []
+
     async def adopted() -> bool:
         answer = await status(http, rig)
+        seen.append(answer)
         return bool(answer["serving"]) and residency(answer) == {
             "alpha": "asleep",
             "beta": "awake",
             "gamma": "stopped",
+            "delta": "stopped",
         }
 
-    await eventually(adopted, within=30, what="both models adopted")
+    await eventually(
+        adopted,
+        within=30,
+        what="both models adopted",
+        context=lambda: (
+            seen[-1:]
+            and {k: seen[-1][k] for k in ("state", "serving", "reason", "warm_pool", "models")}
+        ),
+    )
     for container in rig.containers():
         container.reload()
     after = {c.labels[SERVICE_LABEL]: c.attrs["State"]["StartedAt"] for c in rig.containers()}
@@ -288,7 +300,7 @@ async def test_post_sleep_and_a_request_wake_the_model(
     assert residency(slept["status"])["alpha"] == "asleep"
     async with http.get(f"{rig.url}/health") as response:
         assert response.status == 503
-    body = {"model": "org/alpha", "prompt": "hi", "max_tokens": 3}
+    body = {"model": "alpha", "prompt": "hi", "max_tokens": 3}
     async with http.post(f"{rig.url}/v1/completions", json=body) as response:
         assert response.status == 200, await response.text()
     answer = await status(http, rig)
