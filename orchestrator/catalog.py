@@ -300,7 +300,7 @@ class Catalog:
 
     def _refusal_in_use(self, model_id: str, action: str) -> Conflict:
         return Conflict(
-            f"cannot {action} model {model_id}: it is loaded, starting or queued; switch to"
+            f"cannot {action} model {model_id}: it is loaded, asleep, starting or queued; switch to"
             " another model or POST /stop first",
             model=model_id,
         )

@@ -51,6 +51,7 @@ async def switcher(tmp_path: Path, runtime: FakeRuntime) -> AsyncIterator[Switch
             "a": replace(spec("a"), max_concurrency=1),
             "b": spec("b"),
             "c": replace(spec("c"), ttl=0.3),
+            "d": replace(spec("d", sleep=1), ttl=0.3),
         },
     ) as made:
         yield made
@@ -192,6 +193,16 @@ async def test_idle_model_is_unloaded_after_its_ttl(traffic: Traffic, switcher: 
         await asyncio.sleep(0.5)  # in flight: counts as activity, however long
         assert switcher.status.active == "c"
     await eventually(lambda: switcher.status.state is State.IDLE, what="unloaded")
+
+
+async def test_an_idle_model_with_a_sleep_level_sleeps_at_its_ttl(
+    traffic: Traffic, switcher: Switcher, runtime: FakeRuntime
+) -> None:
+    async with traffic.lease("d"):
+        pass
+    await eventually(lambda: switcher.status.sleeper("d") is not None, what="asleep")
+    assert switcher.status.state is State.IDLE
+    assert ("sleep", "d") in runtime.calls and ("stop", "d") not in runtime.calls
 
 
 async def test_failed_switch_fails_the_waiting_requests(
