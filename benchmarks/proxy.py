@@ -15,8 +15,9 @@ Direct and gateway requests alternate, so that drift on the machine hits both al
              "beta", whose engine sends its tokens with no delay, so that the figure is
              the gateway's own
   tokens/s   streamed tokens per second over all clients at 1, 16 and 64 concurrent
-             clients on "alpha", each looping 100-token streams for --seconds; at 64
-             clients also the daemon's CPU time per 1,000 tokens through the gateway
+             clients on "alpha", each looping 100-token streams for --seconds, and at 64
+             on "beta"; at 64 clients also the daemon's CPU time per 1,000 tokens
+             through the gateway, on each
   one stream the daemon's CPU, in % of one core, while one stream of ~95 tokens/s
              ("gamma", 10.5 ms between tokens) runs through it for --stream-seconds and
              nothing else does; and its CPU idle, for comparison
@@ -144,7 +145,7 @@ async def one_stream(
     return first or 0.0, count
 
 
-async def throughput(base: str, clients: int, seconds: float) -> int:
+async def throughput(base: str, clients: int, seconds: float, model: str = "alpha") -> int:
     """Tokens streamed by ``clients`` looping streams for ``seconds``."""
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -153,7 +154,7 @@ async def throughput(base: str, clients: int, seconds: float) -> int:
         async def client() -> int:
             tokens = 0
             while time.perf_counter() < deadline:
-                tokens += (await one_stream(session, base, STREAM_TOKENS))[1]
+                tokens += (await one_stream(session, base, STREAM_TOKENS, model))[1]
             return tokens
 
         return sum(await asyncio.gather(*(client() for _ in range(clients))))
@@ -204,6 +205,18 @@ async def measure(rig: Rig, requests: int, seconds: float, stream_seconds: float
         ttft = await alternate(
             paths, requests // 2, lambda base: first_token(session, base, NO_DELAY_MODEL)
         )
+    # The same 64 clients on the engine with no delay: the gateway's CPU per token when
+    # tokens come as fast as the machine can make them.
+    no_delay: dict[str, float] = {}
+    for name, base in paths.items():
+        count, cpu, wall = await with_cpu(
+            pid, throughput(base, CONCURRENCY[-1], seconds, NO_DELAY_MODEL)
+        )
+        no_delay[name] = count / wall
+        if name == "gateway":
+            figures["cpu_per_1000_tokens_no_delay_ms"] = cpu / count * 1000 * 1000
+            figures["cpu_tokens_no_delay"] = count
+    async with aiohttp.ClientSession(timeout=timeout) as session:
         await switch(session, rig, ONE_STREAM_MODEL)
         await one_stream(session, rig.url, 10, ONE_STREAM_MODEL)  # warm the connection
         _, idle_cpu, idle_wall = await with_cpu(pid, asyncio.sleep(IDLE_SECONDS))
@@ -228,6 +241,7 @@ async def measure(rig: Rig, requests: int, seconds: float, stream_seconds: float
         ttft_ms=first,
         added_ttft_ms=first["gateway"]["p50"] - first["direct"]["p50"],
         tokens_per_s=tokens,
+        tokens_per_s_no_delay_64=no_delay,
         throughput_ratio_64=tokens["gateway"][64] / tokens["direct"][64],
         idle_cpu_percent=idle_cpu / idle_wall * 100,
         one_stream_tokens_per_s=streamed / stream_wall,
@@ -273,9 +287,16 @@ def report(figures: dict[str, Any], token_delay: float) -> None:
             f"  tokens/s, {clients:2} clients : direct {direct:7.0f}, gateway {gateway:7.0f}"
             f" ({gateway / direct:.0%})"
         )
+    direct, gateway = (figures["tokens_per_s_no_delay_64"][name] for name in ("direct", "gateway"))
+    print(
+        f"  tokens/s, 64 clients, no delay: direct {direct:7.0f}, gateway {gateway:7.0f}"
+        f" ({gateway / direct:.0%})"
+    )
     print(
         f"  daemon CPU per 1,000 tokens, 64 clients: {figures['cpu_per_1000_tokens_ms']:.2f} ms"
-        f" ({figures['cpu_tokens_64']} tokens)"
+        f" with {token_delay * 1000:g} ms between tokens ({figures['cpu_tokens_64']} tokens),"
+        f" {figures['cpu_per_1000_tokens_no_delay_ms']:.2f} ms with none"
+        f" ({figures['cpu_tokens_no_delay']} tokens)"
     )
     print(
         f"  daemon CPU, one stream of {figures['one_stream_tokens_per_s']:.1f} tokens/s for "
