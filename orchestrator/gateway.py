@@ -28,6 +28,7 @@ from .security import is_gateway_path
 from .states import State
 from .switcher import Switcher
 from .traffic import Traffic
+from .upstream import Connection, Head, Pool, UpstreamFailed, request_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +55,8 @@ _HOP_BY_HOP = frozenset(
 )
 # Our own credentials stay here; the engine has its own, if any.
 _NOT_FORWARDED = _HOP_BY_HOP | {"authorization", "x-api-key"}
+# The same, as the raw header names are compared; and Expect: the whole body goes at once.
+_NOT_FORWARDED_RAW = frozenset(name.encode() for name in _NOT_FORWARDED | {"expect"})
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -92,6 +95,7 @@ class Gateway:
         self.traffic = traffic
         self.aliases = dict(aliases or {})
         self._session: aiohttp.ClientSession | None = None
+        self._pool = Pool()
         # Told of every forwarded request: its model, status code and seconds.
         self._observers = tuple(observers)
 
@@ -113,6 +117,7 @@ class Gateway:
         return self._session
 
     async def close(self) -> None:
+        self._pool.close()
         if self._session is not None:
             await self._session.close()
 
@@ -182,6 +187,60 @@ class Gateway:
     async def _pass_through(
         self, request: web.Request, upstream: str, body: bytes, model_id: str
     ) -> web.StreamResponse:
+        address = _plain_http(upstream)
+        if address is None:
+            return await self._pass_through_aiohttp(request, upstream, body, model_id)
+        host, port, authority, prefix = address
+        wire = request_bytes(
+            request.method,
+            prefix + request.path_qs,
+            authority,
+            [item for item in request.raw_headers if item[0].lower() not in _NOT_FORWARDED_RAW],
+            body,
+        )
+        connection: Connection | None = None
+        try:
+            connection, head = await self._exchange(host, port, wire, request.method == "HEAD")
+            response = await _relay(request, connection, head)
+        except UpstreamFailed as err:
+            raise UpstreamError(
+                f"the engine of {model_id} at {upstream} did not answer: {err}", model=model_id
+            ) from err
+        except ConnectionError:
+            if request.transport is None or request.transport.is_closing():
+                log.info("client went away", model=model_id, path=request.path)
+            raise
+        finally:
+            if connection is not None:
+                # Kept for the next request if the answer was read to its end; else closed,
+                # which also tells the engine to stop a generation no one reads any more.
+                self._pool.release(host, port, connection)
+        return response
+
+    async def _exchange(
+        self, host: str, port: int, wire: bytes, no_body: bool
+    ) -> tuple[Connection, Head]:
+        """The request sent on a kept connection (or a new one), and the answer's head."""
+        for attempt in (1, 2):
+            connection, kept = await self._pool.connect(host, port)
+            connection.send(wire, no_body=no_body)
+            try:
+                return connection, await connection.head()
+            except UpstreamFailed:
+                connection.close()
+                # The engine closed a kept connection as it was reused (uvicorn closes idle
+                # ones after 5 s): the request never reached it, so it goes once more.
+                if attempt == 1 and kept and not connection.got_bytes:
+                    continue
+                raise
+            except BaseException:
+                connection.close()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _pass_through_aiohttp(
+        self, request: web.Request, upstream: str, body: bytes, model_id: str
+    ) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
         try:
             async with self.session().request(
@@ -220,6 +279,38 @@ async def _answer(request: web.Request, answer: aiohttp.ClientResponse) -> web.S
         await writer.write(chunk)
     await response.write_eof()
     return response
+
+
+async def _relay(request: web.Request, connection: Connection, head: Head) -> web.StreamResponse:
+    """The engine's answer passed on: whole when short and of known length, else streamed."""
+    headers = CIMultiDict((k, v) for k, v in head.headers if k.lower() not in _HOP_BY_HOP)
+    reason = head.reason or None
+    length = head.length
+    if length is not None and length <= BUFFERED_ANSWER and request.method != "HEAD":
+        body = await connection.read_all()
+        return web.Response(status=head.status, reason=reason, headers=headers, body=body)
+    response = web.StreamResponse(status=head.status, reason=reason, headers=headers)
+    if length is not None:
+        response.content_length = length
+    writer = await response.prepare(request)
+    assert writer is not None, "a new response is prepared once"
+    # Each streamed token passes through here: nothing in the way that is not needed.
+    read = connection.read
+    while chunk := await read():
+        await writer.write(chunk)
+    await response.write_eof()
+    return response
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_http(upstream: str) -> tuple[str, int, str, str] | None:
+    """Host, port, Host header and path prefix of an ``http://`` engine; None for others."""
+    url = URL(upstream)
+    if url.scheme != "http" or url.host is None or url.port is None or url.user is not None:
+        return None
+    if url.query_string or url.fragment:
+        return None
+    return url.raw_host or url.host, url.port, url.raw_authority, url.raw_path.rstrip("/")
 
 
 @functools.lru_cache(maxsize=256)
