@@ -4,8 +4,9 @@ aiohttp's client does far more than talking to an engine on this host needs (coo
 redirects, proxies, content decoding, tracing, a layer of objects per request), and on
 the gateway's path that work was a large part of what the gateway added to every request
 and streamed token. This one writes the request in one piece from the bytes it was given
-and reads the answer with a small parser: its head, then its body by Content-Length, by
-chunks, or until the engine closes.
+and hands the answer to llhttp (through httptools, as uvicorn does): a parser kept by
+Node.js and hardened against smuggling and broken chunking, which calls back once per
+piece of body, so a streamed token costs one Python call here.
 
 Only plain ``http://host:port`` engines are spoken to here; the gateway sends anything
 else through aiohttp.
@@ -19,10 +20,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
+import httptools
+
 CONNECT_TIMEOUT = 10.0
 # Read from the engine no further ahead of a slow client than this.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+# llhttp puts no bound on a head; an engine gone wrong must not fill the memory with one
+# that never ends.
 MAX_HEAD = 64 * 1024
 
 
@@ -39,13 +44,18 @@ class Head:
 
 
 class Connection(asyncio.Protocol):
-    """One connection to the engine: one request at a time, its answer read as it comes."""
+    """One connection to the engine: one request at a time, its answer read as it comes.
+
+    Each request gets a parser of its own (a small C struct): llhttp cannot be told that an
+    answer belongs to a HEAD request, so after one it would take the next answer's bytes
+    for the body that HEAD's Content-Length announced.
+    """
 
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self.transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
+        self._parser = httptools.HttpResponseParser(self)
         self._head: asyncio.Future[Head] = loop.create_future()
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -53,10 +63,13 @@ class Connection(asyncio.Protocol):
         self._paused = False
         self._error: BaseException | None = None
         self._no_body = False
-        # Where the parser is: "idle", "head", "length", "chunk-size", "chunk-data",
-        # "chunk-end", "trailer", "eof" (body until the engine closes) or "done".
+        # "idle" (no request out), "head", "body" or "done" (the answer is complete).
         self._state = "idle"
-        self._left = 0
+        self._head_size = 0
+        self._reason = b""
+        self._headers: list[tuple[str, str]] = []
+        self._length: int | None = None
+        self._chunked = False
         self.reusable = False
         self.got_bytes = False
 
@@ -65,7 +78,9 @@ class Connection(asyncio.Protocol):
     def send(self, request: bytes, *, no_body: bool) -> None:
         """Write a whole request; its answer is then awaited with ``head`` and ``read``."""
         assert self.transport is not None and self._state == "idle"
+        self._parser = httptools.HttpResponseParser(self)
         self._state, self._no_body, self.got_bytes = "head", no_body, False
+        self._head_size = 0
         self.reusable = False
         self._head = self._loop.create_future()
         self.transport.write(request)
@@ -102,6 +117,15 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def recycle(self) -> bool:
+        """Ready the connection for another request, if its answer was read to the end."""
+        if not self.reusable or self.transport is None or self.transport.is_closing():
+            return False
+        if self._state != "done" or self._chunks:
+            return False
+        self._state = "idle"
+        return True
+
     # -- asyncio's side ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -111,157 +135,90 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.reusable = False
-        if self._state == "eof":
-            self._state = "done"  # a body without length ends when the engine closes
-        elif self._state not in ("idle", "done"):
+        if self._state == "body" and self._length is None and not self._chunked:
+            # A body of no announced length ends when the engine closes; llhttp is not told
+            # (httptools has no call for the end of the input), so the end is noted here.
+            self._state = "done"
+        elif self._state in ("head", "body"):
             self._fail(exc or ConnectionResetError("the engine closed the connection"))
         self._wake()
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
         try:
-            self._parse(data)
-        except UpstreamFailed as err:
-            self._fail(err)
-            self.close()
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as err:
+            # Raised by one of the callbacks below, which says what was wrong.
+            cause = err.__context__
+            self._broken(cause if isinstance(cause, UpstreamFailed) else UpstreamFailed(err))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as err:
+            self._broken(UpstreamFailed(f"a broken answer from the engine: {err}"))
+        else:
+            if self._state == "head":
+                self._head_size += len(data)
+                if self._head_size > MAX_HEAD:
+                    self._broken(UpstreamFailed("the engine's answer has a head past 64 KiB"))
         if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()
 
-    # -- the parser ----------------------------------------------------------------------
+    # -- llhttp's callbacks --------------------------------------------------------------
 
-    def _parse(self, data: bytes) -> None:
-        if self._state in ("length", "eof") and not self._buffer:
-            # The common case, a piece of a body: no copy into the buffer.
-            self._body(data)
-            return
-        self._buffer += data
-        while self._buffer and self._step():
-            pass
+    def on_message_begin(self) -> None:
+        if self._state != "head":
+            raise UpstreamFailed("the engine sent bytes after its answer")
+        self._reason, self._headers = b"", []
+        self._length, self._chunked = None, False
 
-    def _body(self, data: bytes) -> None:
-        if self._state == "eof":
-            self._deliver(data)
-            return
-        piece = data[: self._left]
-        self._left -= len(piece)
-        self._deliver(piece)
-        if not self._left:
-            self._finish()
-        if len(data) > len(piece):
-            raise UpstreamFailed("the engine sent more than the length it announced")
+    def on_status(self, status: bytes) -> None:
+        self._reason += status  # in pieces when the status line is cut between reads
 
-    def _step(self) -> bool:
-        """Consume what the buffer holds for the current state; False when it needs more."""
-        buffer, state = self._buffer, self._state
-        if state == "head":
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEAD:
-                    raise UpstreamFailed("the engine's answer has a head past 64 KiB")
-                return False
-            head = bytes(buffer[:end])
-            del buffer[: end + 4]
-            self._on_head(head)
-            return True
-        if state in ("length", "eof"):
-            data = bytes(buffer)
-            buffer.clear()
-            self._body(data)
-            return False
-        if state == "chunk-size":
-            end = buffer.find(b"\r\n")
-            if end < 0:
-                return False
-            size_field = bytes(buffer[:end]).split(b";", 1)[0].strip()
-            del buffer[: end + 2]
-            try:
-                size = int(size_field, 16)
-            except ValueError:
-                raise UpstreamFailed(f"bad chunk size from the engine: {size_field!r}") from None
-            self._left = size
-            self._state = "chunk-data" if size else "trailer"
-            return True
-        if state == "chunk-data":
-            piece = bytes(buffer[: self._left])
-            del buffer[: len(piece)]
-            self._left -= len(piece)
-            self._deliver(piece)
-            if not self._left:
-                self._state = "chunk-end"
-            return bool(buffer)
-        if state == "chunk-end":
-            if len(buffer) < 2:
-                return False
-            if buffer[:2] != b"\r\n":
-                raise UpstreamFailed("a chunk from the engine does not end with CRLF")
-            del buffer[:2]
-            self._state = "chunk-size"
-            return True
-        if state == "trailer":
-            end = buffer.find(b"\r\n")
-            if end < 0:
-                return False
-            del buffer[: end + 2]
-            if end == 0:
-                self._finish()
-            return True
-        raise UpstreamFailed("the engine sent bytes after its answer")
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._state != "head":
+            return  # a trailer: nothing the gateway passes on
+        # llhttp drops the blanks before a value but keeps those after it.
+        key, text = name.decode("latin-1"), value.decode("latin-1").rstrip(" \t")
+        lowered = key.lower()
+        if lowered == "content-length":
+            self._length = int(text)  # llhttp has checked it is a number
+        elif lowered == "transfer-encoding":
+            self._chunked = text.rsplit(",", 1)[-1].strip().lower() == "chunked"
+        self._headers.append((key, text))
 
-    def _on_head(self, raw: bytes) -> None:
-        lines = raw.decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise UpstreamFailed(f"not an HTTP/1.1 answer from the engine: {lines[0]!r}")
-        status = int(code)
-        headers: list[tuple[str, str]] = []
-        length: int | None = None
-        chunked = False
-        close = version == "HTTP/1.0"
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise UpstreamFailed(f"bad header line from the engine: {line!r}")
-            name, value = name.strip(), value.strip()
-            lowered = name.lower()
-            if lowered == "content-length":
-                if not value.isdigit():
-                    raise UpstreamFailed(f"bad Content-Length from the engine: {value!r}")
-                length = int(value)
-            elif lowered == "transfer-encoding":
-                chunked = value.lower().endswith("chunked")
-            elif lowered == "connection":
-                close = "close" in value.lower() or (
-                    version == "HTTP/1.0" and "keep-alive" not in value.lower()
-                )
-            headers.append((name, value))
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status == 101:
+            raise UpstreamFailed("the engine switched protocols, which the gateway cannot relay")
         if 100 <= status < 200:
             return  # an interim answer (100 Continue): the real one follows
-        if chunked:
-            length = None
-        if self._no_body or status in (204, 304):
+        if self._no_body:
+            # The answer to a HEAD ends with its head, whatever length it announces.
             self._state = "done"
-        elif chunked:
-            self._state = "chunk-size"
-        elif length is not None:
-            self._state, self._left = "length", length
-            if not length:
-                self._state = "done"
+            self.reusable = self._parser.should_keep_alive()
         else:
-            self._state, close = "eof", True
-        self.reusable = not close
+            self._state = "body"
         if not self._head.done():
-            self._head.set_result(Head(status, reason, headers, length))
+            reason = self._reason.decode("latin-1")
+            self._head.set_result(Head(status, reason, self._headers, self._length))
 
-    def _deliver(self, piece: bytes) -> None:
-        if piece:
-            self._chunks.append(piece)
-            self._buffered += len(piece)
+    def on_body(self, body: bytes) -> None:
+        if self._state != "body":
+            raise UpstreamFailed("the engine sent a body where none belongs")
+        self._chunks.append(body)
+        self._buffered += len(body)
 
-    def _finish(self) -> None:
-        self._state = "done"
+    def on_message_complete(self) -> None:
+        if self._state == "body":
+            self._state = "done"
+            # False after Connection: close, from an HTTP/1.0 engine, or for a body to EOF.
+            self.reusable = self._parser.should_keep_alive()
+
+    # -- the rest ------------------------------------------------------------------------
+
+    def _broken(self, err: UpstreamFailed) -> None:
+        self._fail(err)
+        self.close()
 
     def _fail(self, err: BaseException) -> None:
         self.reusable = False
@@ -274,15 +231,6 @@ class Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def recycle(self) -> bool:
-        """Ready the connection for another request, if its answer was read to the end."""
-        if not self.reusable or self.transport is None or self.transport.is_closing():
-            return False
-        if self._state != "done" or self._buffer or self._chunks:
-            return False
-        self._state = "idle"
-        return True
 
 
 class Pool:
