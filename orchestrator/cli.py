@@ -22,7 +22,7 @@ from urllib.parse import quote
 import structlog
 from aiohttp import web
 
-from . import __version__
+from . import __version__, eventloop
 from .banner import banner
 from .cache import Verdicts, looks_like_path
 from .catalog import NORMALIZED_COMPOSE
@@ -643,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         if args.command == "serve":
             console = configure_logging(settings.log_level, log_format=settings.log_format)
-            asyncio.run(serve(settings, console=console))
+            eventloop.run(serve(settings, console=console))
             return 0
         _command_logging(args, settings)
         if args.command == "pull":

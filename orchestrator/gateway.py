@@ -9,15 +9,18 @@ a client that hangs up cancels its request to the engine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import aiohttp
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict
+from yarl import URL
 
 from .answers import Error, OpenAIError, OpenAIErrorDetail, V1Model, V1ModelList
 from .errors import BadRequest, ModelNotFound, OrchestratorError, RequestTimeout, UpstreamError
@@ -25,6 +28,7 @@ from .security import is_gateway_path
 from .states import State
 from .switcher import Switcher
 from .traffic import Traffic
+from .upstream import Connection, Head, Pool, UpstreamFailed, request_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +36,9 @@ log = structlog.get_logger(__name__)
 MAX_V1_BODY = 32 * 1024 * 1024
 # A client that trickles its body holds a connection open; a large upload still fits.
 V1_BODY_TIMEOUT = 120.0
+# An answer of known length up to this size is read whole and sent as one write, headers
+# and body together: the client wakes once, not twice. Longer ones are streamed.
+BUFFERED_ANSWER = 1024 * 1024
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -48,6 +55,8 @@ _HOP_BY_HOP = frozenset(
 )
 # Our own credentials stay here; the engine has its own, if any.
 _NOT_FORWARDED = _HOP_BY_HOP | {"authorization", "x-api-key"}
+# The same, as the raw header names are compared; and Expect: the whole body goes at once.
+_NOT_FORWARDED_RAW = frozenset(name.encode() for name in _NOT_FORWARDED | {"expect"})
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -86,6 +95,7 @@ class Gateway:
         self.traffic = traffic
         self.aliases = dict(aliases or {})
         self._session: aiohttp.ClientSession | None = None
+        self._pool = Pool()
         # Told of every forwarded request: its model, status code and seconds.
         self._observers = tuple(observers)
 
@@ -93,15 +103,21 @@ class Gateway:
         if self._session is None:
             # Kept-alive connections to the engine: a new TCP connection per request would
             # cost more than the rest of the gateway's work. No total timeout: a long
-            # generation is not an error.
+            # generation is not an error. The engine is sent the client's headers and no
+            # others of aiohttp's (an Accept-Encoding the client never sent would get it a
+            # compressed answer it did not ask for), and no cookies: one client's must
+            # never reach the engine in another's request.
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
                 auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING),
             )
         return self._session
 
     async def close(self) -> None:
+        self._pool.close()
         if self._session is not None:
             await self._session.close()
 
@@ -139,14 +155,16 @@ class Gateway:
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         body = await _read_body(request)
-        model_name, payload = _requested_model(body, request)
-        if model_name is None:
+        asked = _requested_model(body, request)
+        if asked.model is None:
             raise BadRequest('the request names no model: set "model"', param="model")
-        model_id = self.resolve(model_name)
+        model_id = self.resolve(asked.model)
         began = time.monotonic()
         code = 500
         try:
-            response = await self._serve(request, model_id, body, payload)
+            # The engine knows the model by its served name only.
+            forwarded = asked.for_engine(self.switcher.spec(model_id).served_name)
+            response = await self._serve(request, model_id, forwarded)
             code = response.status
             return response
         except OrchestratorError as err:
@@ -159,43 +177,80 @@ class Gateway:
             for observer in self._observers:
                 observer.observe_request(model_id, code, time.monotonic() - began)
 
-    async def _serve(
-        self, request: web.Request, model_id: str, body: bytes, payload: dict[str, Any] | None
-    ) -> web.StreamResponse:
-        spec = self.switcher.spec(model_id)
+    async def _serve(self, request: web.Request, model_id: str, body: bytes) -> web.StreamResponse:
         if self.traffic.admissible() != model_id:
             # Refused now (unknown, disabled, not on disk) rather than after waiting.
-            await asyncio.to_thread(self.switcher.preflight, spec)
-        if payload is not None and payload.get("model") != spec.served_name:
-            # The engine knows the model by its served name only.
-            payload["model"] = spec.served_name
-            body = json.dumps(payload).encode()
+            await asyncio.to_thread(self.switcher.preflight, self.switcher.spec(model_id))
         async with self.traffic.lease(model_id) as upstream:
             return await self._pass_through(request, upstream, body, model_id)
 
     async def _pass_through(
         self, request: web.Request, upstream: str, body: bytes, model_id: str
     ) -> web.StreamResponse:
+        address = _plain_http(upstream)
+        if address is None:
+            return await self._pass_through_aiohttp(request, upstream, body, model_id)
+        host, port, authority, prefix = address
+        wire = request_bytes(
+            request.method,
+            prefix + request.path_qs,
+            authority,
+            [item for item in request.raw_headers if item[0].lower() not in _NOT_FORWARDED_RAW],
+            body,
+        )
+        connection: Connection | None = None
+        try:
+            connection, head = await self._exchange(host, port, wire, request.method == "HEAD")
+            response = await _relay(request, connection, head)
+        except UpstreamFailed as err:
+            raise UpstreamError(
+                f"the engine of {model_id} at {upstream} did not answer: {err}", model=model_id
+            ) from err
+        except ConnectionError:
+            if request.transport is None or request.transport.is_closing():
+                log.info("client went away", model=model_id, path=request.path)
+            raise
+        finally:
+            if connection is not None:
+                # Kept for the next request if the answer was read to its end; else closed,
+                # which also tells the engine to stop a generation no one reads any more.
+                self._pool.release(host, port, connection)
+        return response
+
+    async def _exchange(
+        self, host: str, port: int, wire: bytes, no_body: bool
+    ) -> tuple[Connection, Head]:
+        """The request sent on a kept connection (or a new one), and the answer's head."""
+        for attempt in (1, 2):
+            connection, kept = await self._pool.connect(host, port)
+            connection.send(wire, no_body=no_body)
+            try:
+                return connection, await connection.head()
+            except UpstreamFailed:
+                connection.close()
+                # The engine closed a kept connection as it was reused (uvicorn closes idle
+                # ones after 5 s): the request never reached it, so it goes once more.
+                if attempt == 1 and kept and not connection.got_bytes:
+                    continue
+                raise
+            except BaseException:
+                connection.close()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _pass_through_aiohttp(
+        self, request: web.Request, upstream: str, body: bytes, model_id: str
+    ) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
-        url = upstream + request.path_qs
         try:
             async with self.session().request(
-                request.method, url, data=body or None, headers=headers, allow_redirects=False
+                request.method,
+                _upstream_url(upstream, request.path_qs),
+                data=body or None,
+                headers=headers,
+                allow_redirects=False,
             ) as answer:
-                response = web.StreamResponse(
-                    status=answer.status,
-                    reason=answer.reason,
-                    headers=CIMultiDict(
-                        (k, v) for k, v in answer.headers.items() if k.lower() not in _HOP_BY_HOP
-                    ),
-                )
-                if answer.content_length is not None:
-                    response.content_length = answer.content_length
-                await response.prepare(request)
-                async for chunk in answer.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
+                return await _answer(request, answer)
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
             if request.transport is None or request.transport.is_closing():
                 log.info("client went away", model=model_id, path=request.path)
@@ -205,12 +260,80 @@ class Gateway:
             ) from err
 
 
+async def _answer(request: web.Request, answer: aiohttp.ClientResponse) -> web.StreamResponse:
+    """The engine's answer passed on: whole when short and of known length, else streamed."""
+    headers = CIMultiDict((k, v) for k, v in answer.headers.items() if k.lower() not in _HOP_BY_HOP)
+    length = answer.content_length
+    if length is not None and length <= BUFFERED_ANSWER and request.method != "HEAD":
+        body = await answer.read()
+        return web.Response(status=answer.status, reason=answer.reason, headers=headers, body=body)
+    response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
+    if length is not None:
+        response.content_length = length
+    writer = await response.prepare(request)
+    assert writer is not None, "a new response is prepared once"
+    # Straight from the engine's reader to the client's writer: each streamed token
+    # passes through here, so no layer is added that is not needed.
+    read = answer.content.readany
+    while chunk := await read():
+        await writer.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def _relay(request: web.Request, connection: Connection, head: Head) -> web.StreamResponse:
+    """The engine's answer passed on: whole when short and of known length, else streamed."""
+    headers = CIMultiDict((k, v) for k, v in head.headers if k.lower() not in _HOP_BY_HOP)
+    reason = head.reason or None
+    length = head.length
+    if length is not None and length <= BUFFERED_ANSWER and request.method != "HEAD":
+        body = await connection.read_all()
+        return web.Response(status=head.status, reason=reason, headers=headers, body=body)
+    response = web.StreamResponse(status=head.status, reason=reason, headers=headers)
+    if length is not None:
+        response.content_length = length
+    writer = await response.prepare(request)
+    assert writer is not None, "a new response is prepared once"
+    # Each streamed token passes through here: nothing in the way that is not needed.
+    read = connection.read
+    while chunk := await read():
+        await writer.write(chunk)
+    await response.write_eof()
+    return response
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_http(upstream: str) -> tuple[str, int, str, str] | None:
+    """Host, port, Host header and path prefix of an ``http://`` engine; None for others."""
+    url = URL(upstream)
+    if url.scheme != "http" or url.host is None or url.port is None or url.user is not None:
+        return None
+    if url.query_string or url.fragment:
+        return None
+    return url.raw_host or url.host, url.port, url.raw_authority, url.raw_path.rstrip("/")
+
+
+@functools.lru_cache(maxsize=256)
+def _upstream_url(upstream: str, path_qs: str) -> URL:
+    # Clients call the same few paths over and over; parsing the URL once per path saves
+    # that work on every request. The bound keeps odd query strings from piling up.
+    return URL(upstream + path_qs)
+
+
 async def _read_body(request: web.Request) -> bytes:
+    content = request.content
+    if content.is_eof():
+        # The whole body came with the headers, as a short request's does: no waiting, so
+        # no deadline to arm.
+        body = content.read_nowait()
+        if len(body) > MAX_V1_BODY:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_V1_BODY, actual_size=len(body))
+        return body
     chunks: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(V1_BODY_TIMEOUT):
-            async for chunk in request.content.iter_any():
+            async for chunk in content.iter_any():
                 size += len(chunk)
                 if size > MAX_V1_BODY:
                     raise web.HTTPRequestEntityTooLarge(max_size=MAX_V1_BODY, actual_size=size)
@@ -222,23 +345,121 @@ async def _read_body(request: web.Request) -> bytes:
     return b"".join(chunks)
 
 
-def _requested_model(body: bytes, request: web.Request) -> tuple[str | None, dict[str, Any] | None]:
+class Asked:
+    """The ``model`` a request names, and how to hand its body to the engine."""
+
+    __slots__ = ("_payload", "_span", "body", "model")
+
+    def __init__(
+        self,
+        model: str | None,
+        body: bytes,
+        payload: dict[str, Any] | None = None,
+        span: tuple[int, int] | None = None,
+    ) -> None:
+        self.model = model
+        self.body = body
+        self._payload = payload
+        self._span = span  # where the body holds the value of "model", in bytes
+
+    def for_engine(self, served_name: str) -> bytes:
+        """The body with ``model`` set to the name the engine knows, else unchanged.
+
+        Only the value of ``model`` is replaced, in place: the rest goes through byte for
+        byte, never decoded and encoded again, however long the conversation.
+        """
+        payload = self._payload
+        if payload is None or payload.get("model") == served_name:
+            return self.body
+        name = json.dumps(served_name).encode()
+        if self._span is not None:
+            start, end = self._span
+            return b"".join((self.body[:start], name, self.body[end:]))
+        # No "model" in the body (it came in the query), or a body we could not map.
+        return json.dumps({**payload, "model": served_name}).encode()
+
+
+def _requested_model(body: bytes, request: web.Request) -> Asked:
     """The ``model`` the request names, and its JSON body when it has one."""
     query_model = request.query.get("model")
     if not body:
-        return query_model, None
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        if request.content_type == "application/json":
-            raise BadRequest(f"request body is not valid JSON: {err}") from err
-        return query_model, None  # multipart uploads and the like: passed as they are
-    if not isinstance(payload, dict):
-        raise BadRequest("request body must be a JSON object")
+        return Asked(query_model, body)
+    found = _json_object(body)
+    if found is None:
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            if request.content_type == "application/json":
+                raise BadRequest(f"request body is not valid JSON: {err}") from err
+            return Asked(query_model, body)  # multipart uploads and the like: passed as they are
+        if not isinstance(payload, dict):
+            raise BadRequest("request body must be a JSON object")
+        span = None
+    else:
+        payload, span = found
     model = payload.get("model", query_model)
     if model is not None and not isinstance(model, str):
         raise BadRequest('"model" must be a string', param="model")
-    return model, payload
+    return Asked(model, body, payload, span)
+
+
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_space(text: str, at: int) -> int:
+    match = _SPACE.match(text, at)
+    return match.end() if match else at
+
+
+def _json_object(body: bytes) -> tuple[dict[str, Any], tuple[int, int] | None] | None:
+    """A body holding one JSON object: the object, and the byte span of its ``model``.
+
+    Each member's value is decoded by the standard decoder, so this costs about what
+    ``json.loads`` does. None for anything else (not UTF-8, not an object, not valid):
+    ``json.loads`` then decides, and says what is wrong.
+    """
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        return None
+    space, decode = _skip_space, _DECODER.raw_decode
+    found: dict[str, Any] = {}
+    span: tuple[int, int] | None = None
+    try:
+        at = space(text, 0)
+        if text[at : at + 1] != "{":
+            return None
+        at = space(text, at + 1)
+        if text[at : at + 1] == "}":
+            at += 1
+        else:
+            while True:
+                if text[at : at + 1] != '"':
+                    return None
+                key, at = decode(text, at)
+                at = space(text, at)
+                if text[at : at + 1] != ":":
+                    return None
+                start = space(text, at + 1)
+                found[key], at = decode(text, start)
+                if key == "model":
+                    span = (start, at)  # the last one wins, as in json.loads
+                at = space(text, at)
+                if text[at : at + 1] == "}":
+                    at += 1
+                    break
+                if text[at : at + 1] != ",":
+                    return None
+                at = space(text, at + 1)
+    except ValueError:  # json.JSONDecodeError, from a member's value
+        return None
+    if space(text, at) != len(text):
+        return None
+    if span is not None and len(text) != len(body):
+        # Not ASCII: the span counts characters, the body bytes.
+        span = (len(text[: span[0]].encode()), len(text[: span[1]].encode()))
+    return found, span
 
 
 def error_response(request: web.Request, err: OrchestratorError) -> web.Response:

@@ -110,6 +110,19 @@ class Traffic:
         Leaving the block, however it is left (a finished response, a client that hung
         up, an error), returns the lease, which may let a switch go ahead.
         """
+        if not self.waiting and self.admissible() == model_id and self._has_slot(model_id):
+            # Nobody waits, so nobody is passed over: granted at once, as _dispatch would,
+            # without a waiter and its future on every request to the loaded model.
+            self._grant(model_id)
+        else:
+            await self._wait_for_lease(model_id)
+        upstream = self.switcher.status.upstream or ""
+        try:
+            yield upstream
+        finally:
+            self._release(model_id)
+
+    async def _wait_for_lease(self, model_id: str) -> None:
         queued = sum(1 for w in self.waiting if w.model == model_id)
         if queued >= self.max_queue:
             loaded = self.admissible() == model_id
@@ -133,11 +146,6 @@ class Traffic:
             ):
                 self._release(model_id)  # granted just as we were cancelled
             raise
-        upstream = self.switcher.status.upstream or ""
-        try:
-            yield upstream
-        finally:
-            self._release(model_id)
 
     def snapshot(self) -> TrafficSnapshot:
         """Requests in flight and waiting per model, for /status."""
@@ -188,6 +196,10 @@ class Traffic:
         limit = spec.max_concurrency if spec is not None else None
         return not limit or self.inflight[model_id] < limit
 
+    def _grant(self, model_id: str) -> None:
+        self.inflight[model_id] += 1
+        self.last_activity[model_id] = self._clock()
+
     def _release(self, model_id: str) -> None:
         self.inflight[model_id] -= 1
         self.last_activity[model_id] = self._clock()
@@ -219,8 +231,7 @@ class Traffic:
             for waiter in [w for w in self.waiting if w.model == ready]:
                 if not self._has_slot(ready):
                     break
-                self.inflight[ready] += 1
-                self.last_activity[ready] = self._clock()
+                self._grant(ready)
                 waiter.future.set_result(None)
                 self.waiting.remove(waiter)
         if not self.auto_switch or not self.waiting or self._switching is not None:

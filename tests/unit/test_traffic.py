@@ -12,7 +12,7 @@ import pytest
 from orchestrator.errors import ModelExited, TooBusy
 from orchestrator.states import State
 from orchestrator.switcher import Switcher
-from orchestrator.traffic import Traffic, choose_next
+from orchestrator.traffic import Traffic, Waiter, choose_next
 from tests.fakes import Behaviour, FakeRuntime, running_switcher, spec
 from tests.waiting import eventually
 
@@ -232,3 +232,29 @@ async def test_cancelled_waiter_leaves_the_queue(traffic: Traffic, switcher: Swi
     release.set()
     await holder
     assert traffic.inflight["a"] == 0
+
+
+class Recording(list[Waiter]):
+    """The waiting list, keeping every waiter ever queued."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued: list[Waiter] = []
+
+    def append(self, waiter: Waiter) -> None:
+        self.queued.append(waiter)
+        super().append(waiter)
+
+
+async def test_loaded_model_with_nobody_waiting_is_granted_at_once(
+    traffic: Traffic, switcher: Switcher
+) -> None:
+    """No waiter is queued for it, and its lease is counted and returned as any other."""
+    async with traffic.lease("b"):
+        pass
+    recording = traffic.waiting = Recording()
+    async with traffic.lease("b") as upstream:
+        assert upstream == "http://fake/b"
+        assert traffic.inflight["b"] == 1
+    assert recording.queued == []
+    assert traffic.inflight["b"] == 0
