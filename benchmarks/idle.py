@@ -29,19 +29,9 @@ import aiohttp
 import docker
 
 from benchmarks.cpu import CpuMeter, context_switches
+from benchmarks.health import COMPOSE
 from tests.fakes import make_snapshot
 from tests.rig import STANDIN_IMAGE, Rig
-
-COMPOSE = """
-services:
-  engine-alpha:
-    image: {image}
-    profiles: ["alpha"]
-    ports: ["127.0.0.1::8000"]
-    environment: {{STANDIN_LOAD_DELAY: "0.5"}}
-    volumes: ["./models/hub:/root/.cache/huggingface/hub"]
-    command: ["--model", "org/alpha"]
-"""
 
 TARGET_SHARE = 0.005  # of one core
 

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import statistics
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -45,12 +47,17 @@ import docker
 from tests.fakes import make_snapshot
 from tests.rig import SERVICE_LABEL, STANDIN_IMAGE, Rig
 
+# One project for the cold swaps (sleep: false) and one for the warm (sleep: 1).
 COMPOSE = """
 x-engine: &engine
   image: {image}
   ports: ["127.0.0.1::8000"]
-  environment: {{STANDIN_LOAD_DELAY: "{delay}"}}
+  environment:
+    STANDIN_LOAD_DELAY: "{delay}"
+    STANDIN_SLEEP_TIME: "{sleep_time}"
+    STANDIN_WAKE_TIME: "{wake_time}"
   volumes: ["./models/hub:/root/.cache/huggingface/hub"]
+  x-orchestrator: {{sleep: {sleep}}}
 services:
   engine-alpha:
     <<: *engine
@@ -76,27 +83,6 @@ TARGETS = {
     "warm_share_p50_s": ("<=", 0.15),
     "warm_share_max_s": ("<=", 0.2),
 }
-
-WARM_COMPOSE = """
-x-engine: &engine
-  image: {image}
-  ports: ["127.0.0.1::8000"]
-  environment:
-    STANDIN_LOAD_DELAY: "{delay}"
-    STANDIN_SLEEP_TIME: "{sleep}"
-    STANDIN_WAKE_TIME: "{wake}"
-  volumes: ["./models/hub:/root/.cache/huggingface/hub"]
-  x-orchestrator: {{sleep: 1}}
-services:
-  engine-alpha:
-    <<: *engine
-    profiles: ["alpha"]
-    command: ["--model", "org/alpha"]
-  engine-beta:
-    <<: *engine
-    profiles: ["beta"]
-    command: ["--model", "org/beta"]
-"""
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -372,6 +358,22 @@ def report(figures: dict[str, Any]) -> None:
         print(f"  target {key} {sign} {target:g}: {value:.3f} {'met' if met else 'NOT met'}")
 
 
+@contextlib.contextmanager
+def project(client: docker.DockerClient, **values: Any) -> Iterator[Rig]:
+    """A two-model project in a temporary folder with the daemon serving it."""
+    with TemporaryDirectory(prefix="mo-bench-") as folder:
+        root = Path(folder)
+        for name in ("alpha", "beta"):
+            make_snapshot(root / "models" / "hub", f"org/{name}")
+        (root / "docker-compose.yml").write_text(COMPOSE.format(image=STANDIN_IMAGE, **values))
+        rig = Rig(root=root, project=f"mo-bench-{uuid.uuid4().hex[:6]}", docker=client)
+        try:
+            rig.start_daemon("--log-level", "warning")
+            yield rig
+        finally:
+            rig.clean()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
@@ -383,38 +385,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     client = docker.from_env()
-    with TemporaryDirectory(prefix="mo-bench-") as folder:
-        root = Path(folder)
-        for name in ("alpha", "beta"):
-            make_snapshot(root / "models" / "hub", f"org/{name}")
-        (root / "docker-compose.yml").write_text(
-            COMPOSE.format(image=STANDIN_IMAGE, delay=args.load_delay)
-        )
-        rig = Rig(root=root, project=f"mo-bench-{uuid.uuid4().hex[:6]}", docker=client)
-        try:
-            rig.start_daemon("--log-level", "warning")
-            figures = asyncio.run(measure(rig, args.rounds, args.load_delay, args.probers))
-        finally:
-            rig.clean()
-    with TemporaryDirectory(prefix="mo-bench-warm-") as folder:
-        root = Path(folder)
-        for name in ("alpha", "beta"):
-            make_snapshot(root / "models" / "hub", f"org/{name}")
-        (root / "docker-compose.yml").write_text(
-            WARM_COMPOSE.format(
-                image=STANDIN_IMAGE,
-                delay=args.load_delay,
-                sleep=args.sleep_time,
-                wake=args.wake_time,
-            )
-        )
-        rig = Rig(root=root, project=f"mo-bench-{uuid.uuid4().hex[:6]}", docker=client)
-        try:
-            rig.start_daemon("--log-level", "warning")
-            engine_time = args.sleep_time + args.wake_time
-            figures |= asyncio.run(measure_warm(rig, args.warm_rounds, engine_time))
-        finally:
-            rig.clean()
+    times = {"delay": args.load_delay, "sleep_time": args.sleep_time, "wake_time": args.wake_time}
+    with project(client, sleep="false", **times) as rig:
+        figures = asyncio.run(measure(rig, args.rounds, args.load_delay, args.probers))
+    with project(client, sleep="1", **times) as rig:
+        engine_time = args.sleep_time + args.wake_time
+        figures |= asyncio.run(measure_warm(rig, args.warm_rounds, engine_time))
     report(figures)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

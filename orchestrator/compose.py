@@ -23,7 +23,7 @@ import copy
 import itertools
 import re
 import shlex
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -817,18 +817,28 @@ def _in_script(
 # --- volumes, environment, ports, durations -----------------------------------------------
 
 
-def hub_target(environment: Mapping[str, Any]) -> str:
-    """Where the engine's huggingface_hub looks for the cache, by its environment."""
+def _home(environment: Mapping[str, Any]) -> str:
+    return str(environment.get("HOME") or "/root").rstrip("/")
 
-    home = str(environment.get("HOME") or "/root").rstrip("/")
+
+def _path_variables(environment: Mapping[str, Any]) -> Callable[[str], str | None]:
+    """A reader of the engine's path variables: unset or empty is None, and "~" is its
+    home, as huggingface_hub and vLLM both expand it."""
+    home = _home(environment)
 
     def get(name: str) -> str | None:
         value = environment.get(name)
         if value in (None, ""):
             return None
         text = str(value)
-        # huggingface_hub expands "~" in these.
         return home + text[1:] if text == "~" or text.startswith("~/") else text
+
+    return get
+
+
+def hub_target(environment: Mapping[str, Any]) -> str:
+    """Where the engine's huggingface_hub looks for the cache, by its environment."""
+    get = _path_variables(environment)
 
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if get(name):
@@ -837,7 +847,7 @@ def hub_target(environment: Mapping[str, Any]) -> str:
         return f"{str(get('HF_HOME')).rstrip('/')}/hub"
     if get("XDG_CACHE_HOME"):
         return f"{str(get('XDG_CACHE_HOME')).rstrip('/')}/huggingface/hub"
-    return f"{home}/.cache/huggingface/hub"
+    return f"{_home(environment)}/.cache/huggingface/hub"
 
 
 def _describe_mount(volume: Mapping[str, Any]) -> str:
@@ -893,20 +903,12 @@ def _bind_mount(folder: Path, target: str, read_only: bool) -> dict[str, Any]:
 
 def vllm_cache_target(environment: Mapping[str, Any]) -> str:
     """Where the engine's vLLM keeps its caches, by its environment (vLLM's envs.py)."""
-    home = str(environment.get("HOME") or "/root").rstrip("/")
-
-    def get(name: str) -> str | None:
-        value = environment.get(name)
-        if value in (None, ""):
-            return None
-        text = str(value)
-        # vLLM expands "~" in the result.
-        return home + text[1:] if text == "~" or text.startswith("~/") else text
+    get = _path_variables(environment)
 
     root = get("VLLM_CACHE_ROOT")
     if root:
         return root.rstrip("/") or "/"
-    return f"{(get('XDG_CACHE_HOME') or home + '/.cache').rstrip('/')}/vllm"
+    return f"{(get('XDG_CACHE_HOME') or _home(environment) + '/.cache').rstrip('/')}/vllm"
 
 
 def mount_vllm_cache(

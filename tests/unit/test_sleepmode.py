@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -11,15 +11,6 @@ import pytest
 from orchestrator import sleepmode
 from orchestrator.errors import SleepModeFailed
 from tests.unit.test_standin import SLEEPY, Engines
-
-
-@pytest.fixture
-def engines(tmp_path: Path) -> Iterator[Engines]:
-    made = Engines(tmp_path)
-    try:
-        yield made
-    finally:
-        made.stop_all()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,15 +124,6 @@ class Engines:
             if engine.process.poll() is None:
                 engine.process.send_signal(signal.SIGKILL)
                 engine.process.wait()
-
-
-@pytest.fixture
-def engines(tmp_path: Path) -> Iterator[Engines]:
-    made = Engines(tmp_path)
-    try:
-        yield made
-    finally:
-        made.stop_all()
 
 
 SLEEPY = ("--enable-sleep-mode",)

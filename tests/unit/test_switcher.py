@@ -21,23 +21,11 @@ from tests.waiting import eventually
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "state" / "db.sqlite")
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
 def hub(tmp_path: Path) -> Path:
     hub = tmp_path / "hub"
     for name in ("a", "b", "c"):
         make_snapshot(hub, f"org/{name}")
     return hub
-
-
-@pytest.fixture
-def runtime() -> FakeRuntime:
-    return FakeRuntime()
 
 
 def build(

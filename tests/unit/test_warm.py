@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -24,23 +25,11 @@ MODEL_BYTES = 2
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "state" / "db.sqlite")
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
 def hub(tmp_path: Path) -> Path:
     hub = tmp_path / "hub"
     for name in ("a", "b", "c", "cold", "deep"):
         make_snapshot(hub, f"org/{name}")
     return hub
-
-
-@pytest.fixture
-def runtime() -> FakeRuntime:
-    return FakeRuntime()
 
 
 def build(
@@ -60,12 +49,22 @@ def build(
     )
 
 
+@asynccontextmanager
+async def started(
+    runtime: FakeRuntime, store: Store, hub: Path, pool: PoolLimits | None = None
+) -> AsyncIterator[Switcher]:
+    made = build(runtime, store, hub, pool)
+    await made.start()
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
 @pytest.fixture
 async def switcher(runtime: FakeRuntime, store: Store, hub: Path) -> AsyncIterator[Switcher]:
-    made = build(runtime, store, hub)
-    await made.start()
-    yield made
-    await made.close()
+    async with started(runtime, store, hub) as made:
+        yield made
 
 
 async def switch(switcher: Switcher, model: str) -> SwitchRecord:
@@ -120,59 +119,43 @@ class TestWarmSwaps:
         self, runtime: FakeRuntime, store: Store, hub: Path
     ) -> None:
         """With max_asleep 1, A (asleep) is stopped before B falls asleep."""
-        made = build(runtime, store, hub, PoolLimits(max_asleep=1))
-        await made.start()
-        try:
+        async with started(runtime, store, hub, PoolLimits(max_asleep=1)) as made:
             for model in ("a", "b", "c"):
                 await switch(made, model)
             assert runtime.calls.index(("stop", "a")) < runtime.calls.index(("sleep", "b"))
             assert asleep(made) == ["b"]
             assert runtime.overlaps == []
-        finally:
-            await made.close()
 
     async def test_the_ram_budget_evicts_by_estimated_weights(
         self, runtime: FakeRuntime, store: Store, hub: Path
     ) -> None:
         """Room for one model's files in the budget: the second sleeper pushes out the first."""
         pool = PoolLimits(max_asleep=5, ram_budget=MODEL_BYTES + 1)
-        made = build(runtime, store, hub, pool)
-        await made.start()
-        try:
+        async with started(runtime, store, hub, pool) as made:
             for model in ("a", "b", "c"):
                 await switch(made, model)
             assert asleep(made) == ["b"]
             assert made.status.asleep[0].ram_bytes == MODEL_BYTES
             assert ("stop", "a") in runtime.calls
-        finally:
-            await made.close()
 
     async def test_a_model_larger_than_the_budget_is_stopped_not_slept(
         self, runtime: FakeRuntime, store: Store, hub: Path
     ) -> None:
-        made = build(runtime, store, hub, PoolLimits(max_asleep=2, ram_budget=1))
-        await made.start()
-        try:
+        async with started(runtime, store, hub, PoolLimits(max_asleep=2, ram_budget=1)) as made:
             await switch(made, "a")
             await switch(made, "b")
             assert runtime.calls == [("start", "a"), ("stop", "a"), ("start", "b")]
-        finally:
-            await made.close()
 
     async def test_a_level_2_sleeper_takes_no_ram_and_warms_up_when_started(
         self, runtime: FakeRuntime, store: Store, hub: Path
     ) -> None:
-        made = build(runtime, store, hub, PoolLimits(max_asleep=2, ram_budget=1))
-        await made.start()
-        try:
+        async with started(runtime, store, hub, PoolLimits(max_asleep=2, ram_budget=1)) as made:
             record = await switch(made, "deep")
             assert runtime.calls == [("start", "deep"), ("warm_up", "deep")]
             assert record.timings is not None and "warmup" in record.timings
             await switch(made, "a")
             assert made.status.asleep == (made.status.asleep[0],)
             assert (made.status.asleep[0].model, made.status.asleep[0].ram_bytes) == ("deep", 0)
-        finally:
-            await made.close()
 
 
 class TestWarmFailures:
@@ -266,30 +249,22 @@ class TestSleepOperation:
     async def test_a_sleep_with_no_room_stops_the_model_and_says_so(
         self, runtime: FakeRuntime, store: Store, hub: Path
     ) -> None:
-        made = build(runtime, store, hub, PoolLimits(max_asleep=0))
-        await made.start()
-        try:
+        async with started(runtime, store, hub, PoolLimits(max_asleep=0)) as made:
             await switch(made, "a")
             op = await made.sleep()
             with pytest.raises(SleepModeFailed, match="stopped instead"):
                 await op.future
             assert [c for c in await runtime.containers() if c.running] == []
-        finally:
-            await made.close()
 
     async def test_a_sleeper_past_its_ttl_is_stopped(
         self, runtime: FakeRuntime, store: Store, hub: Path
     ) -> None:
-        made = build(runtime, store, hub, PoolLimits(max_asleep=2, sleep_ttl=0.05))
-        await made.start()
-        try:
+        async with started(runtime, store, hub, PoolLimits(max_asleep=2, sleep_ttl=0.05)) as made:
             await switch(made, "a")
             await switch(made, "b")
             await eventually(lambda: asleep(made) == [], what="the sleeper stopped at its ttl")
             assert ("stop", "a") in runtime.calls
             assert made.status.holds("b")
-        finally:
-            await made.close()
 
 
 class TestAdoption:
@@ -300,16 +275,12 @@ class TestAdoption:
         runtime.asleep.add("a")
         runtime.run_container("b")
         runtime.behaviours["b"] = Behaviour(probes_until_ready=0)
-        made = build(runtime, store, hub)
-        await made.start()
-        try:
+        async with started(runtime, store, hub) as made:
             assert made.status.holds("b")
             assert asleep(made) == ["a"]
             assert runtime.calls == []
             await switch(made, "a")
             assert runtime.calls == [("sleep", "b"), ("wake", "a")]
-        finally:
-            await made.close()
 
 
 class TestPool:
