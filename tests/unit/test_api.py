@@ -23,11 +23,6 @@ ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 @pytest.fixture
-def runtime() -> FakeRuntime:
-    return FakeRuntime()
-
-
-@pytest.fixture
 async def daemon(tmp_path: Path, runtime: FakeRuntime) -> AsyncIterator[Daemon]:
     async with daemon_of(tmp_path, runtime, "alpha", "beta", "nocache") as made:
         yield made
@@ -107,6 +102,31 @@ class TestSwitchEndpoint:
         assert response.status == 200
         assert (await response.json())["status"]["state"] == "idle"
         assert (await client.get("/health")).status == 503
+
+
+    async def test_sleep_refuses_a_model_without_a_sleep_level(
+        self, client: TestClient[Any, Any]
+    ) -> None:
+        """POST /sleep on a model with no sleep level: 409 that says what to do instead."""
+        await client.post("/switch", json={"model": "alpha"})
+        response = await client.post("/sleep", json={})
+        assert response.status == 409
+        error = await error_of(response)
+        assert "sleep: 1 or 2" in error["message"] and "POST /stop" in error["message"]
+        assert (await client.get("/health")).status == 200
+
+    async def test_status_shows_residency_and_the_warm_pool(
+        self, client: TestClient[Any, Any]
+    ) -> None:
+        await client.post("/switch", json={"model": "alpha"})
+        body = await (await client.get("/status")).json()
+        assert {m["id"]: m["residency"] for m in body["models"]} == {
+            "alpha": "awake",
+            "beta": "stopped",
+            "nocache": "stopped",
+        }
+        assert body["warm_pool"]["asleep"] == [] and body["warm_pool"]["max_asleep"] == 2
+        assert body["last_switch"]["path"] == "cold"
 
 
 class TestBadInput:
