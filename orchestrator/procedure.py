@@ -266,9 +266,10 @@ class Procedure:
         self._observers.happened("model_asleep", model=spec.id, level=spec.sleep)
         return Left.ASLEEP
 
-    async def stop_sleeper(self, sleeper: Sleeper, why: str) -> None:
-        """Stop a sleeping model's containers and take it out of the pool."""
-        spec = self._models().get(sleeper.model)
+    async def stop_sleeper(self, sleeper: Sleeper, why: str, spec: ModelSpec | None = None) -> None:
+        """Stop a sleeping model's containers (``spec``: as they were made, for a model
+        gone from the file) and take it out of the pool."""
+        spec = spec or self._models().get(sleeper.model)
         log.info("stopping a sleeping model", model=sleeper.model, why=why)
         if spec is not None:
             await self._stop_model(spec)

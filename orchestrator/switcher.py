@@ -77,6 +77,7 @@ class Switcher:
         self._notices: deque[Notice] = deque()
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stale_sleepers: dict[str, ModelSpec] = {}  # with the spec they were made from
         self.models: dict[str, ModelSpec] = {}
         self.set_models(models)
         self._procedure = Procedure(
@@ -134,6 +135,13 @@ class Switcher:
         self._service_model = {s: m.id for m in self.models.values() for s in m.services}
         if not self._tasks:
             return  # not started: start() prepares every model
+        # A sleeper runs the settings it was started with: one changed or gone from the
+        # file is stopped (by the worker), so that no wake brings back what was replaced.
+        for sleeper in self.status.asleep:
+            made_from = before.get(sleeper.model)
+            if made_from is not None and self.models.get(sleeper.model) != made_from:
+                self._stale_sleepers[sleeper.model] = made_from
+                self._wakeup.set()
         for model_id in before.keys() - self.models.keys():
             self.runtime.discard(before[model_id])
         changed = [spec for key, spec in self.models.items() if before.get(key) != spec]
@@ -341,11 +349,12 @@ class Switcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._until_a_sleeper_expires())
             self._wakeup.clear()
-            await self._stop_expired_sleepers()
+            await self._stop_sleepers_due()
             while self._notices or self._queue.has_waiting():
                 while self._notices:
                     await self._apply_notice(self._notices.popleft())
                 if self._queue.has_waiting():
+                    await self._stop_sleepers_due()
                     try:
                         await self._run(self._queue.take())
                     finally:
@@ -361,17 +370,23 @@ class Switcher:
         first = min(s.since for s in self.status.asleep)
         return max(0.0, first + ttl - time.time())
 
-    async def _stop_expired_sleepers(self) -> None:
+    async def _stop_sleepers_due(self) -> None:
+        """Stop the sleepers past their ttl and those whose settings changed."""
         ttl = self.pool.sleep_ttl
-        if ttl <= 0:
-            return
+        stale, self._stale_sleepers = self._stale_sleepers, {}
         for sleeper in self.status.asleep:
-            if time.time() - sleeper.since >= ttl:
-                with structlog.contextvars.bound_contextvars(model=sleeper.model):
-                    try:
-                        await self._procedure.stop_sleeper(sleeper, f"asleep longer than {ttl:g} s")
-                    except DockerError as err:
-                        log.warning("could not stop an expired sleeper", error=err.message)
+            spec = stale.get(sleeper.model)
+            if spec is not None:
+                why = "its settings changed"
+            elif ttl > 0 and time.time() - sleeper.since >= ttl:
+                why = f"asleep longer than {ttl:g} s"
+            else:
+                continue
+            with structlog.contextvars.bound_contextvars(model=sleeper.model):
+                try:
+                    await self._procedure.stop_sleeper(sleeper, why, spec)
+                except DockerError as err:
+                    log.warning("could not stop a sleeper", why=why, error=err.message)
 
     async def _apply_notice(self, notice: Notice) -> None:
         status = self.status

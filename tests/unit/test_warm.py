@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,22 @@ class TestWarmFailures:
         assert asleep(switcher) == []
         assert [c for c in await runtime.containers() if c.running] == []
         assert switcher.status.state is State.IDLE
+
+
+    async def test_a_sleeper_whose_settings_changed_is_stopped_not_woken(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """A wake would bring back the engine as it was started: the sleeper goes instead,
+        and the next switch to it starts the new settings cold."""
+        await switch(switcher, "a")
+        await switch(switcher, "b")
+        changed = dict(switcher.models)
+        changed["a"] = replace(changed["a"], display_name="A, retuned")
+        switcher.set_models(changed)
+        await eventually(lambda: asleep(switcher) == [], what="the stale sleeper stopped")
+        assert runtime.calls[-1] == ("stop", "a")
+        record = await switch(switcher, "a")
+        assert record.path == "cold" and ("wake", "a") not in runtime.calls
 
 
 class TestSleepOperation:
