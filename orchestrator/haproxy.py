@@ -13,7 +13,8 @@ check (``GET /status``):
   check, the first choice kept (a stick table) so that X's requests meet on one daemon
   instead of swapping two. The servers are listed from a different daemon for each
   model, so that models asked for at the same time start on different daemons;
-- ``/v1/models`` and requests that name no known model go to any live daemon.
+- ``/v1/models``, requests that name no known model, and requests for a model that no
+  daemon holds or is free to switch to go to any live daemon (which queues and switches).
 
 Names from the daemons are data: a model id, served name or alias goes into the
 configuration only if it is made of ``[A-Za-z0-9._:/-]`` (ids of ``[A-Za-z0-9._-]``,
@@ -203,9 +204,12 @@ frontend v1
     http-response set-header X-Orchestrator-Backend %b
     use_backend daemons if { path /v1/models }
 $routes
+    # No daemon holds the model and none is free to switch to it now (each is busy or
+    # swapping, or the checks have not seen the end of a swap yet): any live daemon
+    # queues the request and switches when it can, rather than a 503 here.
     default_backend daemons
 
-# /v1/models, and requests that name no model the fleet knows: any live daemon answers.
+# /v1/models, requests that name no model the fleet knows, and the last resort above.
 backend daemons
     balance leastconn
     option httpchk GET /health/live
@@ -241,7 +245,8 @@ def _error_lines() -> str:
 
 
 def _server(name: str, daemon: FleetDaemon, options: FleetOptions, warnings: list[str]) -> str:
-    line = f"    server {name} {daemon.address} check"
+    # weight 100: the agent's percentages then show as they are in HAProxy's stats.
+    line = f"    server {name} {daemon.address} weight 100 check"
     agent_host, agent_port = None, options.agent_port
     if daemon.agent is not None:
         agent_host, agent_port = daemon.agent.host, daemon.agent.port
@@ -270,6 +275,7 @@ def render(daemons: Sequence[FleetDaemon], options: FleetOptions) -> tuple[str, 
     models = _models(daemons, warnings)
     names = [f"daemon{i + 1}" for i in range(len(daemons))]
     servers = [_server(names[i], d, options, warnings) for i, d in enumerate(daemons)]
+    live = [f"    server {names[i]} {d.address} check" for i, d in enumerate(daemons)]
     for index, daemon in enumerate(daemons):
         if daemon.agent is None and options.agent_port is None:
             warnings.append(
@@ -286,7 +292,7 @@ def render(daemons: Sequence[FleetDaemon], options: FleetOptions) -> tuple[str, 
         routes += [
             f"    acl {acl} var(txn.model) -m str -- {patterns}",
             f"    use_backend model_{model.id} if {acl} {{ nbsrv(model_{model.id}) gt 0 }}",
-            f"    use_backend fallback_{model.id} if {acl}",
+            f"    use_backend fallback_{model.id} if {acl} {{ nbsrv(fallback_{model.id}) gt 0 }}",
         ]
         own = [servers[i] for i in model.daemons]
         # A different first daemon for each model: models asked for at once start apart.
@@ -340,7 +346,7 @@ def render(daemons: Sequence[FleetDaemon], options: FleetOptions) -> tuple[str, 
         errors=_error_lines(),
         listen=_listen(options.listen),
         routes="\n".join(routes),
-        any_servers="\n".join(servers),
+        any_servers="\n".join(live),
         backends="\n".join(backends),
     )
     return text, warnings

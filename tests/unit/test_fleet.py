@@ -244,7 +244,8 @@ def test_the_configuration_routes_every_name_and_falls_back() -> None:
     assert warnings == []
     assert "acl want_alpha var(txn.model) -m str -- alpha org/alpha gpt-4o-mini" in text
     assert "use_backend model_alpha if want_alpha { nbsrv(model_alpha) gt 0 }" in text
-    assert "use_backend fallback_alpha if want_alpha" in text
+    assert "use_backend fallback_alpha if want_alpha { nbsrv(fallback_alpha) gt 0 }" in text
+    assert "default_backend daemons" in text
     assert "option httpchk GET /health?model=beta&can_switch=true" in text
     assert "json_query('$.model')" in text and "url_param(model)" in text
     assert "option http-buffer-request" in text
@@ -314,7 +315,7 @@ async def test_the_command_asks_each_daemon(
     assert await haproxy_config(args) == 0
     out = capsys.readouterr().out
     assert daemon.agent is not None
-    assert f"server daemon1 127.0.0.1:{server.port} check agent-check" in out
+    assert f"server daemon1 127.0.0.1:{server.port} weight 100 check agent-check" in out
     assert f"agent-port {daemon.agent.port} agent-inter 250ms" in out
     for model in ("alpha", "beta", "gamma", "nocache"):
         assert f"backend model_{model}\n" in out
