@@ -15,11 +15,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from orchestrator.cli import build_parser, haproxy_config
+from orchestrator.compose import canonical, rewrite_project
+from orchestrator.config import load_settings
 from orchestrator.daemon import Daemon
 from orchestrator.errors import ConfigError
 from orchestrator.haproxy import DaemonAgent, DaemonModel, FleetDaemon, FleetOptions, render
-from tests.fakes import FakeRuntime, daemon_of
-from tests.rig import free_port
+from tests.fakes import FakeRuntime, daemon_of, read_config
+from tests.rig import REPO_ROOT, free_port
 from tests.waiting import eventually
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -319,3 +321,53 @@ async def test_the_command_asks_each_daemon(
     assert f"agent-port {daemon.agent.port} agent-inter 250ms" in out
     for model in ("alpha", "beta", "gamma", "nocache"):
         assert f"backend model_{model}\n" in out
+
+
+# --- the two-GPU example ----------------------------------------------------------------------
+
+TWO_GPUS = REPO_ROOT / "compose" / "two-gpus"
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """The variables of an env file as `set -a; . file` exports them (plain KEY=value)."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    pairs = [line.split("=", 1) for line in lines if line and not line.startswith("#")]
+    return {key: value for key, value in pairs}
+
+
+@pytest.mark.parametrize("gpu", [0, 1])
+async def test_the_two_gpu_example_gives_each_daemon_its_own_gpu(gpu: int) -> None:
+    """Each env file makes a project of its own on its own GPU, and a daemon with its own
+    port, agent port and state dir; the models are the same on both."""
+    variables = env_file(TWO_GPUS / f"gpu{gpu}.env")
+    settings = load_settings({}, environ=variables)
+    source = settings.compose_source
+    assert source.files == (TWO_GPUS / "docker-compose.yml",)
+    project = rewrite_project(
+        source, canonical(await read_config(source)), settings.models_dir, settings.models
+    )
+    assert project.name == f"llm-gpu{gpu}"
+    assert sorted(project.models) == ["qwen3vl-30b", "qwen3vl-4b", "text-4b"]
+    for spec in project.models.values():
+        assert spec.unusable is None
+        service = project.document["services"][spec.engine_service]
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["device_ids"] == [str(gpu)]
+        assert service["ports"][0].get("published") in {"", None}  # Docker picks: no clash
+    assert (settings.port, settings.agent_port) == (8081 + gpu, 9081 + gpu)
+    assert settings.state_dir.name == f"gpu{gpu}"
+
+
+def test_the_two_gpu_example_files_differ_only_where_they_must() -> None:
+    first, second = (env_file(TWO_GPUS / f"gpu{gpu}.env") for gpu in (0, 1))
+    assert first.keys() == second.keys()
+    differ = {key for key in first if first[key] != second[key]}
+    assert differ == {
+        "COMPOSE_PROJECT_NAME",
+        "GPU",
+        "ORCHESTRATOR_PROJECT_NAME",
+        "ORCHESTRATOR_PORT",
+        "ORCHESTRATOR_AGENT_PORT",
+        "ORCHESTRATOR_STATE_DIR",
+        "ORCHESTRATOR_ENV_FILES",
+    }
