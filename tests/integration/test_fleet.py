@@ -12,154 +12,30 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import docker
 import pytest
 
-from tests.fakes import make_snapshot
-from tests.rig import REPO_ROOT, STANDIN_IMAGE, Rig, free_port
-from tests.waiting import eventually, eventually_blocking
+from tests.fleet import Fleet, running_fleet
+from tests.rig import Rig
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
-COMPOSE = """
-x-engine: &engine
-  image: {image}
-  ports: ["127.0.0.1::8000"]
-  environment: &environment
-    STANDIN_LOAD_DELAY: "1"
-    STANDIN_GPU_LOCK: /gpu/lock
-    STANDIN_TOKEN_DELAY: "0.01"
-  volumes: ["./models/hub:/root/.cache/huggingface/hub", "./gpu:/gpu"]
-  stop_grace_period: 5s
-
-services:
-  engine-alpha:
-    <<: *engine
-    profiles: ["alpha"]
-    command: ["--model", "org/alpha"]
-  engine-beta:
-    <<: *engine
-    profiles: ["beta"]
-    # Slow to load: the switch to it is the window a test looks into.
-    environment: {{<<: *environment, STANDIN_LOAD_DELAY: "3"}}
-    command: ["--model", "org/beta"]
-  engine-gamma:
-    <<: *engine
-    profiles: ["gamma"]
-    command: ["--model", "org/gamma"]
-"""
 CHECK_MS = 200
-# HAProxy's server states in `show servers state`.
-UP = 2
-DRAIN = 0x08  # srv_admin_state: drained (by the agent)
-
-
-@dataclass
-class Fleet:
-    rigs: list[Rig]
-    haproxy: subprocess.Popen[bytes]
-    url: str
-    stats: Path
-    config: str
-
-    def servers(self) -> dict[tuple[str, str], dict[str, str]]:
-        """`show servers state`: (backend, server) -> its fields."""
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.connect(str(self.stats))
-            sock.sendall(b"show servers state\n")
-            raw = b""
-            while chunk := sock.recv(65536):
-                raw += chunk
-        lines = [line for line in raw.decode().splitlines() if line.strip()]
-        header = next(line for line in lines if line.startswith("# be_id"))[2:].split()
-        rows = [dict(zip(header, line.split(), strict=False)) for line in lines[2:]]
-        return {(row["be_name"], row["srv_name"]): row for row in rows}
-
-    def up(self, backend: str, server: str) -> bool:
-        return int(self.servers()[(backend, server)]["srv_op_state"]) == UP
-
-    def drained(self, backend: str, server: str) -> bool:
-        return bool(int(self.servers()[(backend, server)]["srv_admin_state"]) & DRAIN)
-
-    def weight(self, backend: str, server: str) -> int:
-        return int(self.servers()[(backend, server)]["srv_uweight"])
-
-
-def _project(root: Path) -> None:
-    hub = root / "models" / "hub"
-    for model in ("alpha", "beta", "gamma"):
-        make_snapshot(hub, f"org/{model}")
-    (root / "gpu").mkdir(parents=True)
-    (root / "docker-compose.yml").write_text(COMPOSE.format(image=STANDIN_IMAGE))
-
-
-def _haproxy_config(rigs: list[Rig], listen: str, stats: Path) -> str:
-    daemons = [arg for rig in rigs for arg in ("--daemon", rig.url)]
-    made = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "haproxy-config", *daemons,
-         "--listen", listen, "--check-interval", str(CHECK_MS), "--stats-socket", str(stats)],
-        cwd=REPO_ROOT, capture_output=True, text=True, check=False, timeout=60,
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
-    assert made.stderr == "", made.stderr  # every daemon has an agent: no warning
-    return made.stdout
 
 
 @pytest.fixture(scope="module")
 def fleet(
     tmp_path_factory: pytest.TempPathFactory, docker_client: docker.DockerClient
 ) -> Iterator[Fleet]:
-    tag = uuid.uuid4().hex[:6]
-    rigs = []
-    for gpu in range(2):
-        root = tmp_path_factory.mktemp(f"gpu{gpu}")
-        _project(root)
-        rigs.append(Rig(root=root, project=f"mo-it-fleet-{tag}-{gpu}", docker=docker_client))
-    haproxy: subprocess.Popen[bytes] | None = None
-    try:
-        for rig in rigs:
-            rig.start_daemon(env={"ORCHESTRATOR_AGENT_PORT": str(free_port())})
-        folder = tmp_path_factory.mktemp("haproxy")
-        stats, port = folder / "stats.sock", free_port()
-        config = _haproxy_config(rigs, f"127.0.0.1:{port}", stats)
-        (folder / "haproxy.cfg").write_text(config)
-        log = open(folder / "haproxy.log", "wb")  # noqa: SIM115
-        haproxy = subprocess.Popen(
-            ["haproxy", "-f", str(folder / "haproxy.cfg"), "-db"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        made = Fleet(rigs, haproxy, f"http://127.0.0.1:{port}", stats, config)
-
-        def settled() -> bool:
-            # Servers start up until their first check: wait for HAProxy's own view.
-            if not stats.exists():
-                return False
-            return not any(made.up(f"model_{m}", s) for m in ("alpha", "beta", "gamma")
-                           for s in ("daemon1", "daemon2"))  # fmt: skip
-
-        eventually_blocking(
-            settled, within=15, what="HAProxy's first checks",
-            context=lambda: (folder / "haproxy.log").read_text()[-2000:],
-        )  # fmt: skip
+    with running_fleet(tmp_path_factory.mktemp("fleet"), docker_client, check_ms=CHECK_MS) as made:
+        # Every daemon has an agent check: haproxy-config warned of nothing.
+        assert "agent-check" in made.config
         yield made
-    finally:
-        if haproxy is not None:
-            haproxy.terminate()
-            haproxy.wait(10)
-        for rig in rigs:
-            rig.clean()
 
 
 async def chat(
