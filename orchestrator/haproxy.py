@@ -9,10 +9,10 @@ check (``GET /status``):
 - per model, a backend of every daemon that has it, each checked with
   ``/health?model=X``: only daemons holding X, ready, pass;
 - per model, a fallback used while no daemon holds X: the same daemons checked with
-  ``/health?model=X&can_switch=true`` (would switch to X now), weighted by the agent
-  check, the first choice kept (a stick table) so that X's requests meet on one daemon
-  instead of swapping two. The servers are listed from a different daemon for each
-  model, so that models asked for at the same time start on different daemons;
+  ``/health?model=X&can_switch=true`` (would switch to X now), the first choice kept (a
+  stick table) so that X's requests meet on one daemon instead of swapping two. The
+  servers are listed from a different daemon for each model, so that models asked for at
+  the same time start on different daemons;
 - ``/v1/models``, requests that name no known model, and requests for a model that no
   daemon holds or is free to switch to go to any live daemon (which queues and switches).
 
@@ -212,6 +212,9 @@ $routes
 # /v1/models, requests that name no model the fleet knows, and the last resort above.
 backend daemons
     balance leastconn
+    # A model sent here goes where it went before, not to whichever daemon is least busy.
+    stick-table type string len 128 size 10k expire 1h
+    stick on var(txn.model)
     option httpchk GET /health/live
     http-check expect status 200
 $any_servers
@@ -275,7 +278,7 @@ def render(daemons: Sequence[FleetDaemon], options: FleetOptions) -> tuple[str, 
     models = _models(daemons, warnings)
     names = [f"daemon{i + 1}" for i in range(len(daemons))]
     servers = [_server(names[i], d, options, warnings) for i, d in enumerate(daemons)]
-    live = [f"    server {names[i]} {d.address} check" for i, d in enumerate(daemons)]
+    live = [f"    server {names[i]} {d.address} weight 100 check" for i, d in enumerate(daemons)]
     for index, daemon in enumerate(daemons):
         if daemon.agent is None and options.agent_port is None:
             warnings.append(
@@ -295,9 +298,13 @@ def render(daemons: Sequence[FleetDaemon], options: FleetOptions) -> tuple[str, 
             f"    use_backend fallback_{model.id} if {acl} {{ nbsrv(fallback_{model.id}) gt 0 }}",
         ]
         own = [servers[i] for i in model.daemons]
+        # Without the agent: it drains a daemon for the whole of a switch, the one to X
+        # too, which would hide the daemon loading X from X's own fallback; and the
+        # daemons this backend may choose have nothing in flight, so the same weight.
         # A different first daemon for each model: models asked for at once start apart.
-        start = number % len(own)
-        rotated = own[start:] + own[:start]
+        plain = [live[i] for i in model.daemons]
+        start = number % len(plain)
+        rotated = plain[start:] + plain[:start]
         backends.append(
             "\n".join(
                 [
@@ -308,8 +315,8 @@ def render(daemons: Sequence[FleetDaemon], options: FleetOptions) -> tuple[str, 
                     "    http-check expect status 200",
                     *own,
                     "",
-                    f"# {model.id} held by none: a daemon that would switch to it now, by"
-                    " agent weight; the first choice is kept while it still passes.",
+                    f"# {model.id} held by none: a daemon that would switch to it now; the"
+                    " first choice is kept while it still passes.",
                     f"backend fallback_{model.id}",
                     "    balance roundrobin",
                     "    stick-table type integer size 1 expire 1h",
