@@ -223,6 +223,8 @@ class Model(Answer):
     started_at: Timestamp | None
     uptime: float | None = Field(description="Seconds since the engine started")
     checkpoint: Folder | None
+    startup_timeout: float = Field(description="Seconds a start may take before it fails")
+    aliases: list[str] = Field(description="Other names /v1 requests may use for it")
     cache: CacheVerdict | None
     pull: PullProgress | None
     origin: Origin
@@ -260,6 +262,13 @@ class WarmPool(Answer):
     sleep_ttl: Seconds = Field(description="0: a model may sleep for ever")
 
 
+class AgentAddress(Answer):
+    """Where the daemon answers HAProxy's agent check (``agent_port``)."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
 class Status(Answer):
     """The switcher's state, every model, the queue and the last switch."""
 
@@ -276,6 +285,7 @@ class Status(Answer):
     warm_pool: WarmPool
     pulls: dict[str, PullProgress]
     gateway: GatewayTraffic | None
+    agent: AgentAddress | None = Field(description="The agent check's address; None: off")
 
 
 # --- what each operation answers ------------------------------------------------------------
@@ -338,6 +348,16 @@ class HealthPass(Answer):
 
     status: Literal["pass"] = "pass"
     model: str | None
+
+
+class HealthSwitchable(Answer):
+    """The model asked for is not loaded, but this daemon would switch to it now
+    (``can_switch=true``): a balancer may send it the model's requests."""
+
+    status: Literal["pass"] = "pass"
+    model: str = Field(description="The model asked for")
+    loaded: str | None = Field(description="The model loaded now, which a request would replace")
+    output: str
 
 
 class HealthFail(Answer):

@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from . import answers
+from .balancer import Balancer
 from .cache import SnapshotVerdict
 from .catalog import Catalog
 from .compose import ModelSpec
@@ -78,6 +79,9 @@ GATEWAY = web.AppKey[Gateway | None]("gateway")
 EVENTS = web.AppKey[EventHub]("events")
 METRICS = web.AppKey[Metrics]("metrics")
 HEALTH = web.AppKey["HealthAnswers"]("health")
+BALANCER = web.AppKey[Balancer | None]("balancer")
+# Where the agent check listens, for /status (haproxy-config reads it); None: off.
+AGENT = web.AppKey[answers.AgentAddress | None]("agent")
 # Clients that may follow /events at once; each model's log has the same bound.
 STREAM_LIMIT = web.AppKey[int]("stream_limit")
 
@@ -208,11 +212,20 @@ def _model(
             "started_at": started,
             "uptime": None if started is None else round(now - started, 1),
             "checkpoint": spec.checkpoint,
+            "startup_timeout": spec.startup_timeout,
+            "aliases": _aliases(app, spec),
             "cache": verdict,
             "pull": None if progress is None else answers.PullProgress.of(progress),
             **_registry_facts(entry),
         }
     )
+
+
+def _aliases(app: web.Application, spec: ModelSpec) -> list[str]:
+    """Every other name /v1 requests may give the model: its own aliases and the config's."""
+    gateway = app[GATEWAY]
+    configured = [] if gateway is None else [a for a, m in gateway.aliases.items() if m == spec.id]
+    return list(dict.fromkeys([*spec.aliases, *configured]))
 
 
 async def _models(app: web.Application) -> list[answers.Model]:
@@ -253,6 +266,7 @@ async def _status(app: web.Application) -> answers.Status:
             for model_id, progress in catalog.pulls().items()
         },
         gateway=None if gateway is None else answers.GatewayTraffic.of(gateway.traffic.snapshot()),
+        agent=app[AGENT],
     )
 
 
@@ -360,13 +374,38 @@ async def get_health(request: web.Request) -> web.Response:
     if request.query_string:
         switcher = request.app[SWITCHER]
         wanted = request.query.get("model")
+        can_switch = _flag_parameter(request, "can_switch")
         if wanted is not None:
             switcher.spec(wanted)  # 404 for a model that does not exist
+        elif can_switch:
+            raise BadRequest(
+                "can_switch asks about one model: /health?model=<id>&can_switch=true",
+                field="model",
+            )
         answer = _health_answer(switcher, wanted)
+        if can_switch and wanted is not None and isinstance(answer, answers.HealthFail):
+            answer = _switchable_answer(request.app, wanted, answer)
         failing = isinstance(answer, answers.HealthFail)
         return _render(answer, status=503 if failing else 200, content_type=HEALTH_JSON)
     code, body = request.app[HEALTH].current()
     return web.Response(body=body, status=code, content_type=HEALTH_JSON, charset="utf-8")
+
+
+def _switchable_answer(
+    app: web.Application, wanted: str, failed: answers.HealthFail
+) -> answers.Answer:
+    """Pass when this daemon would take a switch to ``wanted`` now (see ``Balancer``)."""
+    balancer = app[BALANCER]
+    if balancer is None:
+        reason: str | None = "this daemon runs without the /v1 gateway"
+    else:
+        reason = balancer.refusal(wanted)
+    if reason is not None:
+        output = f"{failed.output}; a switch to {wanted} would not be taken now: {reason}"
+        return failed.model_copy(update={"output": output})
+    loaded = app[SWITCHER].status.active
+    doing = f"would switch from {loaded}" if loaded else "would load it"
+    return answers.HealthSwitchable(model=wanted, loaded=loaded, output=f"{wanted}: {doing}")
 
 
 def _health_reason(switcher: Switcher, wanted: str | None) -> str:
@@ -508,10 +547,10 @@ def _tail_parameter(request: web.Request) -> int:
     return int(raw)
 
 
-def _follow_parameter(request: web.Request) -> bool:
-    raw = request.query.get("follow", "false").lower()
+def _flag_parameter(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false").lower()
     if raw not in {"1", "true", "yes", "0", "false", "no"}:
-        raise BadRequest("follow must be true or false", field="follow")
+        raise BadRequest(f"{name} must be true or false", field=name)
     return raw in {"1", "true", "yes"}
 
 
@@ -519,7 +558,7 @@ async def get_model_logs(request: web.Request) -> web.StreamResponse:
     """The model's engine log: the last lines, or (follow) those and every new one as SSE."""
     switcher, runtime = request.app[SWITCHER], request.app[RUNTIME]
     spec = switcher.spec(request.match_info["model_id"])
-    tail, follow = _tail_parameter(request), _follow_parameter(request)
+    tail, follow = _tail_parameter(request), _flag_parameter(request, "follow")
     engine = request.app[WATCHER].container(spec.engine_service)
     if not follow:
         text = await runtime.logs_tail(engine.id, tail) if engine is not None else ""
@@ -584,6 +623,8 @@ def create_app(
     policy: AccessPolicy | None = None,
     max_streams: int = 64,
     connections: ConnectionGuard | None = None,
+    balancer: Balancer | None = None,
+    agent: answers.AgentAddress | None = None,
 ) -> web.Application:
     """The HTTP API over the daemon's parts, which ``build_daemon`` wires together."""
     middlewares = [error_middleware, guard_middleware(policy or AccessPolicy())]
@@ -596,6 +637,7 @@ def create_app(
     app[SWITCHER], app[RUNTIME], app[WATCHER], app[HISTORY] = switcher, runtime, watcher, history
     app[CATALOG], app[GATEWAY], app[EVENTS], app[METRICS] = catalog, gateway, events, metrics
     app[HEALTH] = HealthAnswers(switcher)
+    app[BALANCER], app[AGENT] = balancer, agent
     app.router.add_post("/switch", post_switch)
     app.router.add_post("/stop", post_stop)
     app.router.add_post("/sleep", post_sleep)

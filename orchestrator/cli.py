@@ -1,7 +1,8 @@
 """The ``model-orchestrator`` command.
 
 ``serve`` runs the daemon, ``doctor`` checks the machine, ``check`` reviews compose,
-``pull`` downloads a model into the hub cache, ``models`` changes the running daemon's.
+``pull`` downloads a model into the hub cache, ``models`` changes the running daemon's,
+``haproxy-config`` writes the configuration for several daemons behind HAProxy.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from .docker import (
 )
 from .doctor import Checkup, Finding, doctor
 from .errors import OrchestratorError
+from .haproxy import FleetOptions, parse_daemon
+from .haproxy import render as render_haproxy
 from .logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from .pull import PullProgress, pull
 from .registry import ModelEntry
@@ -211,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull_parser.add_argument("--revision", help="branch, tag or commit (the default branch)")
     _project_flags(pull_parser)
     _models_parser(commands)
+    _haproxy_parser(commands)
     demo = _command(
         commands,
         "demo",
@@ -231,6 +235,83 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     demo.add_argument("--port", type=int, default=8080, help="port to listen on (8080)")
     return parser
+
+
+def _haproxy_parser(commands: Any) -> None:
+    fleet = _command(
+        commands,
+        "haproxy-config",
+        "print an HAProxy configuration for several daemons (one per GPU), routed by model",
+        [
+            "haproxy-config --daemon http://127.0.0.1:8081 --daemon http://127.0.0.1:8082"
+            " > /etc/haproxy/haproxy.cfg",
+            "haproxy-config --daemon http://gpu-a:8080 --daemon http://gpu-b:8080"
+            " --listen :8000 --api-key-env ORCHESTRATOR_API_KEY",
+        ],
+        description="Ask each daemon for its models (GET /models) and its agent check"
+        " (GET /status), and print a complete HAProxy 2.6 configuration: /v1 routed by the"
+        " model a request names to a daemon that holds it, else to one free to switch to it."
+        " HAProxy forwards each client's Authorization header unchanged; no key is written"
+        " into the configuration.",
+    )
+    fleet.add_argument(
+        "--daemon",
+        dest="daemons",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="a daemon's address, http://HOST:PORT; give it once per daemon",
+    )
+    fleet.add_argument("--listen", default=":8000", help="where HAProxy listens for /v1 (:8000)")
+    fleet.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="the variable holding a key for the daemons' /models and /status (with"
+        " protect_reads); the key is used for these calls only",
+    )
+    fleet.add_argument(
+        "--check-interval",
+        type=int,
+        default=1000,
+        metavar="MS",
+        help="milliseconds between HAProxy's checks of each daemon (1000)",
+    )
+    fleet.add_argument(
+        "--agent-port",
+        type=int,
+        help="the agent check's port for daemons whose /status names none",
+    )
+    fleet.add_argument("--stats-socket", metavar="PATH", help="add HAProxy's admin socket at PATH")
+
+
+async def haproxy_config(args: argparse.Namespace) -> int:
+    """Print the fleet's HAProxy configuration; warnings go to stderr."""
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            _error(f"--api-key-env {args.api_key_env}: that variable is not set")
+            return 1
+    daemons = []
+    try:
+        for url in args.daemons:
+            listing = await call(url, "GET", "/models", api_key=key)
+            status = await call(url, "GET", "/status", api_key=key)
+            daemons.append(parse_daemon(url, listing.get("models"), status))
+    except (DaemonUnavailable, DaemonRefused) as err:
+        _error(str(err))
+        return 1
+    options = FleetOptions(
+        listen=args.listen,
+        check_interval_ms=args.check_interval,
+        stats_socket=args.stats_socket,
+        agent_port=args.agent_port,
+    )
+    text, warnings = render_haproxy(daemons, options)
+    for warning in warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    print(text, end="")
+    return 0
 
 
 def _models_options() -> argparse.ArgumentParser:
@@ -640,6 +721,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "models":
             _command_logging(args, None)
             return asyncio.run(models_command(args))
+        if args.command == "haproxy-config":
+            _command_logging(args, None)
+            return asyncio.run(haproxy_config(args))
         settings = _settings(args)
         if args.command == "serve":
             console = configure_logging(settings.log_level, log_format=settings.log_format)

@@ -165,6 +165,10 @@ class Settings(BaseSettings):
     header_timeout: Seconds = 10.0
     # Open connections before the oldest idle one is closed; 0: from the descriptor limit.
     max_connections: Count = 0
+    # HAProxy's agent check (see agent.py) on this TCP port; 0: off. Loopback unless
+    # agent_host says otherwise.
+    agent_port: Count = 0
+    agent_host: str = "127.0.0.1"
 
     @classmethod
     def settings_customise_sources(
@@ -204,6 +208,13 @@ class Settings(BaseSettings):
     def _connections(cls, value: int) -> int:
         if value < 0:
             raise ValueError("max_connections must be 0 (from the descriptor limit) or more")
+        return value
+
+    @field_validator("agent_port")
+    @classmethod
+    def _agent_port(cls, value: int) -> int:
+        if not 0 <= value <= 65535:
+            raise ValueError(f"agent_port must be a TCP port (1 to 65535) or 0 (off), got {value}")
         return value
 
     @field_validator("allowed_origins")

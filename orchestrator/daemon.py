@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .agent import AgentServer
+from .answers import AgentAddress
 from .api import create_app
+from .balancer import Balancer
 from .cache import Verdicts
 from .catalog import Catalog, CatalogPaths, ConfigReader, Validator
 from .docker import (
@@ -66,12 +69,18 @@ class Daemon:
     app: web.Application
     docker: Docker | None
     keys: tuple[str, ...]
+    balancer: Balancer
+    agent: AgentServer | None
     _closing: contextlib.AsyncExitStack
 
     async def start(self) -> None:
         """Reconcile with Docker and start the background work (the worker, the watcher)."""
         await self.switcher.start(self.docker.events if self.docker is not None else None)
         self.traffic.start()
+        self.balancer.start()
+        if self.agent is not None:
+            await self.agent.start()
+            self._closing.push_async_callback(self.agent.close)
 
     async def close(self) -> None:
         """Stop the background work and close what was opened; the models keep running."""
@@ -141,8 +150,13 @@ async def _build(
     events = EventHub()
     feed = EventFeed(events, serving=lambda: switcher.serving)
     metrics = Metrics(switcher)
-    gateway = Gateway(switcher, traffic, aliases=settings.aliases, observers=[metrics])
+    balancer = Balancer(switcher, traffic, drain_timeout=settings.drain_timeout)
+    closing.push_async_callback(balancer.close)
+    gateway = Gateway(switcher, traffic, aliases=settings.aliases, observers=[metrics, balancer])
     closing.push_async_callback(gateway.close)
+    agent = None
+    if settings.agent_port:
+        agent = AgentServer(balancer, settings.agent_host, settings.agent_port)
     # The links that go both ways, made here and nowhere else.
     switcher.connect(drain=traffic, observers=[traffic, metrics, feed])
     catalog.connect(
@@ -164,10 +178,12 @@ async def _build(
         policy=_policy(settings, keys),
         max_streams=settings.max_streams,
         connections=connections,
+        balancer=balancer,
+        agent=None if agent is None else AgentAddress(host=agent.host, port=agent.port),
     )
     return Daemon(
         settings, project, store, catalog, runtime, watcher, history, switcher, traffic,
-        gateway, events, metrics, connections, app, docker, keys, closing,
+        gateway, events, metrics, connections, app, docker, keys, balancer, agent, closing,
     )  # fmt: skip
 
 

@@ -274,13 +274,23 @@ def _models() -> list[Operation]:
 
 def _health() -> list[Operation]:
     wanted = _parameter("model", "query", "Pass only while this model is the ready one.", STRING)
+    can_switch = _parameter(
+        "can_switch",
+        "query",
+        "With model: pass also while the model is not loaded but this daemon would switch"
+        " to it now (enabled, cached, no switch under way, nothing in flight). 1, yes, 0"
+        " and no are also understood, in any case.",
+        {"type": "boolean", "default": False},
+    )
+    passed = {"anyOf": [answers.HealthPass, answers.HealthSwitchable]}
+    why = "A model is ready, or (can_switch) would be switched to."
     health = {
-        "200": _json(answers.HealthPass, media=HEALTH_JSON),
+        "200": _json(passed, why, HEALTH_JSON),
         "503": _json(answers.HealthFail, media=HEALTH_JSON),
     }
     live = {"200": _json(answers.Liveness, media=HEALTH_JSON)}
     return [
-        _op("GET /health", "getHealth", health, (404,), parameters=[wanted]),
+        _op("GET /health", "getHealth", health, (400, 404), parameters=[wanted, can_switch]),
         _op("GET /health/live", "getLiveness", live),
     ]
 

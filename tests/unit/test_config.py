@@ -411,7 +411,7 @@ def test_wrong_values_name_the_setting_and_the_layer(
         ("aliases: [a]\n", "aliases must map names to model ids"),
         ("aliases: {a: [b]}\n", "aliases must map names to model ids"),
         ("models: {a: 1}\n", "models must map model ids to settings"),
-        ("colour: blue\n", "unknown setting 'colour' \\(known: aliases, allowed_hosts"),
+        ("colour: blue\n", "unknown setting 'colour' \\(known: agent_host, agent_port, aliases,"),
         (
             "compose: a.yml\nmax_queue: 0\nport: x\n",
             "port must be int, got 'x'; .*max_queue must be at least 1$",
