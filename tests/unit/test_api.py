@@ -103,7 +103,6 @@ class TestSwitchEndpoint:
         assert (await response.json())["status"]["state"] == "idle"
         assert (await client.get("/health")).status == 503
 
-
     async def test_sleep_refuses_a_model_without_a_sleep_level(
         self, client: TestClient[Any, Any]
     ) -> None:

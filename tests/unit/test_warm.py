@@ -224,7 +224,6 @@ class TestWarmFailures:
         assert [c for c in await runtime.containers() if c.running] == []
         assert switcher.status.state is State.IDLE
 
-
     async def test_a_sleeper_whose_settings_changed_is_stopped_not_woken(
         self, switcher: Switcher, runtime: FakeRuntime
     ) -> None:
