@@ -30,6 +30,7 @@ import docker
 
 from benchmarks.cpu import CpuMeter, context_switches
 from benchmarks.health import COMPOSE
+from benchmarks.health import make_ready as switch_to_alpha
 from tests.fakes import make_snapshot
 from tests.rig import STANDIN_IMAGE, Rig
 
@@ -37,15 +38,9 @@ TARGET_SHARE = 0.005  # of one core
 
 
 async def make_ready(rig: Rig) -> None:
-    timeout = aiohttp.ClientTimeout(total=120)
+    await switch_to_alpha(rig)
     async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
-        session.post(f"{rig.url}/switch", json={"model": "alpha"}) as response,
-    ):
-        if response.status != 200:
-            raise RuntimeError(f"switch to alpha failed: {await response.text()}")
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session,
         session.get(f"{rig.url}/health") as response,
     ):
         if response.status != 200:

@@ -28,11 +28,6 @@ ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 @pytest.fixture
-def runtime() -> FakeRuntime:
-    return FakeRuntime()
-
-
-@pytest.fixture
 async def daemon(tmp_path: Path, runtime: FakeRuntime) -> AsyncIterator[Daemon]:
     settings = {"agent_port": free_port(), "models": {"gamma": {"sleep": 1}, "alpha": {"sleep": 1}}}
     async with daemon_of(

@@ -21,11 +21,6 @@ ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 @pytest.fixture
-def runtime() -> FakeRuntime:
-    return FakeRuntime()
-
-
-@pytest.fixture
 async def daemon(tmp_path: Path, runtime: FakeRuntime) -> AsyncIterator[Daemon]:
     async with daemon_of(tmp_path, runtime, "alpha", "beta") as made:
         yield made

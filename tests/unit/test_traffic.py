@@ -38,11 +38,6 @@ class TestChooseNext:
 
 
 @pytest.fixture
-def runtime() -> FakeRuntime:
-    return FakeRuntime()
-
-
-@pytest.fixture
 async def switcher(tmp_path: Path, runtime: FakeRuntime) -> AsyncIterator[Switcher]:
     async with running_switcher(
         tmp_path,
