@@ -109,12 +109,39 @@ class Procedure:
             if preparing is not None:
                 await preparing
         op.timings["stop"] = self._clock() - began
+        began = self._clock()
         try:
+            await self._cancellable_start(spec, op)
+            return Outcome.OK
+        except ModelExited as err:
+            if not self._status().asleep:
+                await self._after_failed_start(spec, previous, err)
+                raise
+            exited = err
+        except (StartTimeout, DockerError) as err:
+            await self._after_failed_start(spec, previous, err)
+            raise
+        # The engine exited while models slept beside it, which is how vLLM fails when the
+        # sleepers' share of GPU memory leaves too little free: they go, and it tries again.
+        op.timings["first_start"] = self._clock() - began
+        try:
+            await self._clear_for_retry(spec, exited)
             await self._cancellable_start(spec, op)
             return Outcome.OK
         except (ModelExited, StartTimeout, DockerError) as err:
             await self._after_failed_start(spec, previous, err)
             raise
+
+    async def _clear_for_retry(self, spec: ModelSpec, exited: ModelExited) -> None:
+        log.warning(
+            "start failed beside sleeping models; stopping them and starting once more",
+            error=exited.message,
+            asleep=[s.model for s in self._status().asleep],
+        )
+        self._observers.happened("start_retried", model=spec.id, error=exited.message)
+        await self._stop_model(spec)
+        for sleeper in self._status().asleep:
+            await self.stop_sleeper(sleeper, f"{spec.id} could not start beside it")
 
     async def stop(self, op: Operation) -> Outcome:
         """Stop every model container, the sleepers' too: they still hold GPU memory."""

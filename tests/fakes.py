@@ -197,6 +197,8 @@ class Behaviour:
     crash: bool = False
     hang: bool = False
     start_delay: float = 0.0
+    # Exits at start while any model sleeps: too little GPU memory left beside them.
+    crowded_out: bool = False
     sleep_fails: bool = False  # /sleep answers 500
     wake_fails: bool = False  # /wake_up answers 500 (CUDA out of memory)
 
@@ -381,7 +383,7 @@ class FakeRuntime:
         if container is None or not container.running:
             return False
         behaviour = self.behaviours.get(model_id, Behaviour())
-        if behaviour.crash:
+        if behaviour.crash or (behaviour.crowded_out and self.asleep):
             self.kill(model_id, exit_code=1)
             return False
         if behaviour.hang:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cache import Verdicts
-from orchestrator.errors import Conflict, SleepModeFailed, StartTimeout
+from orchestrator.errors import Conflict, ModelExited, SleepModeFailed, StartTimeout
 from orchestrator.history import History, Kind, Operation, SwitchRecord
 from orchestrator.pool import PoolLimits, default_budget, to_evict
 from orchestrator.queue import OperationQueue
@@ -199,6 +199,34 @@ class TestWarmFailures:
         assert failed.value.details["rolled_back"] is True
         assert runtime.calls[-3:] == [("start", "b"), ("stop", "b"), ("wake", "a")]
         assert switcher.status.holds("a") and asleep(switcher) == []
+
+    async def test_a_start_that_fails_beside_sleepers_is_tried_again_without_them(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        """vLLM exits at start when the sleepers leave too little GPU memory: they are
+        stopped and the model starts on the second try; the switch succeeds."""
+        await switch(switcher, "a")
+        await switch(switcher, "b")
+        runtime.behaviours["c"] = Behaviour(crowded_out=True)
+        record = await switch(switcher, "c")
+        assert record.outcome == "ok" and record.timings is not None
+        assert "first_start" in record.timings
+        after_first = runtime.calls[runtime.calls.index(("start", "c")) + 1 :]
+        assert after_first == [("stop", "c"), ("stop", "a"), ("stop", "b"), ("start", "c")]
+        assert switcher.status.holds("c") and asleep(switcher) == []
+
+    async def test_a_start_that_fails_without_sleepers_too_rolls_back_cold(
+        self, switcher: Switcher, runtime: FakeRuntime
+    ) -> None:
+        await switch(switcher, "a")
+        await switch(switcher, "b")
+        runtime.behaviours["c"] = Behaviour(crash=True)
+        with pytest.raises(ModelExited) as failed:
+            await switch(switcher, "c")
+        assert failed.value.details["rolled_back"] is True
+        assert runtime.calls.count(("start", "c")) == 2
+        assert runtime.calls[-1] == ("start", "b")  # its sleep was ended for the retry
+        assert switcher.status.holds("b") and asleep(switcher) == []
 
     async def test_a_sleeper_that_dies_is_forgotten_and_recorded(
         self, switcher: Switcher, runtime: FakeRuntime
