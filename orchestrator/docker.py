@@ -89,6 +89,8 @@ class ContainerInfo:
     # What compose created it from: the service's config hash and the image's id.
     config_hash: str | None = None
     image_id: str | None = None
+    # On the host's network (network_mode: host): it answers on the host's own ports.
+    host_network: bool = False
 
     @property
     def running(self) -> bool:
@@ -149,6 +151,7 @@ def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
         health=(state.get("Health") or {}).get("Status"),
         config_hash=labels.get(CONFIG_HASH_LABEL),
         image_id=labels.get(IMAGE_LABEL) or attrs.get("Image"),
+        host_network=_on_host_network(attrs),
     )
 
 
@@ -185,7 +188,13 @@ def container_summary(attrs: Mapping[str, Any]) -> ContainerInfo:
         health=None if health is None else health.group(1).removeprefix("health: "),
         config_hash=labels.get(CONFIG_HASH_LABEL),
         image_id=labels.get(IMAGE_LABEL) or attrs.get("ImageID"),
+        host_network=_on_host_network(attrs),
     )
+
+
+def _on_host_network(attrs: Mapping[str, Any]) -> bool:
+    # Both inspect and the container list carry the mode in HostConfig.
+    return (attrs.get("HostConfig") or {}).get("NetworkMode") == "host"
 
 
 # Compose interpolates "${...}" in the files it reads with its environment and may hand

@@ -340,6 +340,9 @@ class DockerRuntime:
             host_ip, host_port = published
             host = self.upstream_host if host_ip in _ANY_ADDRESS else host_ip
             return f"http://{host}:{host_port}"
+        if engine.host_network:
+            # No ports to publish on the host's network: the engine listens on the host.
+            return f"http://{self.upstream_host}:{spec.container_port}"
         # Unpublished: reachable on the container's own address from the docker host.
         if engine.addresses:
             return f"http://{engine.addresses[0]}:{spec.container_port}"

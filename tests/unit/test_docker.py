@@ -65,6 +65,18 @@ class TestContainerInfo:
         assert seen.addresses == (document["NetworkSettings"]["Networks"]["bridge"]["IPAddress"],)
         assert (seen.oom_killed, seen.health) == (False, None)
 
+    def test_host_network_is_read_from_inspect_and_list_alike(self) -> None:
+        """network_mode: host shows in HostConfig of both documents; the recorded
+        containers are on a bridge network."""
+        document = inspect_document("running")
+        summary = next(c for c in listed() if c["Id"] == document["Id"])
+        assert not container_info(document).host_network
+        assert not container_summary(summary).host_network
+        document["HostConfig"]["NetworkMode"] = "host"
+        summary.setdefault("HostConfig", {})["NetworkMode"] = "host"
+        assert container_info(document).host_network
+        assert container_summary(summary).host_network
+
     def test_exited_container(self) -> None:
         """A crashed stand-in: exited with its code, no port, no address left."""
         seen = info("exited")

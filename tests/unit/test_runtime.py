@@ -231,6 +231,12 @@ class TestUpstreamUrl:
         url = runtime.upstream_url(model(container_port=9000), engine)
         assert url == f"http://{engine.addresses[0]}:9000"
 
+    def test_on_the_host_network_at_its_own_port(self, tmp_path: Path) -> None:
+        """An engine with network_mode: host publishes nothing: it answers on the host."""
+        engine = replace(info("running"), ports={}, addresses=(), host_network=True)
+        runtime = DockerRuntime(RecordedDocker(tmp_path, []), upstream_host="10.0.0.9")
+        assert runtime.upstream_url(model(container_port=8123), engine) == "http://10.0.0.9:8123"
+
     def test_nowhere_to_reach(self, tmp_path: Path) -> None:
         """An exited engine (no port, no address) or none at all has no upstream."""
         runtime = DockerRuntime(RecordedDocker(tmp_path, []))
