@@ -29,7 +29,6 @@ import os
 import re
 import statistics
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -39,25 +38,8 @@ import aiohttp
 import docker
 
 from benchmarks.health import _probe, percentile
-from tests.fakes import make_snapshot
-from tests.rig import STANDIN_IMAGE, Rig
-
-COMPOSE = """
-x-engine: &engine
-  image: {image}
-  ports: ["127.0.0.1::8000"]
-  environment: {{STANDIN_LOAD_DELAY: "2"}}
-  volumes: ["./models/hub:/root/.cache/huggingface/hub"]
-services:
-  engine-alpha:
-    <<: *engine
-    profiles: ["alpha"]
-    command: ["--model", "org/alpha"]
-  engine-beta:
-    <<: *engine
-    profiles: ["beta"]
-    command: ["--model", "org/beta"]
-"""
+from benchmarks.switch import project
+from tests.rig import Rig
 
 # Loaded by the daemon's interpreter at start. Lines it writes start with STALL or GC.
 HOOK = """
@@ -232,25 +214,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the findings here")
     args = parser.parse_args()
     client = docker.from_env()
-    with TemporaryDirectory(prefix="mo-stalls-") as folder:
-        root = Path(folder)
-        hook = root / "hook"
-        hook.mkdir()
-        (hook / "sitecustomize.py").write_text(HOOK)
-        for name in ("alpha", "beta"):
-            make_snapshot(root / "models" / "hub", f"org/{name}")
-        (root / "docker-compose.yml").write_text(COMPOSE.format(image=STANDIN_IMAGE))
-        rig = Rig(root=root, project=f"mo-stalls-{uuid.uuid4().hex[:6]}", docker=client)
-        path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    with TemporaryDirectory(prefix="mo-stalls-") as hook:
+        (Path(hook) / "sitecustomize.py").write_text(HOOK)
+        path = os.pathsep.join(p for p in (hook, os.environ.get("PYTHONPATH")) if p)
         env = {"PYTHONPATH": path, "STALL_THRESHOLD": str(args.threshold_ms / 1000)}
         if args.debug:
             env["PYTHONASYNCIODEBUG"] = "1"
-        try:
-            rig.start_daemon(env=env)
+        times = {"delay": 2, "sleep_time": 0.3, "wake_time": 0.3}
+        with project(client, (), env, sleep="false", **times) as rig:
             began, ended, load = asyncio.run(run_switch(rig, args.rate, args.probers))
-            log = "".join(p.read_text() for p in sorted(root.glob("daemon-*.log")))
-        finally:
-            rig.clean()
+            log = "".join(p.read_text() for p in sorted(rig.root.glob("daemon-*.log")))
     found = analyse(log, began, ended)
     report(found, load, args, ended - began)
     if args.json:

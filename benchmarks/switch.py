@@ -359,8 +359,14 @@ def report(figures: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def project(client: docker.DockerClient, **values: Any) -> Iterator[Rig]:
-    """A two-model project in a temporary folder with the daemon serving it."""
+def project(
+    client: docker.DockerClient,
+    daemon_args: tuple[str, ...] = ("--log-level", "warning"),
+    env: dict[str, str] | None = None,
+    **values: Any,
+) -> Iterator[Rig]:
+    """A two-model project in a temporary folder with the daemon serving it; ``values``
+    fill COMPOSE."""
     with TemporaryDirectory(prefix="mo-bench-") as folder:
         root = Path(folder)
         for name in ("alpha", "beta"):
@@ -368,7 +374,7 @@ def project(client: docker.DockerClient, **values: Any) -> Iterator[Rig]:
         (root / "docker-compose.yml").write_text(COMPOSE.format(image=STANDIN_IMAGE, **values))
         rig = Rig(root=root, project=f"mo-bench-{uuid.uuid4().hex[:6]}", docker=client)
         try:
-            rig.start_daemon("--log-level", "warning")
+            rig.start_daemon(*daemon_args, env=env)
             yield rig
         finally:
             rig.clean()
