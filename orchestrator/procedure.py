@@ -79,7 +79,6 @@ class Procedure:
         self._drain_with: Drain | None = None
         self._observers = Observers()
         self._starting: asyncio.Task[None] | None = None  # a start POST /stop may call off
-        self._why_not_asleep = ""  # for the error of a sleep that did not happen
 
     def connect(self, *, drain: Drain | None, observers: Observers) -> None:
         self._drain_with, self._observers = drain, observers
@@ -163,13 +162,13 @@ class Procedure:
                 model=spec.id,
             )
         await self.drain(op)
-        left = await self._sleep_or_stop(spec, None, op)
+        left, why = await self._sleep_or_stop(spec, None, op)
         if left is Left.ASLEEP:
             return Outcome.OK
         if left is Left.AWAKE:
             await self.stop_all(keep_asleep=True)
         raise SleepModeFailed(
-            f"{spec.id} could not be put to sleep ({self._why_not_asleep}); it was stopped"
+            f"{spec.id} could not be put to sleep ({why}); it was stopped"
             " instead, so the GPU is free",
             model=spec.id,
         )
@@ -209,8 +208,8 @@ class Procedure:
         try:
             if active is not None and active != except_model:
                 spec = models[active]
-                left = (
-                    Left.AWAKE if not keep_asleep else await self._sleep_or_stop(spec, target, op)
+                left, _ = (
+                    await self._sleep_or_stop(spec, target, op) if keep_asleep else (Left.AWAKE, "")
                 )
                 if left is Left.AWAKE:
                     await self._stop_one(spec, target)
@@ -223,7 +222,7 @@ class Procedure:
         for model_id in sorted({service_model[c.service] for c in containers} - done):
             await self._stop_one(models[model_id], target)
         for sleeper in () if keep_asleep else self._status().asleep:
-            await self._stop_one(models[sleeper.model], target)  # one no longer running
+            await self.stop_sleeper(sleeper, "everything is stopping")  # not found running
         if self._status().state is not State.IDLE:
             self._enter(State.IDLE, active=None, target=target, **NO_ENGINE)
 
@@ -243,31 +242,27 @@ class Procedure:
 
     async def _sleep_or_stop(
         self, spec: ModelSpec, target: str | None, op: Operation | None
-    ) -> Left:
+    ) -> tuple[Left, str]:
         """Put the ready model to sleep, making room in the warm pool first; it stays awake
         when it may not sleep (no sleep level, not ready and answering, no room for it).
         When vLLM does not confirm the sleep, the model is stopped: the GPU must be free."""
         status = self._status()
         url, container = status.upstream, status.engine_container
         if spec.sleep is None:
-            self._why_not_asleep = "it has no sleep level"
-            return Left.AWAKE
+            return Left.AWAKE, "it has no sleep level"
         if status.state is not State.READY or not status.healthy:
-            self._why_not_asleep = "it is not ready and answering"
-            return Left.AWAKE
+            return Left.AWAKE, "it is not ready and answering"
         if url is None or container is None:
-            self._why_not_asleep = "its engine's address is not known"
-            return Left.AWAKE
+            return Left.AWAKE, "its engine's address is not known"
         ram = await asyncio.to_thread(self._weights_bytes, spec) if spec.sleep == 1 else 0
         # The model about to wake leaves the pool, so it makes no room for this one.
         staying = [s for s in status.asleep if s.model != target]
         evicted = to_evict(staying, ram, self.pool)
         if evicted is None:
-            self._why_not_asleep = "the warm pool has no room for it"
             log.info(
                 "no room to sleep; stopping", model=spec.id, ram_bytes=ram, **self.pool.to_json()
             )
-            return Left.AWAKE
+            return Left.AWAKE, "the warm pool has no room for it"
         for sleeper in evicted:
             await self.stop_sleeper(sleeper, "the warm pool is full")
         reason = f"putting {spec.id} to sleep (level {spec.sleep})"
@@ -278,10 +273,9 @@ class Procedure:
         except SleepModeFailed as err:
             log.warning("sleep failed; stopping the model", error=err.message)
             self._observers.happened("sleep_failed", model=spec.id, error=err.message)
-            self._why_not_asleep = err.message
             await self._stop_one(spec, target)
             self._enter(State.IDLE, active=None, target=target, **NO_ENGINE)
-            return Left.STOPPED
+            return Left.STOPPED, err.message
         if op is not None:
             op.timings["sleep"] = self._clock() - began
         pool = (
@@ -291,7 +285,7 @@ class Procedure:
         self._enter(State.IDLE, active=None, target=target, asleep=pool,
                     reason=f"{spec.id} is asleep", **NO_ENGINE)  # fmt: skip
         self._observers.happened("model_asleep", model=spec.id, level=spec.sleep)
-        return Left.ASLEEP
+        return Left.ASLEEP, ""
 
     async def stop_sleeper(self, sleeper: Sleeper, why: str, spec: ModelSpec | None = None) -> None:
         """Stop a sleeping model's containers (``spec``: as they were made, for a model
