@@ -13,7 +13,10 @@ Per switch A→B (no requests in flight, so the drain is empty):
               after that (about 0.1 s, up to its "stop" event) counts as overhead.
               Its p50 and its best case are printed.
   sigterm   = switch request sent -> docker's "kill" event for A's engine
-  start     = switch request sent -> docker's "start" event for B's engine
+  engine run = switch request sent -> docker's "start" event for B's engine, or, when
+              its container was started ahead with the engine held at the start gate
+              (staged during the switch, or standing by since the switch that left B),
+              the "kill" event of the gate's SIGWINCH
   notice    = daemon's ready time - the engine's "Application startup complete" log line
 /health: 50 concurrent keep-alive probers in a separate process, for the whole of
 one switch; requests per second and latency percentiles.
@@ -31,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import signal
 import statistics
 import threading
 import time
@@ -47,6 +51,7 @@ import docker
 from tests.fakes import make_snapshot
 from tests.rig import SERVICE_LABEL, STANDIN_IMAGE, Rig
 
+SIGTERM, WINCH = str(int(signal.SIGTERM)), str(int(signal.SIGWINCH))
 # One project for the cold swaps (sleep: false) and one for the warm (sleep: 1).
 COMPOSE = """
 x-engine: &engine
@@ -67,6 +72,10 @@ services:
     <<: *engine
     profiles: ["beta"]
     command: ["--model", "org/beta"]
+  engine-gamma:
+    <<: *engine
+    profiles: ["gamma"]
+    command: ["--model", "org/gamma"]
 """
 
 # Issue 13: the daemon's share below llama-swap's best case (0.41 s), the signal within
@@ -74,6 +83,7 @@ services:
 TARGETS = {
     "overhead_p50_s": ("<=", 0.35),
     "overhead_best_s": ("<=", 0.35),
+    "rotation_overhead_p50_s": ("<=", 0.35),
     "sigterm_p50_s": ("<=", 0.03),
     "notice_p50_ms": ("<=", 100.0),
     "health_rps": (">=", 3000.0),
@@ -100,7 +110,8 @@ class EventLog:
     """Docker events of the project with their times, collected in a thread."""
 
     def __init__(self, client: docker.DockerClient, project: str) -> None:
-        self.events: list[tuple[float, str, str, str]] = []  # time, action, service, container
+        # time, action, service, container, signal (of a kill)
+        self.events: list[tuple[float, str, str, str, str]] = []
         self._stream = client.events(
             decode=True,
             filters={"type": "container", "label": [f"com.docker.compose.project={project}"]},
@@ -118,19 +129,32 @@ class EventLog:
                         raw.get("Action", ""),
                         attributes.get(SERVICE_LABEL, ""),
                         raw.get("Actor", {}).get("ID", ""),
+                        attributes.get("signal", ""),
                     )
                 )
         except Exception:
             return
 
-    def first(self, action: str, service: str, after: float) -> float:
-        return next(t for t, a, s, _ in self.events if s == service and a == action and t >= after)
+    def first(self, action: str, service: str, after: float, signal: str | None = None) -> float:
+        return next(
+            t
+            for t, a, s, _, sig in self.events
+            if s == service and a == action and t >= after and signal in (None, sig)
+        )
+
+    def let_run(self, service: str, after: float) -> tuple[float, bool]:
+        """When the engine was let run: its container's start, or, for a container started
+        ahead behind the start gate, the gate's signal; and whether it was the gate."""
+        signals = [t for t, a, s, _, sig in self.events if (s, a, sig) == (service, "kill", WINCH)]
+        if signals := [t for t in signals if t >= after]:
+            return min(signals), True
+        return self.first("start", service, after), False
 
     def stop_time(self, service: str, after: float) -> tuple[float, float]:
-        """Seconds from the first signal to the process's exit, and to docker's "stopped"."""
-        kill = next(t for t, a, s, _ in self.events if s == service and a == "kill" and t >= after)
-        die = next(t for t, a, s, _ in self.events if s == service and a == "die" and t >= kill)
-        stop = next(t for t, a, s, _ in self.events if s == service and a == "stop" and t >= die)
+        """Seconds from the stop signal to the process's exit, and to docker's "stopped"."""
+        kill = self.first("kill", service, after, signal=SIGTERM)
+        die = self.first("die", service, kill)
+        stop = self.first("stop", service, die)
         return die - kill, stop - kill
 
     def close(self) -> None:
@@ -192,21 +216,30 @@ def engine_ready_time(rig: Rig, service: str) -> float:
     raise RuntimeError(f"{service} never logged startup complete")
 
 
-async def measure(rig: Rig, rounds: int, load_delay: float, probers: int) -> dict[str, Any]:
+async def measure(
+    rig: Rig,
+    rounds: int,
+    load_delay: float,
+    probers: int,
+    models: tuple[str, ...] = ("alpha", "beta"),
+    health_load: bool = True,
+) -> dict[str, Any]:
+    """Switches from each model to the next in ``models``, round and round."""
     events = EventLog(rig.docker, rig.project)
     overheads, notices, walls, stops, exits, lenient = [], [], [], [], [], []
     sigterms, starts = [], []
+    through_gate = 0  # switches whose engine's container was started ahead, behind the gate
     phases: dict[str, list[float]] = {}
     health: dict[str, dict[str, Any]] = {}
     # The last two switches run under /health load: first as fast as the probers can
     # go, then at a steady 3,000 requests per second.
-    loads: dict[int, float | None] = {rounds - 2: None, rounds - 1: 3000.0}
+    loads: dict[int, float | None] = {rounds - 2: None, rounds - 1: 3000.0} if health_load else {}
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        await switch(session, rig, "alpha")
-        current = "alpha"
+        await switch(session, rig, models[0])
+        current = models[0]
         for number in range(rounds):
-            target = "beta" if current == "alpha" else "alpha"
+            target = models[(number + 1) % len(models)]
             began_wall = time.time()
             queue: Any = None
             if number in loads:
@@ -224,8 +257,10 @@ async def measure(rig: Rig, rounds: int, load_delay: float, probers: int) -> dic
             finished = datetime.fromisoformat(body["switch"]["finished_at"]).timestamp()
             await asyncio.sleep(0.3)  # let the die event arrive
             exited, stop = events.stop_time(f"engine-{current}", began_wall)
-            sigterms.append(events.first("kill", f"engine-{current}", began_wall) - sent)
-            starts.append(events.first("start", f"engine-{target}", began_wall) - sent)
+            sigterms.append(events.first("kill", f"engine-{current}", began_wall, SIGTERM) - sent)
+            let_run, gated = events.let_run(f"engine-{target}", began_wall)
+            starts.append(let_run - sent)
+            through_gate += gated
             ready = engine_ready_time(rig, f"engine-{target}")
             for phase, seconds in (body["switch"]["timings"] or {}).items():
                 phases.setdefault(phase, []).append(seconds)
@@ -263,13 +298,20 @@ async def measure(rig: Rig, rounds: int, load_delay: float, probers: int) -> dic
         "sigterm_p50_s": statistics.median(sigterms),
         "start_s": starts,
         "start_p50_s": statistics.median(starts),
+        "through_gate": through_gate,
         "overhead_docker_stop_p50_s": statistics.median(lenient),
         "notice_p50_ms": statistics.median(notices) * 1000,
         "notice_max_ms": max(notices) * 1000,
         "health": health,
-        "health_rps": health["saturated"]["rps"],
-        "health_p50_ms": health["paced"]["p50_ms"],
-        "health_p99_ms": health["paced"]["p99_ms"],
+        **(
+            {
+                "health_rps": health["saturated"]["rps"],
+                "health_p50_ms": health["paced"]["p50_ms"],
+                "health_p99_ms": health["paced"]["p99_ms"],
+            }
+            if health
+            else {}
+        ),
         "probers": probers,
         "daemon_phases_p50_s": {k: statistics.median(v) for k, v in phases.items()},
     }
@@ -320,8 +362,17 @@ def report(figures: dict[str, Any]) -> None:
         f"({', '.join(f'{s:.3f}' for s in figures['sigterm_s'])})"
     )
     print(
-        f"  request -> start     : p50 {figures['start_p50_s']:.3f} s "
-        f"({', '.join(f'{s:.3f}' for s in figures['start_s'])}) of the new engine's container"
+        f"  request -> engine run: p50 {figures['start_p50_s']:.3f} s "
+        f"({', '.join(f'{s:.3f}' for s in figures['start_s'])}); "
+        f"{figures['through_gate']} of {figures['rounds']} through the start gate of a container"
+        " started ahead, the others at their container's start"
+    )
+    print(
+        f"  three models in turn : overhead p50 {figures['rotation_overhead_p50_s']:.3f} s, best"
+        f" {figures['rotation_overhead_best_s']:.3f} s; request -> engine run p50"
+        f" {figures['rotation_start_p50_s']:.3f} s ({figures['rotation_through_gate']} of"
+        f" {figures['rotation_rounds']} through the gate, staged during the switch: the"
+        " target is never the one standing by)"
     )
     print(
         f"  readiness noticed    : p50 {figures['notice_p50_ms']:.0f} ms, "
@@ -369,7 +420,7 @@ def project(
     fill COMPOSE."""
     with TemporaryDirectory(prefix="mo-bench-") as folder:
         root = Path(folder)
-        for name in ("alpha", "beta"):
+        for name in ("alpha", "beta", "gamma"):
             make_snapshot(root / "models" / "hub", f"org/{name}")
         (root / "docker-compose.yml").write_text(COMPOSE.format(image=STANDIN_IMAGE, **values))
         rig = Rig(root=root, project=f"mo-bench-{uuid.uuid4().hex[:6]}", docker=client)
@@ -394,6 +445,11 @@ def main() -> None:
     times = {"delay": args.load_delay, "sleep_time": args.sleep_time, "wake_time": args.wake_time}
     with project(client, sleep="false", **times) as rig:
         figures = asyncio.run(measure(rig, args.rounds, args.load_delay, args.probers))
+        # Round three models: the model switched to is never the one standing by.
+        rotation = asyncio.run(
+            measure(rig, args.rounds, args.load_delay, 0, ("alpha", "beta", "gamma"), False)
+        )
+        figures |= {f"rotation_{key}": value for key, value in rotation.items()}
     with project(client, sleep="1", **times) as rig:
         engine_time = args.sleep_time + args.wake_time
         figures |= asyncio.run(measure_warm(rig, args.warm_rounds, engine_time))

@@ -262,6 +262,14 @@ class WarmPool(Answer):
     sleep_ttl: Seconds = Field(description="0: a model may sleep for ever")
 
 
+class Standby(Answer):
+    """The models standing by: their containers started behind the start gate, engines
+    unrun and holding no GPU, so that a switch to one skips docker's start."""
+
+    models: list[str] = Field(description="Least recently left first")
+    limit: int = Field(ge=0, description="The most kept at once (standby); 0: none")
+
+
 class AgentAddress(Answer):
     """Where the daemon answers HAProxy's agent check (``agent_port``)."""
 
@@ -283,6 +291,7 @@ class Status(Answer):
     models: list[Model]
     last_switch: Switch | None
     warm_pool: WarmPool
+    standby: Standby
     pulls: dict[str, PullProgress]
     gateway: GatewayTraffic | None
     agent: AgentAddress | None = Field(description="The agent check's address; None: off")

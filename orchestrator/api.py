@@ -261,6 +261,9 @@ async def _status(app: web.Application) -> answers.Status:
             ram_budget_bytes=switcher.pool.ram_budget,
             sleep_ttl=switcher.pool.sleep_ttl,
         ),
+        standby=answers.Standby(
+            models=list(switcher.standbys.models), limit=switcher.standbys.limit
+        ),
         pulls={
             model_id: answers.PullProgress.of(progress)
             for model_id, progress in catalog.pulls().items()

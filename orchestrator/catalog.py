@@ -29,6 +29,7 @@ from .compose import (
     render,
     rewrite_project,
 )
+from .docker import ImageReader
 from .errors import BadRequest, Conflict, ModelNotFound, OrchestratorError
 from .naming import identify
 from .pull import PullProgress, pull
@@ -89,8 +90,10 @@ class Catalog:
         engine_defaults: EngineDefaults | None = None,
         limits: RegistryLimits | None = None,
         hub_endpoint: str | None = None,
+        read_images: ImageReader | None = None,
     ) -> None:
         self.paths = paths
+        self._read_images = read_images
         self.store = store
         self._read_config = read_config
         self.overrides = dict(overrides or {})
@@ -343,7 +346,13 @@ class Catalog:
             finally:
                 candidate.unlink(missing_ok=True)
             document = merge_services(document, canonical(text))
-        return rewrite_project(self.paths.source, document, self.paths.models_dir, self.overrides)
+        images = None
+        if self._read_images is not None:
+            references = (s.get("image") for s in document["services"].values())
+            images = await self._read_images(r for r in references if isinstance(r, str))
+        return rewrite_project(
+            self.paths.source, document, self.paths.models_dir, self.overrides, images
+        )
 
     @staticmethod
     def _with_compose_defaults(

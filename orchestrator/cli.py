@@ -36,6 +36,7 @@ from .demo import PROJECT as DEMO_PROJECT
 from .docker import (
     Docker,
     detect_compose_cli,
+    image_reader,
     runtime_environment,
 )
 from .doctor import Checkup, Finding, doctor
@@ -456,11 +457,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(flags, config_file=args.config)
 
 
-async def _project(settings: Settings) -> ComposeProject:
-    """The user's project as compose reads it, rewritten (without the registry's models)."""
-    text = await (await compose_reader())(settings.compose_source)
+async def _project(settings: Settings, *, gate: bool = False) -> ComposeProject:
+    """The user's project as compose reads it, rewritten (without the registry's models);
+    ``gate``: with the start gate, as the daemon writes it, from the images on this machine."""
+    document = canonical(await (await compose_reader())(settings.compose_source))
+    images = None
+    if gate:
+        references = (s.get("image") for s in document["services"].values())
+        images = await image_reader()(r for r in references if isinstance(r, str))
     return rewrite_project(
-        settings.compose_source, canonical(text), settings.models_dir, settings.models
+        settings.compose_source, document, settings.models_dir, settings.models, images
     )
 
 
@@ -568,7 +574,7 @@ def _url_host(host: str) -> str:
 
 async def check(settings: Settings, show: bool = False) -> int:
     """Print, per model, what is rewritten and what is wrong; return the exit code."""
-    project = await _project(settings)
+    project = await _project(settings, gate=True)
     read = settings.compose_source.read_files
     print(f"files read: {', '.join(str(f) for f in read)}  (project {project.name})")
     errors = 0

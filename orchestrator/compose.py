@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from .cache import is_repo_id, looks_like_path, repo_id_from_cache_path
+from .gate import ImageDefaults, gate_service, is_gated
 from .naming import MODEL_ID
 
 DEFAULT_ENGINE_PORT = 8000
@@ -124,6 +125,9 @@ class ModelSettings(BaseModel):
     sleep: Literal[1, 2, False] | None = None
     # One short generation before the model counts as ready.
     warmup: bool | None = None
+    # Start the engine's container while the old model stops, its engine held back by the
+    # daemon's start gate (needs /bin/sh in the image); false: start it afterwards.
+    staged_start: bool | None = None
 
     @field_validator("sleep", mode="before")
     @classmethod
@@ -201,6 +205,8 @@ class ModelSpec:
     # vLLM's sleep level when a switch moves away from it (1 or 2); None: stopped instead.
     sleep: int | None = None
     warmup: bool = False  # one short generation before the model counts as ready
+    # The engine service's copy runs behind the start gate (see gate.py).
+    gated: bool = False
 
 
 @dataclass(frozen=True)
@@ -1090,8 +1096,13 @@ def rewrite_project(
     document: Mapping[str, Any],
     models_dir: Path,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    images: Mapping[str, ImageDefaults | None] | None = None,
 ) -> ComposeProject:
-    """Rewrite a canonical project (``canonical``'s output, registry services merged in)."""
+    """Rewrite a canonical project (``canonical``'s output, registry services merged in).
+
+    ``images``: the ENTRYPOINT and CMD of the images on this machine, for the start gate
+    (gate.py) of engines whose service names no entrypoint; None: no engine is gated.
+    """
     services: dict[str, Any] = copy.deepcopy(dict(document["services"]))
     shared, members = _members(services)
     configured = _configured(overrides or {}, members)
@@ -1107,7 +1118,7 @@ def rewrite_project(
         fresh = [member for member in group if member.name not in rewritten]
         rewritten.update(member.name for member in group)
         models[model_id], notes[model_id], problems[model_id] = _model(
-            model_id, group, fresh, configured.get(model_id), hub_dir, cache_dir
+            model_id, group, fresh, configured.get(model_id), hub_dir, cache_dir, images
         )
     for model_id, collisions in _served_name_collisions(models).items():
         problems[model_id] += collisions
@@ -1211,6 +1222,7 @@ def _model(
     configured: ModelSettings | None,
     hub_dir: Path,
     cache_dir: Path,
+    images: Mapping[str, ImageDefaults | None] | None,
 ) -> tuple[ModelSpec, list[RewriteNote], list[str]]:
     """One profile's services rewritten (those not done yet) and its model's spec."""
     engine, chosen, problems = _choose_engine(model_id, group, _named(configured))
@@ -1241,8 +1253,20 @@ def _model(
             )
     problems += _unsupported(engine.name, engine.service)
     runs = serving[0].engine_command if serving else None
-    spec = _spec(model_id, group, engine, runs, _merged(engine.settings, configured), problems)
-    return replace(spec, unusable=unusable), notes, problems
+    settings = _merged(engine.settings, configured)
+    if (
+        images is not None
+        and engine in fresh
+        and engine in serving
+        and engine.error is None
+        and settings.staged_start is not False
+        # The gate's files go into the container's own filesystem.
+        and not engine.service.get("read_only")
+    ):
+        gated = gate_service(engine.service, images)
+        notes += [RewriteNote(engine.name, gated)] if gated else []
+    spec = _spec(model_id, group, engine, runs, settings, problems)
+    return replace(spec, unusable=unusable, gated=is_gated(engine.service)), notes, problems
 
 
 def _spec(

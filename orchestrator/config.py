@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     max_asleep: Count = 2
     sleep_ram_budget: float | None = None
     sleep_ttl: Seconds = 0.0
+    # How many of the models switches left stay started behind the start gate, engines
+    # unrun, so that a switch back to one skips docker's start of its container; 0: none.
+    standby: Count = 1
     # A model to load at start when none is running (before the last requested one).
     preload: str | None = None
     # Requests that may wait for one model; past that the gateway answers 429.

@@ -25,8 +25,10 @@ from .cache import Verdicts
 from .catalog import Catalog, CatalogPaths, ConfigReader, Validator
 from .docker import (
     Docker,
+    ImageReader,
     compose_config,
     detect_compose_cli,
+    image_reader,
     runtime_environment,
     user_environment,
 )
@@ -131,7 +133,9 @@ async def _build(
         state_dir=settings.state_dir,
         insecure_no_auth=settings.insecure_no_auth,
     )
-    store, catalog = await _store_and_catalog(settings, read_config, closing)
+    # A test's fake runtime runs no images: its engines are not gated.
+    read_images = image_reader() if runtime is None else None
+    store, catalog = await _store_and_catalog(settings, read_config, read_images, closing)
     project = await catalog.load()
     docker: Docker | None = None
     if runtime is None:
@@ -203,6 +207,7 @@ def _switcher(
         rollback=settings.rollback,
         restore_on_start=settings.restore_on_start,
         preload=settings.preload,
+        standby=settings.standby,
         pool=PoolLimits(
             max_asleep=settings.max_asleep,
             ram_budget=default_budget(settings.sleep_ram_budget),
@@ -212,7 +217,10 @@ def _switcher(
 
 
 async def _store_and_catalog(
-    settings: Settings, read_config: ConfigReader | None, closing: contextlib.AsyncExitStack
+    settings: Settings,
+    read_config: ConfigReader | None,
+    read_images: ImageReader | None,
+    closing: contextlib.AsyncExitStack,
 ) -> tuple[Store, Catalog]:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     store = await Store.open(settings.state_dir / DATABASE)
@@ -225,6 +233,7 @@ async def _store_and_catalog(
         engine_defaults=EngineDefaults(image=settings.engine_image, gpus=settings.engine_gpus),
         limits=RegistryLimits(settings.checkpoint_roots, settings.allowed_images),
         hub_endpoint=settings.hub_endpoint,
+        read_images=read_images,
     )
     closing.push_async_callback(catalog.close)
     return store, catalog

@@ -16,7 +16,7 @@ import re
 import shutil
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +27,7 @@ import docker.errors
 import structlog
 import yaml
 
+from . import gate
 from .compose import ComposeSource
 from .errors import DockerError, TooManyStreams
 
@@ -302,6 +303,44 @@ async def detect_compose_cli() -> list[str]:
     )
 
 
+# The ENTRYPOINT and CMD of each image reference; None for an image not on this machine.
+ImageReader = Callable[[Iterable[str]], Awaitable[dict[str, gate.ImageDefaults | None]]]
+
+
+def image_reader() -> ImageReader:
+    """How the daemon reads images' own ENTRYPOINT and CMD (for the start gate) from the
+    local engine; an engine it cannot reach gives nothing, and the engines go ungated."""
+    client: Any = None
+
+    async def read(references: Iterable[str]) -> dict[str, gate.ImageDefaults | None]:
+        nonlocal client
+        wanted = sorted(set(references))
+        try:
+            client = client or await asyncio.to_thread(docker.from_env)
+            found = await asyncio.gather(
+                *(asyncio.to_thread(_image_defaults, client, r) for r in wanted)
+            )
+        except docker.errors.DockerException as err:
+            log.warning("could not read the images' entrypoints", error=str(err))
+            return {}
+        return dict(zip(wanted, found, strict=True))
+
+    return read
+
+
+def _image_defaults(client: Any, reference: str) -> gate.ImageDefaults | None:
+    try:
+        attrs = client.api.inspect_image(reference)
+    except docker.errors.NotFound:
+        return None
+    config = attrs.get("Config") or {}
+    entrypoint, command = config.get("Entrypoint"), config.get("Cmd")
+    return gate.ImageDefaults(
+        tuple(entrypoint) if entrypoint is not None else None,
+        tuple(command) if command is not None else None,
+    )
+
+
 class Docker:
     """Every Docker and compose call the daemon makes goes through here."""
 
@@ -447,6 +486,48 @@ class Docker:
         except DockerError as err:
             if "already in progress" not in err.message:
                 raise
+
+    async def hold(self, container_id: str) -> None:
+        """Put the start gate's hold file into a created container (see gate.py): started,
+        its engine waits for ``signal_gate``."""
+        client = await self.client()
+        try:
+            await self._blocking(client.api.put_archive, container_id, "/", gate.archive())
+        except docker.errors.NotFound as err:
+            raise DockerError(f"container {container_id[:12]} is gone") from err
+
+    async def signal_gate(self, container_id: str) -> None:
+        """The signal that lets a held engine through the start gate."""
+        client = await self.client()
+        try:
+            await self._blocking(client.api.kill, container_id, signal=gate.OPEN_SIGNAL)
+        except docker.errors.NotFound as err:
+            raise DockerError(f"container {container_id[:12]} is gone") from err
+
+    async def held(self, container_id: str) -> bool:
+        """Whether the container's engine waits behind the start gate: the gate's folder is
+        there until the script hands over to the engine."""
+        client = await self.client()
+        try:
+            await self._blocking(
+                client.api.get_archive, container_id, f"{gate.GATE_DIR}/{gate.HOLD_FILE}"
+            )
+        except docker.errors.NotFound:
+            return False
+        return True
+
+    async def fixed_host_ports(self, container_id: str) -> list[tuple[str, int]]:
+        """The host addresses and ports the container asks docker to publish on (ports
+        docker picks itself are left out): two such containers cannot run at once."""
+        client = await self.client()
+        attrs = await self._blocking(client.api.inspect_container, container_id)
+        bindings = ((attrs.get("HostConfig") or {}).get("PortBindings") or {}).values()
+        return [
+            (str(b.get("HostIp") or ""), int(b["HostPort"]))
+            for found in bindings
+            for b in found or []
+            if str(b.get("HostPort") or "").isdigit()
+        ]
 
     async def image_ids(self, references: Iterable[str]) -> dict[str, str | None]:
         """The id each image reference names now; None for an image not on this machine."""

@@ -35,6 +35,7 @@ from .history import Operation, Outcome
 from .observers import Drain, Observers
 from .pool import PoolLimits, to_evict
 from .runtime import READY_POLL_INTERVAL, ModelRuntime, wait_ready
+from .standby import Standbys
 from .states import NO_ENGINE, Sleeper, State, Status
 from .watcher import Watcher
 
@@ -70,6 +71,7 @@ class Procedure:
         weights_bytes: Callable[[ModelSpec], int] = lambda spec: 0,
         pool: PoolLimits | None = None,
         rollback: bool = True,
+        standby: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runtime, self.watcher = runtime, watcher
@@ -79,6 +81,12 @@ class Procedure:
         self._drain_with: Drain | None = None
         self._observers = Observers()
         self._starting: asyncio.Task[None] | None = None  # a start POST /stop may call off
+        self.standbys = Standbys(
+            runtime=runtime, models=models, prepare=self._prepare, limit=standby
+        )
+
+    async def close(self) -> None:
+        await self.standbys.close()
 
     def connect(self, *, drain: Drain | None, observers: Observers) -> None:
         self._drain_with, self._observers = drain, observers
@@ -95,22 +103,28 @@ class Procedure:
         # Checked again: the cache may have changed while the request waited its turn.
         await asyncio.to_thread(self._preflight, spec)
         previous = status.active if status.state is State.READY else None
-        await self.drain(op)
-        began = self._clock()
-        # Creating the target's containers needs no GPU, so it overlaps the old model's
-        # stop and takes that work off the switch's critical path. A sleeper has its own.
-        preparing = None
-        if status.sleeper(spec.id) is None:
-            preparing = asyncio.create_task(self._prepare(spec))
+        # Creating the target's containers, and starting its engine's container behind the
+        # start gate, need no GPU: they overlap the drain and the old model's stop and take
+        # docker's work off the switch's critical path. A sleeper has its own container.
+        # Standbys hold no GPU: they stay while the switch is busy with docker, unless the
+        # target starts cold unstaged (it may need a port one of them holds).
+        spare = self.standbys.ids
+        cold = status.sleeper(spec.id) is None
+        staging = asyncio.create_task(self._stage(spec, op, cold=cold), name=f"stage-{spec.id}")
         try:
-            await self.stop_all(except_model=spec.id, target=spec.id, op=op)
-        finally:
-            if preparing is not None:
-                await preparing
-        op.timings["stop"] = self._clock() - began
+            await self.drain(op)
+            began = self._clock()
+            await self.stop_all(except_model=spec.id, target=spec.id, op=op, spare=spare)
+            if not await staging and cold:
+                await self.standbys.leave_all()
+            op.timings["stop"] = self._clock() - began
+        except BaseException:
+            await self._abandon(staging, spec)
+            raise
         began = self._clock()
         try:
             await self._cancellable_start(spec, op)
+            self.standbys.after_switch(self._left_cold(previous))
             return Outcome.OK
         except ModelExited as err:
             if not self._status().asleep:
@@ -131,6 +145,42 @@ class Procedure:
             await self._after_failed_start(spec, previous, err)
             raise
 
+    async def _stage(self, spec: ModelSpec, op: Operation, *, cold: bool) -> bool:
+        """For a cold start, stage the target; True when it is staged (it may have been
+        standing by)."""
+        if not cold:
+            return False
+        began = self._clock()
+        if not await self.standbys.take(spec.id):
+            await self._prepare(spec)
+            if self._status().active is None:
+                return False  # no old engine to stop meanwhile: the gate would only cost
+        if not await self.runtime.stage(spec):
+            return False
+        op.timings["staged"] = self._clock() - began
+        return True
+
+    def _left_cold(self, model_id: str | None) -> ModelSpec | None:
+        """The model a switch left, if it may stand by: stopped, not asleep, gated."""
+        spec = self._models().get(model_id) if model_id else None
+        if spec is None or not spec.gated or self._status().sleeper(spec.id):
+            return None
+        return spec
+
+    async def _abandon(self, staging: asyncio.Task[bool], spec: ModelSpec) -> None:
+        """The switch ends before its start: a staged engine container goes unrun."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # The daemon is shutting down: the next one finds the container held and
+            # stops it (see the switcher's reconcile).
+            staging.cancel()
+            return
+        await asyncio.gather(staging, return_exceptions=True)
+        try:
+            await self.runtime.unstage(spec)
+        except DockerError as err:
+            log.warning("could not stop the staged container", error=err.message)
+
     async def _clear_for_retry(self, spec: ModelSpec, exited: ModelExited) -> None:
         log.warning(
             "start failed beside sleeping models; stopping them and starting once more",
@@ -144,6 +194,7 @@ class Procedure:
 
     async def stop(self, op: Operation) -> Outcome:
         """Stop every model container, the sleepers' too: they still hold GPU memory."""
+        await self.standbys.leave_all()
         await self.drain(op)
         await self.stop_all(keep_asleep=False)
         await self.runtime.settle()
@@ -192,9 +243,11 @@ class Procedure:
         *,
         op: Operation | None = None,
         keep_asleep: bool = True,
+        spare: frozenset[str] = frozenset(),
     ) -> None:
         """Leave at most the sleepers running (none if not ``keep_asleep``), so that no
-        model but the one about to come up holds the GPU awake.
+        model but the one about to come up holds the GPU awake. ``spare``: the standbys,
+        whose engines never ran; the switch deals with them.
 
         The active model goes first, before anything is listed: its engine's stop signal
         (or its sleep) is what the switch waits on. Then whatever else is found running.
@@ -218,7 +271,7 @@ class Procedure:
             raise
         containers = await listing
         asleep = {s.model for s in self._status().asleep} if keep_asleep else set()
-        done = {except_model, active} | asleep
+        done = {except_model, active, *spare} | asleep
         for model_id in sorted({service_model[c.service] for c in containers} - done):
             await self._stop_one(models[model_id], target)
         for sleeper in () if keep_asleep else self._status().asleep:
@@ -327,6 +380,7 @@ class Procedure:
         """Start the model in a task of its own, so that POST /stop can call it off."""
         called_off = Cancelled(f"the switch to {spec.id} was cancelled by POST /stop")
         if op.cancelled:
+            await self.runtime.unstage(spec)
             raise called_off
         self._starting = asyncio.create_task(self._start(spec, op), name=f"start-{spec.id}")
         try:

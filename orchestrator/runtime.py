@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import aiohttp
 import structlog
 
-from . import sleepmode
+from . import gate, sleepmode
 from .compose import ModelSpec
 from .docker import Blueprint, ContainerInfo, Dependency, Docker, EventSubscription
 from .errors import DockerError, ModelExited, OrchestratorError, StartTimeout
@@ -33,6 +33,10 @@ LOG_TAIL_LINES = 40
 READY_POLL_INTERVAL = 0.05
 # Container state is checked this often while waiting, to catch an engine that exits.
 EXIT_CHECK_INTERVAL = 0.5
+# How long a staged container has to say that its engine waits at the start gate, and how
+# far back in its log to look for that.
+GATE_TIMEOUT = 10.0
+GATE_LOG_TAIL = 20
 _ANY_ADDRESS = {"", "0.0.0.0", "::"}
 
 
@@ -47,6 +51,9 @@ class ModelRuntime(Protocol):
     async def prepare(self, spec: ModelSpec) -> None: ...
     def prepare_ahead(self, specs: Sequence[ModelSpec]) -> None: ...
     def discard(self, spec: ModelSpec) -> None: ...
+    async def stage(self, spec: ModelSpec) -> bool: ...
+    async def unstage(self, spec: ModelSpec) -> None: ...
+    async def held(self, container: ContainerInfo) -> bool: ...
     async def start(self, spec: ModelSpec) -> None: ...
     async def stop(self, spec: ModelSpec) -> None: ...
     async def settle(self) -> None: ...
@@ -88,10 +95,15 @@ class DockerRuntime:
         # switch waits, so that it does not take the docker engine's time from the start.
         self._not_starting = asyncio.Event()
         self._not_starting.set()
+        # Engine containers started behind the start gate, by model, until let through.
+        self._staged: dict[str, _Staged] = {}
+        self._signals: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
         # A compose call cut short kills its process: none is left behind the daemon.
-        await cancel_all([*self._removals, *self._preparations, *filter(None, [self._ahead])])
+        await cancel_all(
+            [*self._removals, *self._preparations, *self._signals, *filter(None, [self._ahead])]
+        )
         if self._session is not None:
             await self._session.close()
 
@@ -209,7 +221,73 @@ class DockerRuntime:
 
     # -- starting --------------------------------------------------------------------------
 
+    async def stage(self, spec: ModelSpec) -> bool:
+        """Start the model's engine container with the engine held at the start gate
+        (gate.py), so that docker's part of the start is done before the GPU is free; True
+        once the gate says it holds. Only when the engine is the first of the model's
+        containers to start, its container is made and fresh, and no running container has
+        a fixed host port it asks for. ``start`` lets the engine through; ``unstage`` stops
+        it unrun."""
+        if not spec.gated or spec.id in self._staged:
+            return spec.id in self._staged
+        await self._behind(spec.services)
+        try:
+            listed = await self.docker.summaries()
+            order = _start_order(spec, listed, self.docker.known_blueprints())
+            if not order or [c.service for c in order[0]] != [spec.engine_service]:
+                return False
+            (engine,), rest = order[0], order[1:]
+            taken = [address for c in listed if c.running for address in c.ports.values()]
+            wanted = await self.docker.fixed_host_ports(engine.id)
+            if any(_meet(one, other) for one in wanted for other in taken):
+                return False
+            await self.docker.hold(engine.id)
+        except DockerError as err:
+            log.info("not staged", model=spec.id, error=err.message)
+            return False
+        self._staged[spec.id] = _Staged(engine, rest)
+        try:
+            await self.docker.start_container(engine.id)
+            await self._held(engine.id)
+        except (OrchestratorError, TimeoutError) as err:
+            log.warning("staged start failed", model=spec.id, error=str(err))
+            # Stopped if it runs; its container, hold file and all, is removed either way.
+            await self.stop(spec)
+            with contextlib.suppress(DockerError):
+                await self.docker.remove_container(engine.id)
+            return False
+        return True
+
+    async def _held(self, container_id: str) -> None:
+        """Until the gate's script says it holds: its trap for the signal is set then."""
+        follower = self.docker.follow_logs(container_id, tail=GATE_LOG_TAIL)
+        try:
+            async with asyncio.timeout(GATE_TIMEOUT):
+                async for line in follower.lines():
+                    if gate.HELD_LINE in line:
+                        return
+            raise DockerError("the container exited at the start gate")
+        finally:
+            follower.close()
+
+    async def unstage(self, spec: ModelSpec) -> None:
+        """Stop a staged engine container the switch will not use; its engine never ran."""
+        if spec.id in self._staged:
+            await self.stop(spec)
+
+    async def held(self, container: ContainerInfo) -> bool:
+        return container.running and await self.docker.held(container.id)
+
     async def start(self, spec: ModelSpec) -> None:
+        staged = self._staged.pop(spec.id, None)
+        if staged is not None:
+            try:
+                await self._let_through(spec, staged)
+                return
+            except DockerError as err:
+                # Stopped unrun, removed and made afresh behind; the start below waits.
+                log.warning("could not start the staged engine", error=err.message)
+                await self.stop(spec)
         await self._behind(spec.services)
         order: list[list[ContainerInfo]] | None = None
         try:
@@ -233,6 +311,27 @@ class DockerRuntime:
                 raise await self._blame(spec, err) from err
         finally:
             self._not_starting.set()
+
+    async def _let_through(self, spec: ModelSpec, staged: _Staged) -> None:
+        """Signal the held engine, then start the model's other containers in their order.
+        An engine whose service the file has changed since it was staged is not used."""
+        blueprint = (self.docker.known_blueprints() or {}).get(spec.engine_service)
+        if blueprint is None or blueprint.config_hash != staged.engine.config_hash:
+            raise DockerError(f"{spec.id}: the compose file changed since it was staged")
+        await self.docker.signal_gate(staged.engine.id)
+        self._signal_again(staged.engine.id)
+        for batch in staged.rest:
+            await asyncio.gather(*(self.docker.start_container(c.id) for c in batch))
+
+    def _signal_again(self, container_id: str) -> None:
+        async def again() -> None:
+            await asyncio.sleep(gate.SECOND_SIGNAL_AFTER)
+            with contextlib.suppress(DockerError):
+                await self.docker.signal_gate(container_id)
+
+        task = asyncio.create_task(again(), name="gate-signal")
+        self._signals.add(task)
+        task.add_done_callback(self._signals.discard)
 
     async def _blame(self, spec: ModelSpec, err: DockerError) -> OrchestratorError:
         """When ``up`` fails because one of the model's containers did (the engine, a
@@ -268,6 +367,7 @@ class DockerRuntime:
         after the exit (network teardown), the removal of the exited containers and the
         creation of fresh ones carry on behind; ``settle`` collects the removal.
         """
+        self._staged.pop(spec.id, None)
         # Subscribed while the containers are listed, and before any is signalled, so
         # no death can slip between the two.
         subscribed, listed = await asyncio.gather(
@@ -376,6 +476,12 @@ class DockerRuntime:
 
     def follow_logs(self, container_id: str, tail: int) -> LogStream:
         return self.docker.follow_logs(container_id, tail)
+
+
+@dataclass(frozen=True)
+class _Staged:
+    engine: ContainerInfo  # started, its engine held at the gate
+    rest: list[list[ContainerInfo]]  # the model's other containers, in start order
 
 
 @dataclass(frozen=True)
@@ -590,6 +696,13 @@ def _stop_order(
     )
     rest = [c for c in running if c.service in beneath]
     return [batch for batch in (first, rest) if batch]
+
+
+def _meet(one: tuple[str, int], other: tuple[str, int]) -> bool:
+    """Whether two host bindings (address, port) would take the same port."""
+    return one[1] == other[1] and (
+        one[0] in _ANY_ADDRESS or other[0] in _ANY_ADDRESS or one[0] == other[0]
+    )
 
 
 def _grace(spec: ModelSpec, container: ContainerInfo) -> float | None:

@@ -66,6 +66,7 @@ class Switcher:
         restore_on_start: bool = True,
         preload: str | None = None,
         pool: PoolLimits | None = None,
+        standby: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runtime, self.store, self.history = runtime, store, history
@@ -90,9 +91,11 @@ class Switcher:
             weights_bytes=self._weights_bytes,
             pool=pool,
             rollback=rollback,
+            standby=standby,
             clock=clock,
         )
         self.pool = self._procedure.pool
+        self.standbys = self._procedure.standbys
 
     def connect(self, *, drain: Drain | None, observers: Sequence[SwitchObserver]) -> None:
         """Who drains a model before it stops (the gateway), and who hears of changes."""
@@ -267,6 +270,7 @@ class Switcher:
         """Stop our tasks; the running model is left running for the next daemon to adopt."""
         await self.watcher.close()
         await cancel_all(self._tasks)
+        await self._procedure.close()
         for op in self._queue.all():
             if not op.future.done():
                 message = "the daemon is shutting down; the request was not carried out"
@@ -283,6 +287,7 @@ class Switcher:
             model = self._service_model.get(container.service)
             if model is not None and container.running:
                 running.setdefault(model, []).append(container)
+        await self._stop_held(running)
         asleep = await self._adopt_sleepers(running)
         awake = {model: found for model, found in running.items() if model not in asleep}
         desired = await self.store.get_value(DESIRED_MODEL_KEY)
@@ -308,6 +313,17 @@ class Switcher:
             wanted = desired
         if wanted is not None:
             self._enqueue(Operation(kind=Kind.SWITCH, model=wanted))
+
+    async def _stop_held(self, running: dict[str, list[ContainerInfo]]) -> None:
+        """A container the last daemon started behind the start gate and never released
+        has run no engine: it is stopped, and its model counts as not running."""
+        for model_id, containers in sorted(running.items()):
+            spec = self.models[model_id]
+            engine = next((c for c in containers if c.service == spec.engine_service), None)
+            if spec.gated and engine is not None and await self.runtime.held(engine):
+                log.info("stopping a container left at the start gate", model=model_id)
+                await self._procedure.retire(spec)
+                del running[model_id]
 
     async def _adopt_sleepers(self, running: Mapping[str, list[ContainerInfo]]) -> set[str]:
         """The models with sleep mode whose running engine says it sleeps join the pool."""

@@ -173,6 +173,7 @@ def spec(
     timeout: float = 5.0,
     sleep: int | None = None,
     warmup: bool = False,
+    gated: bool = False,
 ) -> ModelSpec:
     return ModelSpec(
         id=model_id,
@@ -186,6 +187,7 @@ def spec(
         startup_timeout=timeout,
         sleep=sleep,
         warmup=warmup,
+        gated=gated,
     )
 
 
@@ -230,6 +232,8 @@ class FakeRuntime:
     _counter: int = 0
     _services: dict[str, str] = field(default_factory=dict)  # model -> its engine service
     asleep: set[str] = field(default_factory=set)  # models whose engine sleeps
+    # Models whose container was staged: running, its engine held at the start gate.
+    held_models: set[str] = field(default_factory=set)
 
     def _service(self, model_id: str) -> str:
         return self._services.get(model_id, f"svc-{model_id}")
@@ -283,12 +287,44 @@ class FakeRuntime:
     def discard(self, spec: ModelSpec) -> None:
         self.discarded.append(spec.id)
 
-    async def start(self, spec: ModelSpec) -> None:
-        self.calls.append(("start", spec.id))
+    async def stage(self, spec: ModelSpec) -> bool:
+        """A gated model's container starts with its engine held; none other is staged."""
+        if not spec.gated:
+            return False
+        if spec.id in self.held_models:
+            return True
+        self.calls.append(("stage", spec.id))
+        await asyncio.sleep(0)
+        self._clear_removing(spec)
+        self.run_container(spec.id, service=spec.engine_service)
+        self.held_models.add(spec.id)
+        return True
+
+    async def unstage(self, spec: ModelSpec) -> None:
+        if spec.id in self.held_models:
+            await self.stop(spec)
+
+    async def held(self, container: ContainerInfo) -> bool:
+        await asyncio.sleep(0)
+        return container.running and any(
+            self._containers.get(self._service(model)) == container for model in self.held_models
+        )
+
+    def _clear_removing(self, spec: ModelSpec) -> None:
         # As DockerRuntime does: a service still being removed is gone before it starts.
         for service in set(spec.services) & set(self._removing):
             self._remove(service)
             del self._removing[service]
+
+    async def start(self, spec: ModelSpec) -> None:
+        self.calls.append(("start", spec.id))
+        if spec.id in self.held_models:
+            # The staged engine is let through: only now does it take the GPU.
+            self._check_alone(spec, "let through the gate")
+            self.held_models.discard(spec.id)
+            self._probes[spec.id] = 0
+            return
+        self._clear_removing(spec)
         self._check_alone(spec, "started")
         behaviour = self.behaviours.get(spec.id, Behaviour())
         if self.gate is not None:
@@ -299,7 +335,7 @@ class FakeRuntime:
 
     def _check_alone(self, spec: ModelSpec, what: str) -> None:
         """No other engine may be awake on the GPU when one starts or wakes."""
-        sleeping = {self._service(model) for model in self.asleep}
+        sleeping = {self._service(model) for model in self.asleep | self.held_models}
         others = [
             c.service
             for c in self._containers.values()
@@ -340,6 +376,7 @@ class FakeRuntime:
         left to ``settle``. A model with nothing running is removed at once."""
         self.calls.append(("stop", spec.id))
         self.asleep.discard(spec.id)
+        self.held_models.discard(spec.id)
         await asyncio.sleep(0)
         mine = [c for c in self._containers.values() if c.service in spec.services]
         if not any(c.running for c in mine):
@@ -380,7 +417,7 @@ class FakeRuntime:
         await asyncio.sleep(0)
         model_id = url.removeprefix("http://fake/").split("/")[0]
         container = self._containers.get(self._service(model_id))
-        if container is None or not container.running:
+        if container is None or not container.running or model_id in self.held_models:
             return False
         behaviour = self.behaviours.get(model_id, Behaviour())
         if behaviour.crash or (behaviour.crowded_out and self.asleep):
@@ -401,6 +438,7 @@ class FakeRuntime:
         """The engine's container exits behind the daemon's back."""
         old = self._containers[self._service(model_id)]
         self.asleep.discard(model_id)
+        self.held_models.discard(model_id)
         dead = replace(old, status="exited", exit_code=exit_code, ports={}, addresses=())
         self._put(dead)
         return dead

@@ -17,6 +17,7 @@ from pathlib import Path
 import docker
 import docker.errors
 
+from orchestrator import gate
 from tests.waiting import eventually_blocking
 
 STANDIN_IMAGE = os.environ.get("STANDIN_IMAGE", "model-orchestrator/standin:test")
@@ -132,12 +133,24 @@ class Rig:
         return [c for c in self.containers(running_only=False) if c.status != "created"]
 
     def model_containers(self) -> list[str]:
-        """Services of running model containers (the shared service is not a model)."""
-        return sorted(
-            c.labels[SERVICE_LABEL]
+        """Services of running model containers whose engine runs (the shared service is
+        not a model): a container whose main process is still the start gate's shell is
+        standing by, or staged for a switch, and runs no engine (see ``held``).
+
+        Each container is looked at in turn, and a switch may let one through meanwhile:
+        only those still running when all have been looked at count, so that an engine
+        seen before its exit and another seen after it are not taken for two at once.
+        """
+        engines = {
+            c.id: c.labels[SERVICE_LABEL]
             for c in self.containers()
-            if c.labels.get(SERVICE_LABEL) not in self.shared_services
-        )
+            if c.labels.get(SERVICE_LABEL) not in self.shared_services and not held(c)
+        }
+        return sorted(engines[c.id] for c in self.containers() if c.id in engines)
+
+    def held(self) -> list[str]:
+        """Services of running containers whose engine waits at the start gate."""
+        return sorted(c.labels[SERVICE_LABEL] for c in self.containers() if held(c))
 
     def clean(self) -> None:
         """Kill the daemons, remove every container and network of the project."""
@@ -149,3 +162,12 @@ class Rig:
             filters={"label": [f"{PROJECT_LABEL}={self.project}"]}
         ):
             network.remove()
+
+
+def held(container: docker.models.containers.Container) -> bool:
+    """Whether the container's engine waits at the start gate (see orchestrator/gate.py)."""
+    try:
+        processes = container.top()["Processes"] or []
+    except docker.errors.APIError:
+        return False  # exited meanwhile: no engine runs either way
+    return any(gate.SCRIPT_NAME in " ".join(row[7:]) for row in processes)

@@ -100,6 +100,8 @@ function modelState(model) {
   if (status.target === model.id) return status.state;
   if (model.enabled === false) return "disabled";
   if (model.residency === "asleep") return "asleep";
+  // Its container runs, but only the start gate's shell: the engine never started.
+  if (status.standby.models.includes(model.id)) return "standby";
   return model.container ? model.container.state : "stopped";
 }
 
@@ -115,6 +117,10 @@ function renderSummary() {
   $("#warm-pool").textContent = pool.asleep.length
     ? `asleep: ${pool.asleep.join(", ")} (${pool.asleep.length} of ${pool.max_asleep},` +
       ` ~${gib(pool.ram_bytes)} of host RAM)`
+    : "";
+  const standby = status.standby.models;
+  $("#standby").textContent = standby.length
+    ? `standing by (container started, engine held): ${standby.join(", ")}`
     : "";
 }
 

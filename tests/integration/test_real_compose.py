@@ -21,6 +21,7 @@ import aiohttp
 import docker
 import pytest
 
+from orchestrator import gate
 from tests.fakes import make_snapshot
 from tests.rig import STANDIN_IMAGE, Rig
 from tests.waiting import eventually
@@ -183,13 +184,17 @@ async def served_as(http: aiohttp.ClientSession, rig: Rig, model: str) -> str:
 
 
 def engine_command(rig: Rig, service: str) -> list[str]:
+    """What the engine runs: its container's entrypoint and command, past the start gate."""
     (container,) = [
         c for c in rig.containers() if c.labels["com.docker.compose.service"] == service
     ]
-    return [
+    argv = [
         *(container.attrs["Config"]["Entrypoint"] or []),
         *(container.attrs["Config"]["Cmd"] or []),
     ]
+    behind_gate = [gate.SHELL, "-c", gate.SCRIPT, gate.SCRIPT_NAME]
+    assert argv[: len(behind_gate)] == behind_gate
+    return argv[len(behind_gate) :]
 
 
 @pytest.mark.parametrize(

@@ -641,6 +641,15 @@ class Scripted:
     async def running(self, services: frozenset[str]) -> list[ContainerInfo]:
         raise NotImplementedError
 
+    async def stage(self, spec: ModelSpec) -> bool:
+        raise NotImplementedError
+
+    async def unstage(self, spec: ModelSpec) -> None:
+        raise NotImplementedError
+
+    async def held(self, container: ContainerInfo) -> bool:
+        raise NotImplementedError
+
     async def start(self, spec: ModelSpec) -> None:
         raise NotImplementedError
 
