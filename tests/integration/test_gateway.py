@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -18,12 +17,6 @@ from tests.waiting import eventually
 pytestmark = pytest.mark.integration
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        yield session
 
 
 def client(rig: Rig, key: str = "unused") -> openai.AsyncOpenAI:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -20,12 +19,6 @@ REGISTRY_ENV = {
     "ORCHESTRATOR_ENGINE_IMAGE": STANDIN_IMAGE,
     "ORCHESTRATOR_ENGINE_GPUS": "none",
 }
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        yield session
 
 
 def cli(rig: Rig, *args: str) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.integration
 
 REGISTRY_ENV = {"ORCHESTRATOR_ENGINE_IMAGE": STANDIN_IMAGE, "ORCHESTRATOR_ENGINE_GPUS": "none"}
 ATTACK = '{"repo": "Org/Name", "id": "x", "image": "attacker/image"}'
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        yield session
 
 
 async def status_of(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +75,6 @@ def rig_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        yield session
-
-
 async def switch(http: aiohttp.ClientSession, rig: Rig, model: str) -> dict[str, Any]:
     async with http.post(f"{rig.url}/switch", json={"model": model}) as response:
         answer = dict(await response.json())
@@ -96,7 +89,7 @@ async def status(http: aiohttp.ClientSession, rig: Rig) -> dict[str, Any]:
 
 async def standing_by(http: aiohttp.ClientSession, rig: Rig, *models: str) -> None:
     async def settled() -> bool:
-        return (await status(http, rig))["standby"]["models"] == list(models)
+        return bool((await status(http, rig))["standby"]["models"] == list(models))
 
     await eventually(settled, within=30, what=f"standing by: {models}")
     assert rig.held() == [f"engine-{m}" for m in models]
@@ -197,7 +190,7 @@ async def test_a_daemon_killed_with_a_standby_leaves_it_to_the_next(
 
     async def adopted() -> bool:
         answer = await status(http, rig)
-        return answer["state"] == "ready" and answer["active"] == "beta"
+        return bool(answer["state"] == "ready" and answer["active"] == "beta")
 
     await eventually(adopted, within=30, what="beta adopted")
     await eventually(lambda: rig.held() == [], within=30, what="the held alpha stopped")

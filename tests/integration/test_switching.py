@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -17,14 +16,6 @@ from tests.rig import Rig, held
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
-
-SWITCH_TIMEOUT = aiohttp.ClientTimeout(total=120)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=SWITCH_TIMEOUT) as session:
-        yield session
 
 
 async def switch(http: aiohttp.ClientSession, rig: Rig, model: str) -> tuple[int, dict[str, Any]]:

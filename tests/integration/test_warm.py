@@ -11,7 +11,7 @@ import asyncio
 import fcntl
 import json
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +86,6 @@ def rig_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def warm_rig(rig: Rig) -> Iterator[Rig]:
     rig.shared_services = ()
     yield rig
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        yield session
 
 
 async def call(

@@ -76,6 +76,13 @@ async def standing_by(switcher: Switcher, runtime: FakeRuntime, *models: str) ->
     await eventually(settled, what=f"standing by: {models}")
 
 
+async def a_then_b(switcher: Switcher, runtime: FakeRuntime) -> None:
+    """Switch to a, then to b: a stands by."""
+    await switch(switcher, "a")
+    await switch(switcher, "b")
+    await standing_by(switcher, runtime, "a")
+
+
 def running(runtime: FakeRuntime) -> list[str]:
     return sorted(c.service for c in runtime._containers.values() if c.running)
 
@@ -136,9 +143,7 @@ class TestStandby:
         self, runtime: FakeRuntime, store: Store, hub: Path
     ) -> None:
         async with started(runtime, store, hub) as switcher:
-            await switch(switcher, "a")
-            await switch(switcher, "b")
-            await standing_by(switcher, runtime, "a")
+            await a_then_b(switcher, runtime)
             held = runtime._containers["svc-a"].id
             runtime.calls.clear()
             record = await switch(switcher, "a")
@@ -177,9 +182,7 @@ class TestStandby:
         self, runtime: FakeRuntime, store: Store, hub: Path
     ) -> None:
         async with started(runtime, store, hub) as switcher:
-            await switch(switcher, "a")
-            await switch(switcher, "b")
-            await standing_by(switcher, runtime, "a")
+            await a_then_b(switcher, runtime)
             record = await (await switcher.stop()).future
             assert record.outcome == "ok"
             assert running(runtime) == []
@@ -190,9 +193,7 @@ class TestStandby:
         self, runtime: FakeRuntime, store: Store, hub: Path
     ) -> None:
         async with started(runtime, store, hub) as switcher:
-            await switch(switcher, "a")
-            await switch(switcher, "b")
-            await standing_by(switcher, runtime, "a")
+            await a_then_b(switcher, runtime)
             held = runtime._containers["svc-a"].id
             models = gated_models()
             models["a"] = replace(models["a"], startup_timeout=7.0)
@@ -217,9 +218,7 @@ class TestStandby:
         """A daemon killed with a standby leaves it held; the next one stops it and adopts
         the model that runs."""
         async with started(runtime, store, hub) as switcher:
-            await switch(switcher, "a")
-            await switch(switcher, "b")
-            await standing_by(switcher, runtime, "a")
+            await a_then_b(switcher, runtime)
         runtime.calls.clear()
         async with started(runtime, store, hub) as switcher:
             await eventually(lambda: switcher.status.state is State.READY, what="adopted")
@@ -233,9 +232,7 @@ class TestStandby:
     ) -> None:
         """A failed switch to c rolls back to b; a, left earlier, still stands by."""
         async with started(runtime, store, hub, standby=2) as switcher:
-            await switch(switcher, "a")
-            await switch(switcher, "b")
-            await standing_by(switcher, runtime, "a")
+            await a_then_b(switcher, runtime)
             runtime.behaviours["c"] = Behaviour(hang=True)
             models = gated_models()
             models["c"] = replace(models["c"], startup_timeout=0.3)
