@@ -40,6 +40,8 @@ SERVICE_LABEL = "com.docker.compose.service"
 CONFIG_HASH_LABEL = "com.docker.compose.config-hash"
 IMAGE_LABEL = "com.docker.compose.image"
 ONEOFF_LABEL = "com.docker.compose.oneoff"
+# How far back wait_for_line looks in a log it starts to follow: the line may be out.
+LINE_LOOK_BACK = 20
 
 
 @dataclass(frozen=True)
@@ -503,6 +505,18 @@ class Docker:
             await self._blocking(client.api.kill, container_id, signal=gate.OPEN_SIGNAL)
         except docker.errors.NotFound as err:
             raise DockerError(f"container {container_id[:12]} is gone") from err
+
+    async def wait_for_line(self, container_id: str, text: str) -> None:
+        """Until a line of the container's log (its last lines included) holds ``text``;
+        DockerError if the log ends first."""
+        follower = self.follow_logs(container_id, tail=LINE_LOOK_BACK)
+        try:
+            async for line in follower.lines():
+                if text in line:
+                    return
+            raise DockerError(f"container {container_id[:12]} exited before it said {text!r}")
+        finally:
+            follower.close()
 
     async def held(self, container_id: str) -> bool:
         """Whether the container's engine waits behind the start gate: the gate's folder is

@@ -28,6 +28,9 @@ class Drain(Protocol):
     async def drain(self, model_id: str) -> int:
         """Wait (bounded) for the requests in flight on the model; how many were cut off."""
 
+    def in_flight(self, model_id: str) -> int:
+        """How many requests the model is answering now."""
+
 
 class Observers:
     """The switcher's observers, each told in turn."""

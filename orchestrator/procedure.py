@@ -44,6 +44,10 @@ log = structlog.get_logger(__name__)
 
 # How long a woken engine has to pass its health check once vLLM says it is awake.
 WAKE_HEALTH_TIMEOUT = 10.0
+# A target not standing by is staged during a switch when the old engine took at least
+# this long to exit last time: docker's start of a container takes 0.2-0.3 s, and the
+# gate's own steps (hold file, its line, the signal) about 50 ms of the switch's time.
+STAGE_IF_EXIT_TAKES = 0.1
 
 
 class Left(StrEnum):
@@ -107,24 +111,28 @@ class Procedure:
         # start gate, need no GPU: they overlap the drain and the old model's stop and take
         # docker's work off the switch's critical path. A sleeper has its own container.
         # Standbys hold no GPU: they stay while the switch is busy with docker, unless the
-        # target starts cold unstaged (it may need a port one of them holds).
+        # target starts cold unstaged and needs a fixed host port one of them holds.
         spare = self.standbys.ids
         cold = status.sleeper(spec.id) is None
-        staging = asyncio.create_task(self._stage(spec, op, cold=cold), name=f"stage-{spec.id}")
+        staging = asyncio.create_task(
+            self._stage(spec, op, cold=cold, now=self._worth_staging(status)),
+            name=f"stage-{spec.id}",
+        )
         try:
             await self.drain(op)
             began = self._clock()
             await self.stop_all(except_model=spec.id, target=spec.id, op=op, spare=spare)
             if not await staging and cold:
-                await self.standbys.leave_all()
+                # It starts after the old engine's exit, as before; a standby holding a
+                # fixed host port it publishes would make docker refuse the start.
+                await self.standbys.leave(await self.runtime.in_the_way(spec))
             op.timings["stop"] = self._clock() - began
         except BaseException:
             await self._abandon(staging, spec)
             raise
         began = self._clock()
         try:
-            await self._cancellable_start(spec, op)
-            self.standbys.after_switch(self._left_cold(previous))
+            await self._cancellable_start(spec, op, left=self._left_cold(previous))
             return Outcome.OK
         except ModelExited as err:
             if not self._status().asleep:
@@ -145,20 +153,33 @@ class Procedure:
             await self._after_failed_start(spec, previous, err)
             raise
 
-    async def _stage(self, spec: ModelSpec, op: Operation, *, cold: bool) -> bool:
-        """For a cold start, stage the target; True when it is staged (it may have been
-        standing by)."""
+    async def _stage(self, spec: ModelSpec, op: Operation, *, cold: bool, now: bool) -> bool:
+        """For a cold start, stage the target, if it stands by or ``now``; True when it is
+        staged."""
         if not cold:
             return False
         began = self._clock()
         if not await self.standbys.take(spec.id):
             await self._prepare(spec)
-            if self._status().active is None:
-                return False  # no old engine to stop meanwhile: the gate would only cost
+            if not now:
+                return False
         if not await self.runtime.stage(spec):
             return False
         op.timings["staged"] = self._clock() - began
         return True
+
+    def _worth_staging(self, status: Status) -> bool:
+        """Whether to stage a target that does not stand by: only while the old model
+        takes long enough to leave (requests to finish, an engine slow to exit; unknown
+        counts as slow) for docker's start of the target's container to fit beside it.
+        Otherwise the gate's own steps would only add to the switch."""
+        active = status.active
+        if active is None:
+            return False
+        if self._drain_with is not None and self._drain_with.in_flight(active):
+            return True
+        exit_time = self.runtime.exit_time(active)
+        return exit_time is None or exit_time >= STAGE_IF_EXIT_TAKES
 
     def _left_cold(self, model_id: str | None) -> ModelSpec | None:
         """The model a switch left, if it may stand by: stopped, not asleep, gated."""
@@ -376,13 +397,16 @@ class Procedure:
                 )
             await asyncio.sleep(READY_POLL_INTERVAL)
 
-    async def _cancellable_start(self, spec: ModelSpec, op: Operation) -> None:
-        """Start the model in a task of its own, so that POST /stop can call it off."""
+    async def _cancellable_start(
+        self, spec: ModelSpec, op: Operation, left: ModelSpec | None = None
+    ) -> None:
+        """Start the model in a task of its own, so that POST /stop can call it off;
+        ``left`` stands by once the model's engine has started."""
         called_off = Cancelled(f"the switch to {spec.id} was cancelled by POST /stop")
         if op.cancelled:
             await self.runtime.unstage(spec)
             raise called_off
-        self._starting = asyncio.create_task(self._start(spec, op), name=f"start-{spec.id}")
+        self._starting = asyncio.create_task(self._start(spec, op, left), name=f"start-{spec.id}")
         try:
             await self._starting
         except asyncio.CancelledError:
@@ -420,6 +444,8 @@ class Procedure:
         log.warning("rolling back", to_model=previous)
         previous_spec = self._models()[previous]
         try:
+            # It may be standing by already (its staging waited for): let it through.
+            await self.standbys.take(previous)
             await self._start(previous_spec, None)
         except OrchestratorError as rollback_err:
             err.details["rollback_error"] = rollback_err.message
@@ -459,12 +485,15 @@ class Procedure:
         await self.runtime.stop(spec)
         self.watcher.forget(spec.services)
 
-    async def _start(self, spec: ModelSpec, op: Operation | None) -> None:
+    async def _start(
+        self, spec: ModelSpec, op: Operation | None, left: ModelSpec | None = None
+    ) -> None:
         sleeper = self._status().sleeper(spec.id)
         if sleeper is not None:
             began = self._clock()
             try:
                 await self._wake(spec, sleeper, op)
+                self.standbys.after_switch(left)
                 return
             except (SleepModeFailed, DockerError) as err:
                 # CUDA out of memory, an engine error, no answer: the container goes, and
@@ -479,6 +508,8 @@ class Procedure:
         await self.runtime.start(spec)
         if op is not None:
             op.timings["up"] = self._clock() - began
+            # The engine loads now: time for the standbys' work, off the critical path.
+            self.standbys.after_switch(left)
         ready = await wait_ready(
             self.runtime, spec, began=began, clock=self._clock, seen=self.watcher.saw
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -33,10 +34,8 @@ LOG_TAIL_LINES = 40
 READY_POLL_INTERVAL = 0.05
 # Container state is checked this often while waiting, to catch an engine that exits.
 EXIT_CHECK_INTERVAL = 0.5
-# How long a staged container has to say that its engine waits at the start gate, and how
-# far back in its log to look for that.
+# How long a staged container has to say that its engine waits at the start gate.
 GATE_TIMEOUT = 10.0
-GATE_LOG_TAIL = 20
 _ANY_ADDRESS = {"", "0.0.0.0", "::"}
 
 
@@ -51,12 +50,14 @@ class ModelRuntime(Protocol):
     async def prepare(self, spec: ModelSpec) -> None: ...
     def prepare_ahead(self, specs: Sequence[ModelSpec]) -> None: ...
     def discard(self, spec: ModelSpec) -> None: ...
-    async def stage(self, spec: ModelSpec) -> bool: ...
+    async def stage(self, spec: ModelSpec, *, behind: bool = False) -> bool: ...
     async def unstage(self, spec: ModelSpec) -> None: ...
+    async def in_the_way(self, spec: ModelSpec) -> list[str]: ...
     async def held(self, container: ContainerInfo) -> bool: ...
     async def start(self, spec: ModelSpec) -> None: ...
     async def stop(self, spec: ModelSpec) -> None: ...
     async def settle(self) -> None: ...
+    def exit_time(self, model_id: str) -> float | None: ...
     async def running(self, services: frozenset[str]) -> list[ContainerInfo]: ...
     async def containers(self, services: frozenset[str] | None = None) -> list[ContainerInfo]: ...
     async def inspect(self, container_id: str) -> ContainerInfo | None: ...
@@ -95,6 +96,8 @@ class DockerRuntime:
         # switch waits, so that it does not take the docker engine's time from the start.
         self._not_starting = asyncio.Event()
         self._not_starting.set()
+        # Seconds from the stop signal to the exit, at each model's last stop.
+        self._exit_times: dict[str, float] = {}
         # Engine containers started behind the start gate, by model, until let through.
         self._staged: dict[str, _Staged] = {}
         self._signals: set[asyncio.Task[None]] = set()
@@ -221,16 +224,18 @@ class DockerRuntime:
 
     # -- starting --------------------------------------------------------------------------
 
-    async def stage(self, spec: ModelSpec) -> bool:
+    async def stage(self, spec: ModelSpec, *, behind: bool = False) -> bool:
         """Start the model's engine container with the engine held at the start gate
         (gate.py), so that docker's part of the start is done before the GPU is free; True
         once the gate says it holds. Only when the engine is the first of the model's
         containers to start, its container is made and fresh, and no running container has
         a fixed host port it asks for. ``start`` lets the engine through; ``unstage`` stops
-        it unrun."""
+        it unrun. ``behind``: for a standby, after any start under way."""
         if not spec.gated or spec.id in self._staged:
             return spec.id in self._staged
         await self._behind(spec.services)
+        if behind:
+            await self._not_starting.wait()
         try:
             listed = await self.docker.summaries()
             order = _start_order(spec, listed, self.docker.known_blueprints())
@@ -248,7 +253,9 @@ class DockerRuntime:
         self._staged[spec.id] = _Staged(engine, rest)
         try:
             await self.docker.start_container(engine.id)
-            await self._held(engine.id)
+            # The gate's trap for the signal is set once it says it holds.
+            async with asyncio.timeout(GATE_TIMEOUT):
+                await self.docker.wait_for_line(engine.id, gate.HELD_LINE)
         except (OrchestratorError, TimeoutError) as err:
             log.warning("staged start failed", model=spec.id, error=str(err))
             # Stopped if it runs; its container, hold file and all, is removed either way.
@@ -258,18 +265,6 @@ class DockerRuntime:
             return False
         return True
 
-    async def _held(self, container_id: str) -> None:
-        """Until the gate's script says it holds: its trap for the signal is set then."""
-        follower = self.docker.follow_logs(container_id, tail=GATE_LOG_TAIL)
-        try:
-            async with asyncio.timeout(GATE_TIMEOUT):
-                async for line in follower.lines():
-                    if gate.HELD_LINE in line:
-                        return
-            raise DockerError("the container exited at the start gate")
-        finally:
-            follower.close()
-
     async def unstage(self, spec: ModelSpec) -> None:
         """Stop a staged engine container the switch will not use; its engine never ran."""
         if spec.id in self._staged:
@@ -277,6 +272,31 @@ class DockerRuntime:
 
     async def held(self, container: ContainerInfo) -> bool:
         return container.running and await self.docker.held(container.id)
+
+    async def in_the_way(self, spec: ModelSpec) -> list[str]:
+        """The staged models whose containers publish a fixed host port that the model's
+        engine container asks for: it cannot start beside them."""
+        others = {m: s for m, s in self._staged.items() if m != spec.id}
+        if not others:
+            return []
+        try:
+            found = await self.docker.summaries([spec.engine_service])
+            if len(found) != 1:
+                return list(others)  # compose will make it: its ports are not known yet
+            wanted = await self.docker.fixed_host_ports(found[0].id)
+            if not wanted:
+                return []
+            taken = {
+                model: await self.docker.fixed_host_ports(staged.engine.id)
+                for model, staged in others.items()
+            }
+        except DockerError:
+            return list(others)
+        return [
+            model
+            for model, ports in taken.items()
+            if any(_meet(one, other) for one in wanted for other in ports)
+        ]
 
     async def start(self, spec: ModelSpec) -> None:
         staged = self._staged.pop(spec.id, None)
@@ -367,7 +387,8 @@ class DockerRuntime:
         after the exit (network teardown), the removal of the exited containers and the
         creation of fresh ones carry on behind; ``settle`` collects the removal.
         """
-        self._staged.pop(spec.id, None)
+        # A staged engine never ran: its exit says nothing of how the engine leaves.
+        held = self._staged.pop(spec.id, None) is not None
         # Subscribed while the containers are listed, and before any is signalled, so
         # no death can slip between the two.
         subscribed, listed = await asyncio.gather(
@@ -382,6 +403,7 @@ class DockerRuntime:
         if isinstance(subscribed, BaseException):
             raise subscribed
         stops: list[asyncio.Task[None]] = []
+        began = time.monotonic()
         try:
             running = [c for c in listed if c.running]
             for batch in _stop_order(spec, running, self.docker.known_blueprints()):
@@ -393,6 +415,8 @@ class DockerRuntime:
                 await _exited(subscribed, signalled, [c.id for c in batch])
         finally:
             subscribed.close()
+        if stops and not held:
+            self._exit_times[spec.id] = time.monotonic() - began
         # Containers that never ran stay: they are what the next start uses.
         spent = [c for c in listed if c.status != "created"]
         if not spent:
@@ -412,6 +436,10 @@ class DockerRuntime:
         await self._not_starting.wait()
         await asyncio.gather(*(self.docker.remove_container(c.id) for c in spent))
         self._track(self._preparations, self._prepare_quietly([spec]), frozenset(spec.services))
+
+    def exit_time(self, model_id: str) -> float | None:
+        """How long the model's engine took to exit after its stop signal, last time."""
+        return self._exit_times.get(model_id)
 
     async def settle(self) -> None:
         """Wait for background removals; raise the first failure."""

@@ -10,7 +10,7 @@ standbys past the limit) runs behind it, and the next switch waits for that work
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import structlog
 
@@ -54,8 +54,10 @@ class Standbys:
             await cancel_all([self._work])
 
     def after_switch(self, left: ModelSpec | None) -> None:
-        """Behind a switch: stand by for the model it left (None: none to add), and stop
-        the standbys past the limit, least recently left first."""
+        """Behind a switch, once its target's engine has started: stop the standbys past
+        the limit, least recently left first, then stand by for the model it left (None:
+        none to add). The work runs while the target loads: a later switch to a model
+        that was stopped finds its fresh container made by then."""
         earlier = self._work
         left = left if self.limit > 0 else None
         if left is not None:
@@ -64,9 +66,9 @@ class Standbys:
         async def work() -> None:
             if earlier is not None:
                 await asyncio.gather(earlier, return_exceptions=True)
+            await self._trim(room=1 if left is not None else 0)
             if left is not None:
                 await self._stage(left)
-            await self._trim()
 
         self._work = asyncio.create_task(work(), name="standby")
 
@@ -84,6 +86,13 @@ class Standbys:
         await self._unstage(spec)
         return False
 
+    async def leave(self, models: Iterable[str]) -> None:
+        """Stop these standbys, unrun."""
+        for model_id in models:
+            spec = self._staged.pop(model_id, None)
+            if spec is not None:
+                await self._unstage(spec)
+
     async def leave_all(self) -> None:
         """Stop every standby, unrun."""
         await self._settled()
@@ -97,7 +106,7 @@ class Standbys:
     async def _stage(self, spec: ModelSpec) -> None:
         try:
             await self._prepare(spec)
-            if await self.runtime.stage(spec):
+            if await self.runtime.stage(spec, behind=True):
                 self._staged[spec.id] = spec
                 log.info("standing by", model=spec.id)
         except OrchestratorError as err:
@@ -105,12 +114,14 @@ class Standbys:
         finally:
             self._pending.discard(spec.id)
 
-    async def _trim(self) -> None:
+    async def _trim(self, room: int) -> None:
+        """Stop the standbys whose model changed, and the least recently left until
+        ``room`` more fit within the limit."""
         models = self._models()
         for model_id, spec in list(self._staged.items()):
             if models.get(model_id) != spec:
                 await self._unstage(self._staged.pop(model_id))
-        while len(self._staged) > self.limit:
+        while self._staged and len(self._staged) + room > self.limit:
             await self._unstage(self._staged.pop(next(iter(self._staged))))
 
     async def _unstage(self, spec: ModelSpec) -> None:

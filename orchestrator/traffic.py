@@ -156,6 +156,9 @@ class Traffic:
 
     # -- what the switcher uses ------------------------------------------------------------
 
+    def in_flight(self, model_id: str) -> int:
+        return self.inflight[model_id]
+
     async def drain(self, model_id: str) -> int:
         """Wait, at most ``drain_timeout``, for the model's requests in flight to finish.
 

@@ -234,6 +234,8 @@ class FakeRuntime:
     asleep: set[str] = field(default_factory=set)  # models whose engine sleeps
     # Models whose container was staged: running, its engine held at the start gate.
     held_models: set[str] = field(default_factory=set)
+    # What exit_time answers: how long each model's engine took to exit when stopped.
+    exit_times: dict[str, float] = field(default_factory=dict)
 
     def _service(self, model_id: str) -> str:
         return self._services.get(model_id, f"svc-{model_id}")
@@ -287,7 +289,7 @@ class FakeRuntime:
     def discard(self, spec: ModelSpec) -> None:
         self.discarded.append(spec.id)
 
-    async def stage(self, spec: ModelSpec) -> bool:
+    async def stage(self, spec: ModelSpec, *, behind: bool = False) -> bool:
         """A gated model's container starts with its engine held; none other is staged."""
         if not spec.gated:
             return False
@@ -303,6 +305,11 @@ class FakeRuntime:
     async def unstage(self, spec: ModelSpec) -> None:
         if spec.id in self.held_models:
             await self.stop(spec)
+
+    async def in_the_way(self, spec: ModelSpec) -> list[str]:
+        """The fake's containers publish no fixed ports: no standby is in the way."""
+        await asyncio.sleep(0)
+        return []
 
     async def held(self, container: ContainerInfo) -> bool:
         await asyncio.sleep(0)
@@ -387,6 +394,9 @@ class FakeRuntime:
             if container.running:
                 self._put(replace(container, status="exited", exit_code=0, ports={}, addresses=()))
             self._removing[container.service] = container.id
+
+    def exit_time(self, model_id: str) -> float | None:
+        return self.exit_times.get(model_id)
 
     async def settle(self) -> None:
         """Finish the removals that stops left running."""

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import orchestrator.runtime as runtime_module
+from orchestrator import gate
 from orchestrator.compose import ModelSpec
 from orchestrator.docker import Blueprint, ContainerInfo, Dependency, Docker, EventSubscription
 from orchestrator.errors import DockerError, ModelExited, StartTimeout
@@ -74,6 +75,9 @@ class RecordedDocker(Docker):
         self.images: dict[str, str | None] = {}
         self.subscriptions: list[DeathStream] = []
         self.made = 0
+        # The start gate: host ports each service asks for, and whether it says it holds.
+        self.fixed_ports: dict[str, list[tuple[str, int]]] = {}
+        self.says_held = True
 
     async def list_containers(self, services: Iterable[str] | None = None) -> list[ContainerInfo]:
         wanted = None if services is None else set(services)
@@ -126,6 +130,22 @@ class RecordedDocker(Docker):
         await self.stop_calls_may_end.wait()
         if self.stop_error is not None:
             raise self.stop_error
+
+    async def fixed_host_ports(self, container_id: str) -> list[tuple[str, int]]:
+        return self.fixed_ports.get(self._service(container_id), [])
+
+    async def hold(self, container_id: str) -> None:
+        self.calls.append(("hold", self._service(container_id)))
+
+    async def wait_for_line(self, container_id: str, text: str) -> None:
+        assert text == gate.HELD_LINE
+        if not self.says_held:
+            await asyncio.Event().wait()  # a gate that never speaks: the caller times out
+
+    async def signal_gate(self, container_id: str) -> None:
+        self.calls.append(("let through", self._service(container_id)))
+        if not any(c.id == container_id and c.running for c in self.listed):
+            raise DockerError(f"container {container_id[:12]} is not running")
 
     async def remove_container(self, container_id: str) -> None:
         self.calls.append(("remove", self._service(container_id)))
@@ -541,6 +561,117 @@ class TestStart:
         assert [c.id for c in docker.listed] == ["new-engine-1"]
 
 
+class TestStage:
+    """Containers started behind the start gate, then let through by ``start``."""
+
+    async def test_the_engine_starts_held_and_start_lets_it_through_then_the_rest(
+        self, tmp_path: Path
+    ) -> None:
+        docker = laid_out(tmp_path, ("engine", "created", ()), ("sidecar", "created", ("engine",)))
+        runtime = DockerRuntime(docker)
+        spec = model(gated=True)
+        assert await runtime.stage(spec)
+        assert [c for c in docker.calls if c[0] != "list"] == [
+            ("hold", "engine"),
+            ("start", "engine"),
+        ]
+        assert await runtime.stage(spec)  # already staged: nothing more
+        docker.calls.clear()
+        await runtime.start(spec)
+        # The sidecar waits on the engine: it starts once the engine is let through.
+        assert docker.calls == [("let through", "engine"), ("start", "sidecar")]
+        await runtime.close()
+
+    async def test_the_signal_is_sent_twice(self, tmp_path: Path) -> None:
+        """One that lands while the gate is between its look and its wait is caught but
+        wakes nothing: a second follows."""
+        docker = laid_out(tmp_path, ("engine", "created", ()))
+        runtime = DockerRuntime(docker)
+        spec = model(services=("engine",), gated=True)
+        assert await runtime.stage(spec)
+        await runtime.start(spec)
+        await eventually(
+            lambda: docker.calls.count(("let through", "engine")) == 2, what="a second signal"
+        )
+
+    @pytest.mark.parametrize("why", ["ungated", "port taken", "dependency first", "stale"])
+    async def test_not_staged(self, tmp_path: Path, why: str) -> None:
+        """Nothing is started ahead for an ungated model, an engine whose fixed host port a
+        running container publishes, one that starts after a dependency, or a container
+        compose must make again: the start does it as before."""
+        docker = laid_out(tmp_path, ("engine", "created", ()), ("database", "created", ()))
+        docker.listed.append(
+            replace(made("other", "id-other", None, {}, "running"), ports={8000: ("0.0.0.0", 8000)})
+        )
+        spec = model(services=("engine",), gated=why != "ungated")
+        if why == "port taken":
+            docker.fixed_ports["engine"] = [("127.0.0.1", 8000)]
+        elif why == "dependency first":
+            assert docker.plans is not None
+            docker.plans["engine"] = replace(PLANS["engine"], depends_on=(Dependency("database"),))
+        elif why == "stale":
+            docker.listed[0] = replace(docker.listed[0], config_hash="an older hash")
+        runtime = DockerRuntime(docker)
+        assert not await runtime.stage(spec)
+        assert [c for c in docker.calls if c[0] in {"hold", "start"}] == []
+
+    async def test_a_gate_that_never_says_it_holds_is_stopped_and_removed(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without the gate's line the signal could come before its trap: the container is
+        not used, and a later start makes a fresh one through compose."""
+        monkeypatch.setattr(runtime_module, "GATE_TIMEOUT", 0.05)
+        docker = laid_out(tmp_path, ("engine", "created", ()))
+        docker.says_held = False
+        runtime = DockerRuntime(docker)
+        spec = model(services=("engine",), gated=True)
+        assert not await runtime.stage(spec)
+        assert ("signal", "engine", "None") in docker.calls
+        assert ("remove", "engine") in docker.calls
+        await runtime.close()
+
+    async def test_a_staged_engine_gone_meanwhile_is_started_afresh(self, tmp_path: Path) -> None:
+        """The held container died (killed by hand, say): the start stops what is left and
+        starts the model as if it had not been staged."""
+        docker = laid_out(tmp_path, ("engine", "created", ()))
+        runtime = DockerRuntime(docker)
+        spec = model(services=("engine",), gated=True)
+        assert await runtime.stage(spec)
+        docker.exit("id-engine", code=137)
+        await asyncio.wait_for(runtime.start(spec), 5)
+        assert ("remove", "engine") in docker.calls
+        assert started(docker)[-1] == "engine"
+        assert [c.status for c in docker.listed] == ["running"]
+
+    @pytest.mark.parametrize(("port", "in_the_way"), [(8000, ["beta"]), (8001, [])])
+    async def test_a_standby_is_in_the_way_when_it_holds_a_fixed_port_the_target_asks_for(
+        self, tmp_path: Path, port: int, in_the_way: list[str]
+    ) -> None:
+        docker = laid_out(tmp_path, ("engine", "created", ()), ("sidecar", "created", ()))
+        runtime = DockerRuntime(docker)
+        beta = replace(
+            model(services=("sidecar",), engine_service="sidecar", gated=True), id="beta"
+        )
+        assert await runtime.stage(beta)
+        docker.fixed_ports = {"sidecar": [("0.0.0.0", 8000)], "engine": [("127.0.0.1", port)]}
+        assert await runtime.in_the_way(model(services=("engine",))) == in_the_way
+        await runtime.close()
+
+    async def test_the_exit_time_is_kept_for_engines_that_ran(self, tmp_path: Path) -> None:
+        docker = laid_out(tmp_path, ("engine", "running", ()))
+        runtime = DockerRuntime(docker)
+        spec = model(services=("engine",), gated=True)
+        assert runtime.exit_time("alpha") is None
+        await runtime.stop(spec)
+        first = runtime.exit_time("alpha")
+        assert first is not None and first >= 0
+        await runtime.settle()
+        assert await runtime.stage(spec)  # a fresh container, held
+        await runtime.stop(spec)  # its engine never ran: says nothing of the engine's exit
+        assert runtime.exit_time("alpha") == first
+        await runtime.close()
+
+
 class TestPrepare:
     async def test_up_to_date_containers_are_left_alone(self, tmp_path: Path) -> None:
         docker = laid_out(tmp_path, ("engine", "created", ()), ("sidecar", "created", ()))
@@ -641,10 +772,13 @@ class Scripted:
     async def running(self, services: frozenset[str]) -> list[ContainerInfo]:
         raise NotImplementedError
 
-    async def stage(self, spec: ModelSpec) -> bool:
+    async def stage(self, spec: ModelSpec, *, behind: bool = False) -> bool:
         raise NotImplementedError
 
     async def unstage(self, spec: ModelSpec) -> None:
+        raise NotImplementedError
+
+    async def in_the_way(self, spec: ModelSpec) -> list[str]:
         raise NotImplementedError
 
     async def held(self, container: ContainerInfo) -> bool:
@@ -657,6 +791,9 @@ class Scripted:
         raise NotImplementedError
 
     async def settle(self) -> None:
+        raise NotImplementedError
+
+    def exit_time(self, model_id: str) -> float | None:
         raise NotImplementedError
 
     async def is_sleeping(self, url: str) -> bool | None:

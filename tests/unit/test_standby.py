@@ -83,6 +83,16 @@ async def a_then_b(switcher: Switcher, runtime: FakeRuntime) -> None:
     await standing_by(switcher, runtime, "a")
 
 
+class Busy:
+    """A gateway with one request in flight on every model, done when the drain asks."""
+
+    def in_flight(self, model_id: str) -> int:
+        return 1
+
+    async def drain(self, model_id: str) -> int:
+        return 0
+
+
 def running(runtime: FakeRuntime) -> list[str]:
     return sorted(c.service for c in runtime._containers.values() if c.running)
 
@@ -101,6 +111,29 @@ class TestStagedStart:
         assert runtime.calls[2:] == [("start", "b")]
         assert "staged" in (record.timings or {})
         assert runtime.overlaps == []
+
+    async def test_no_stage_during_the_switch_when_the_old_engine_leaves_at_once(
+        self, runtime: FakeRuntime, store: Store, hub: Path
+    ) -> None:
+        """Its last exit took 20 ms and nothing is in flight: docker's start of the target
+        could not hide behind it, and the gate would only add its own steps."""
+        runtime.exit_times["a"] = 0.02
+        async with started(runtime, store, hub, standby=0) as switcher:
+            await switch(switcher, "a")
+            record = await switch(switcher, "b")
+        assert ("stage", "b") not in runtime.calls
+        assert "staged" not in (record.timings or {})
+
+    async def test_requests_in_flight_make_it_worth_staging(
+        self, runtime: FakeRuntime, store: Store, hub: Path
+    ) -> None:
+        runtime.exit_times["a"] = 0.02
+        async with started(runtime, store, hub, standby=0) as switcher:
+            switcher.connect(drain=Busy(), observers=())
+            await switch(switcher, "a")
+            record = await switch(switcher, "b")
+        assert ("stage", "b") in runtime.calls
+        assert "staged" in (record.timings or {})
 
     async def test_an_ungated_model_starts_as_before(
         self, runtime: FakeRuntime, store: Store, hub: Path
