@@ -220,7 +220,7 @@ def main() -> None:
         env = {"PYTHONPATH": path, "STALL_THRESHOLD": str(args.threshold_ms / 1000)}
         if args.debug:
             env["PYTHONASYNCIODEBUG"] = "1"
-        times = {"delay": 2, "sleep_time": 0.3, "wake_time": 0.3}
+        times = {"delay": 2, "sleep_time": 0.3, "wake_time": 0.3, "exit_time": 0}
         with project(client, (), env, sleep="false", **times) as rig:
             began, ended, load = asyncio.run(run_switch(rig, args.rate, args.probers))
             log = "".join(p.read_text() for p in sorted(rig.root.glob("daemon-*.log")))

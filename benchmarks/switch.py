@@ -18,6 +18,10 @@ Per switch A→B (no requests in flight, so the drain is empty):
               (staged during the switch, or standing by since the switch that left B),
               the "kill" event of the gate's SIGWINCH
   notice    = daemon's ready time - the engine's "Application startup complete" log line
+Two models back and forth (the model switched to stands by), then three in turn (it
+never does: with the stand-in's instant exit the daemon starts it after the old engine's
+exit, as before the start gate), then three in turn with engines that take --slow-exit
+seconds to exit (the daemon stages the target meanwhile once it has seen that).
 /health: 50 concurrent keep-alive probers in a separate process, for the whole of
 one switch; requests per second and latency percentiles.
 Warm swaps (issue 14), on a second project whose models have ``sleep: 1`` and whose
@@ -61,6 +65,7 @@ x-engine: &engine
     STANDIN_LOAD_DELAY: "{delay}"
     STANDIN_SLEEP_TIME: "{sleep_time}"
     STANDIN_WAKE_TIME: "{wake_time}"
+    STANDIN_EXIT_TIME: "{exit_time}"
   volumes: ["./models/hub:/root/.cache/huggingface/hub"]
   x-orchestrator: {{sleep: {sleep}}}
 services:
@@ -375,6 +380,13 @@ def report(figures: dict[str, Any]) -> None:
         " target is never the one standing by)"
     )
     print(
+        f"  ... engines taking {figures['slow_exit_s']:g} s to exit: overhead p50"
+        f" {figures['slow_exit_overhead_p50_s']:.3f} s, best"
+        f" {figures['slow_exit_overhead_best_s']:.3f} s; request -> engine run p50"
+        f" {figures['slow_exit_start_p50_s']:.3f} s ({figures['slow_exit_through_gate']} of"
+        f" {figures['slow_exit_rounds']} through the gate)"
+    )
+    print(
         f"  readiness noticed    : p50 {figures['notice_p50_ms']:.0f} ms, "
         f"max {figures['notice_max_ms']:.0f} ms after the engine's startup line"
     )
@@ -439,10 +451,14 @@ def main() -> None:
     parser.add_argument("--warm-rounds", type=int, default=8)
     parser.add_argument("--sleep-time", type=float, default=0.3, help="the stand-in's /sleep")
     parser.add_argument("--wake-time", type=float, default=0.3, help="the stand-in's /wake_up")
+    parser.add_argument(
+        "--slow-exit", type=float, default=1.0, help="the stand-in's exit time, third run"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     client = docker.from_env()
     times = {"delay": args.load_delay, "sleep_time": args.sleep_time, "wake_time": args.wake_time}
+    times["exit_time"] = 0.0
     with project(client, sleep="false", **times) as rig:
         figures = asyncio.run(measure(rig, args.rounds, args.load_delay, args.probers))
         # Round three models: the model switched to is never the one standing by.
@@ -450,6 +466,14 @@ def main() -> None:
             measure(rig, args.rounds, args.load_delay, 0, ("alpha", "beta", "gamma"), False)
         )
         figures |= {f"rotation_{key}": value for key, value in rotation.items()}
+    # The same with engines that take a while to exit, as vLLM's do: the daemon learns it
+    # at the first stop of each and then stages the target while the old engine exits.
+    with project(client, sleep="false", **(times | {"exit_time": args.slow_exit})) as rig:
+        slow = asyncio.run(
+            measure(rig, args.rounds, args.load_delay, 0, ("alpha", "beta", "gamma"), False)
+        )
+        figures |= {f"slow_exit_{key}": value for key, value in slow.items()}
+        figures["slow_exit_s"] = args.slow_exit
     with project(client, sleep="1", **times) as rig:
         engine_time = args.sleep_time + args.wake_time
         figures |= asyncio.run(measure_warm(rig, args.warm_rounds, engine_time))

@@ -170,16 +170,16 @@ class Procedure:
 
     def _worth_staging(self, status: Status) -> bool:
         """Whether to stage a target that does not stand by: only while the old model
-        takes long enough to leave (requests to finish, an engine slow to exit; unknown
-        counts as slow) for docker's start of the target's container to fit beside it.
-        Otherwise the gate's own steps would only add to the switch."""
+        takes long enough to leave (requests to finish, an engine seen to be slow to exit
+        before) for docker's start of the target's container to fit beside it. Otherwise
+        the gate's own steps would only add to the switch."""
         active = status.active
         if active is None:
             return False
         if self._drain_with is not None and self._drain_with.in_flight(active):
             return True
         exit_time = self.runtime.exit_time(active)
-        return exit_time is None or exit_time >= STAGE_IF_EXIT_TAKES
+        return exit_time is not None and exit_time >= STAGE_IF_EXIT_TAKES
 
     def _left_cold(self, model_id: str | None) -> ModelSpec | None:
         """The model a switch left, if it may stand by: stopped, not asleep, gated."""

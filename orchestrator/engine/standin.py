@@ -879,6 +879,9 @@ def include_usage(body: dict[str, Any]) -> bool:
 
 def on_sigterm(signum: int, _frame: object) -> None:
     log("INFO: Shutting down")
+    # vLLM takes its time to shut its engine down and free the GPU; the simulated GPU's
+    # lock goes only with the process.
+    time.sleep(env_float("STANDIN_EXIT_TIME", 0.0))
     # os._exit, not sys.exit: the signal may arrive while the main thread sits inside
     # serve_forever or a streaming response is being written, and the stop must not wait
     # for either. Nothing here holds state worth a graceful teardown.

@@ -30,6 +30,8 @@ x-engine: &engine
   environment:
     STANDIN_LOAD_DELAY: "{delay}"
     STANDIN_GPU_LOCK: /gpu/lock
+    # As vLLM, a while from SIGTERM to the exit: a switch stages its target meanwhile.
+    STANDIN_EXIT_TIME: "0.5"
   volumes:
     - ./models:/root/.cache/huggingface
     - ./gpu:/gpu
@@ -151,17 +153,19 @@ async def test_a_switch_back_lets_the_standby_through(
 
 
 async def test_models_in_turn_never_share_the_gpu(rig: Rig, http: aiohttp.ClientSession) -> None:
-    """Three models round and round with one standby: some switches find their target
-    standing by, the others stage it during the switch; every one succeeds (a second GPU
-    holder would fail its load) and no sample sees two engines."""
+    """Three models round and round with one standby. Once each engine has been seen to
+    take its 0.5 s to exit, every switch finds its target standing by or stages it while
+    the old engine exits; every one succeeds (a second GPU holder would fail its load)
+    and no sample sees two engines."""
     rig.start_daemon()
     async with Engines(rig) as engines:
-        await switch(http, rig, "alpha")
-        for model in ("beta", "gamma", "alpha", "gamma", "beta"):
+        for model in ("alpha", "beta", "gamma", "alpha"):
+            await switch(http, rig, model)
+        for model in ("beta", "gamma", "alpha", "gamma"):
             answer = await switch(http, rig, model)
             assert "staged" in answer["switch"]["timings"], answer["switch"]
     assert engines.most == 1
-    assert rig.model_containers() == ["engine-beta"]
+    assert rig.model_containers() == ["engine-gamma"]
 
 
 async def test_stop_leaves_no_container_running(rig: Rig, http: aiohttp.ClientSession) -> None:

@@ -40,6 +40,8 @@ async def started(
 ) -> AsyncIterator[Switcher]:
     for model in (*MODELS, "plain", "sleepy"):
         make_snapshot(hub, f"org/{model}")
+        # Engines seen to take their time to exit, as vLLM's do, unless the test says.
+        runtime.exit_times.setdefault(model, 1.0)
     made = Switcher(
         models=gated_models(),
         runtime=runtime,
@@ -123,6 +125,15 @@ class TestStagedStart:
             record = await switch(switcher, "b")
         assert ("stage", "b") not in runtime.calls
         assert "staged" not in (record.timings or {})
+
+    async def test_no_stage_during_the_switch_before_the_old_engine_was_seen_to_exit(
+        self, runtime: FakeRuntime, store: Store, hub: Path
+    ) -> None:
+        async with started(runtime, store, hub, standby=0) as switcher:
+            del runtime.exit_times["a"]
+            await switch(switcher, "a")
+            await switch(switcher, "b")
+        assert ("stage", "b") not in runtime.calls
 
     async def test_requests_in_flight_make_it_worth_staging(
         self, runtime: FakeRuntime, store: Store, hub: Path
