@@ -22,6 +22,7 @@ runs the engine at once. The script removes the gate's folder before it hands ov
 from __future__ import annotations
 
 import io
+import shlex
 import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -86,9 +87,10 @@ def gate_service(service: dict[str, Any], images: Mapping[str, ImageDefaults | N
     service["entrypoint"] = [SHELL, "-c", SCRIPT, SCRIPT_NAME, *entrypoint]
     if command is not None:
         service["command"] = list(command)
+    runs = shlex.join([*entrypoint, *(command or [])])
     return (
-        f"entrypoint: the engine waits behind the daemon's start gate ({SHELL} -c …"
-        f" {SCRIPT_NAME}), so that its container can start while the old model stops"
+        f"entrypoint: {SHELL} -c <start gate> {SCRIPT_NAME}, which runs {runs}, held until"
+        " the GPU is free when the daemon starts the container ahead"
     )
 
 
