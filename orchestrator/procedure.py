@@ -122,10 +122,9 @@ class Procedure:
             await self.drain(op)
             began = self._clock()
             await self.stop_all(except_model=spec.id, target=spec.id, op=op, spare=spare)
-            if not await staging and cold:
-                # It starts after the old engine's exit, as before; a standby holding a
-                # fixed host port it publishes would make docker refuse the start.
-                await self.standbys.leave(await self.runtime.in_the_way(spec))
+            # Unstaged, it starts after the old engine's exit, as before; a standby holding
+            # a fixed host port it publishes would make docker refuse that start.
+            await self.standbys.leave(await staging)
             op.timings["stop"] = self._clock() - began
         except BaseException:
             await self._abandon(staging, spec)
@@ -153,20 +152,19 @@ class Procedure:
             await self._after_failed_start(spec, previous, err)
             raise
 
-    async def _stage(self, spec: ModelSpec, op: Operation, *, cold: bool, now: bool) -> bool:
-        """For a cold start, stage the target, if it stands by or ``now``; True when it is
-        staged."""
+    async def _stage(self, spec: ModelSpec, op: Operation, *, cold: bool, now: bool) -> list[str]:
+        """For a cold start, stage the target, if it stands by or ``now``. When it is not
+        staged, the standbys in the way of its start."""
         if not cold:
-            return False
+            return []
         began = self._clock()
-        if not await self.standbys.take(spec.id):
+        standing = await self.standbys.take(spec.id)
+        if not standing:
             await self._prepare(spec)
-            if not now:
-                return False
-        if not await self.runtime.stage(spec):
-            return False
-        op.timings["staged"] = self._clock() - began
-        return True
+        if (standing or now) and await self.runtime.stage(spec):
+            op.timings["staged"] = self._clock() - began
+            return []
+        return await self.runtime.in_the_way(spec)
 
     def _worth_staging(self, status: Status) -> bool:
         """Whether to stage a target that does not stand by: only while the old model
@@ -188,7 +186,7 @@ class Procedure:
             return None
         return spec
 
-    async def _abandon(self, staging: asyncio.Task[bool], spec: ModelSpec) -> None:
+    async def _abandon(self, staging: asyncio.Task[list[str]], spec: ModelSpec) -> None:
         """The switch ends before its start: a staged engine container goes unrun."""
         task = asyncio.current_task()
         if task is not None and task.cancelling():

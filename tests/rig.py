@@ -138,15 +138,17 @@ class Rig:
         standing by, or staged for a switch, and runs no engine (see ``held``).
 
         Each container is looked at in turn, and a switch may let one through meanwhile:
-        only those still running when all have been looked at count, so that an engine
-        seen before its exit and another seen after it are not taken for two at once.
+        the engines seen are looked at once more afterwards, and only those still running
+        count, so that an engine seen before its exit and another seen after it are not
+        taken for two at once. (Docker may still list a container as running for a moment
+        after its process has exited; its processes say otherwise.)
         """
-        engines = {
-            c.id: c.labels[SERVICE_LABEL]
+        seen = [
+            c
             for c in self.containers()
-            if c.labels.get(SERVICE_LABEL) not in self.shared_services and not held(c)
-        }
-        return sorted(engines[c.id] for c in self.containers() if c.id in engines)
+            if c.labels.get(SERVICE_LABEL) not in self.shared_services and _engine_runs(c)
+        ]
+        return sorted(c.labels[SERVICE_LABEL] for c in seen if _engine_runs(c))
 
     def held(self) -> list[str]:
         """Services of running containers whose engine waits at the start gate."""
@@ -164,10 +166,28 @@ class Rig:
             network.remove()
 
 
-def held(container: docker.models.containers.Container) -> bool:
-    """Whether the container's engine waits at the start gate (see orchestrator/gate.py)."""
+def _commands(container: docker.models.containers.Container) -> list[str] | None:
+    """The command lines of the container's processes; None once it no longer runs."""
     try:
         processes = container.top()["Processes"] or []
     except docker.errors.APIError:
-        return False  # exited meanwhile: no engine runs either way
-    return any(gate.SCRIPT_NAME in " ".join(row[7:]) for row in processes)
+        return None
+    return [" ".join(row[7:]) for row in processes]
+
+
+def held(container: docker.models.containers.Container) -> bool:
+    """Whether the container's engine waits at the start gate (see orchestrator/gate.py)."""
+    return any(gate.SCRIPT_NAME in command for command in _commands(container) or [])
+
+
+# What the gate's shell runs before it hands over: its backstop sleep and the removal of
+# its folder. A held container being stopped may show the sleep alone for a moment after
+# its shell has exited: no engine runs there either.
+_GATE_HELPERS = ("sleep ", f"rm -rf {gate.GATE_DIR}")
+
+
+def _engine_runs(container: docker.models.containers.Container) -> bool:
+    commands = _commands(container) or []
+    if any(gate.SCRIPT_NAME in c for c in commands):
+        return False
+    return any(not c.startswith(_GATE_HELPERS) for c in commands)
