@@ -29,15 +29,11 @@ from typing import Any
 import aiohttp
 import docker
 
+from benchmarks.probing import percentile
 from tests.fleet import Fleet, running_fleet
 from tests.rig import Rig
 
 MODELS = ("alpha", "beta")
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 async def one_request(session: aiohttp.ClientSession, base: str, model: str) -> float:

@@ -19,7 +19,6 @@ import asyncio
 import json
 import multiprocessing
 import statistics
-import time
 import uuid
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -29,6 +28,7 @@ import aiohttp
 import docker
 
 from benchmarks.cpu import CpuMeter
+from benchmarks.probing import percentile, probe_for
 from tests.fakes import make_snapshot
 from tests.rig import STANDIN_IMAGE, Rig, free_port
 
@@ -52,42 +52,9 @@ FIXED_ANSWER = (
 )
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
-def _probe(url: str, probers: int, rate: float, seconds: float, out: Any) -> None:
-    """Separate process: paced keep-alive probers for ``seconds``; their latencies."""
-
-    async def run() -> tuple[list[float], dict[int, int], float]:
-        latencies: list[float] = []
-        codes: dict[int, int] = {}
-        interval = probers / rate
-        connector = aiohttp.TCPConnector(limit=probers)
-        began = time.perf_counter()
-        until = began + seconds
-        async with aiohttp.ClientSession(connector=connector) as session:
-
-            async def prober(number: int) -> None:
-                scheduled = began + interval * number / probers
-                while scheduled < until:
-                    await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
-                    sent, scheduled = scheduled, scheduled + interval
-                    async with session.get(url) as response:
-                        await response.read()
-                    latencies.append(time.perf_counter() - sent)
-                    codes[response.status] = codes.get(response.status, 0) + 1
-
-            await asyncio.gather(*(prober(n) for n in range(probers)))
-        return latencies, codes, time.perf_counter() - began
-
-    out.put(asyncio.run(run()))
-
-
 def load(url: str, probers: int, rate: float, seconds: float, pid: int | None) -> dict[str, Any]:
     queue: Any = multiprocessing.Queue()
-    worker = multiprocessing.Process(target=_probe, args=(url, probers, rate, seconds, queue))
+    worker = multiprocessing.Process(target=probe_for, args=(url, probers, rate, seconds, queue))
     meter = CpuMeter(pid) if pid is not None else None
     worker.start()
     if meter is not None:

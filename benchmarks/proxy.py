@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import aiohttp
 import docker
 
+from benchmarks.probing import percentile
 from tests.fakes import make_snapshot
 from tests.rig import STANDIN_IMAGE, Rig
 
@@ -83,11 +84,6 @@ def compose(token_delay: float) -> str:
     return "services:" + "".join(
         ENGINE.format(name=name, image=STANDIN_IMAGE, token_delay=delay) for name, delay in engines
     )
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def cpu_seconds(pid: int) -> float:

@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 import docker
 
-from benchmarks.health import _probe, percentile
+from benchmarks.probing import percentile, probe_for
 from benchmarks.switch import project
 from tests.rig import Rig
 
@@ -133,7 +133,7 @@ async def run_switch(rig: Rig, rate: float, probers: int) -> tuple[float, float,
         queue: Any = multiprocessing.Queue()
         # The probers stop by themselves; long enough for any switch this rig makes.
         worker = multiprocessing.Process(
-            target=_probe, args=(f"{rig.url}/health", probers, rate, 12.0, queue)
+            target=probe_for, args=(f"{rig.url}/health", probers, rate, 12.0, queue)
         )
         worker.start()
         await asyncio.sleep(1.0)

@@ -52,6 +52,7 @@ from typing import Any
 import aiohttp
 import docker
 
+from benchmarks.probing import percentile, probe
 from tests.fakes import make_snapshot
 from tests.rig import SERVICE_LABEL, STANDIN_IMAGE, Rig
 
@@ -98,11 +99,6 @@ TARGETS = {
     "warm_share_p50_s": ("<=", 0.15),
     "warm_share_max_s": ("<=", 0.2),
 }
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def _parse_docker_time(text: str) -> float:
@@ -166,41 +162,6 @@ class EventLog:
         self._stream.close()
 
 
-def _probe_worker(url: str, probers: int, rate: float | None, done: Any, out: Any) -> None:
-    """Separate process: keep-alive probers on /health until told the switch is done.
-
-    With no rate they go as fast as they can (the daemon's saturation). With a rate
-    each prober keeps its share of it on a fixed schedule, and latency counts from
-    the scheduled send, so a stall shows instead of being skipped over.
-    """
-
-    async def run() -> tuple[list[float], dict[int, int], float]:
-        latencies: list[float] = []
-        codes: dict[int, int] = {}
-        connector = aiohttp.TCPConnector(limit=probers)
-        began = time.perf_counter()
-        async with aiohttp.ClientSession(connector=connector) as session:
-
-            async def prober(number: int) -> None:
-                interval = probers / rate if rate else 0.0
-                scheduled = time.perf_counter() + interval * number / probers
-                while not done.is_set():
-                    if rate:
-                        await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
-                        began, scheduled = scheduled, scheduled + interval
-                    else:
-                        began = time.perf_counter()
-                    async with session.get(url) as response:
-                        await response.read()
-                    latencies.append(time.perf_counter() - began)
-                    codes[response.status] = codes.get(response.status, 0) + 1
-
-            await asyncio.gather(*(prober(n) for n in range(probers)))
-        return latencies, codes, time.perf_counter() - began
-
-    out.put(asyncio.run(run()))
-
-
 async def switch(
     session: aiohttp.ClientSession, rig: Rig, model: str
 ) -> tuple[float, dict[str, Any]]:
@@ -251,7 +212,7 @@ async def measure(
                 rate = loads[number]
                 queue, done = multiprocessing.Queue(), multiprocessing.Event()
                 worker = multiprocessing.Process(
-                    target=_probe_worker, args=(f"{rig.url}/health", probers, rate, done, queue)
+                    target=probe, args=(f"{rig.url}/health", probers, rate, done, queue)
                 )
                 worker.start()
                 await asyncio.sleep(0.3)

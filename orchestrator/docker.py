@@ -330,10 +330,17 @@ def image_reader() -> ImageReader:
     return read
 
 
-def _image_defaults(client: Any, reference: str) -> gate.ImageDefaults | None:
+def _inspect_image(client: Any, reference: str) -> Mapping[str, Any] | None:
+    """docker's document for the image; None for an image not on this machine."""
     try:
-        attrs = client.api.inspect_image(reference)
+        return dict(client.api.inspect_image(reference))
     except docker.errors.NotFound:
+        return None
+
+
+def _image_defaults(client: Any, reference: str) -> gate.ImageDefaults | None:
+    attrs = _inspect_image(client, reference)
+    if attrs is None:
         return None
     config = attrs.get("Config") or {}
     entrypoint, command = config.get("Entrypoint"), config.get("Cmd")
@@ -548,11 +555,8 @@ class Docker:
         client = await self.client()
 
         async def one(reference: str) -> str | None:
-            try:
-                attrs = await self._blocking(client.api.inspect_image, reference)
-            except docker.errors.NotFound:
-                return None
-            return str(attrs.get("Id") or "") or None
+            attrs = await self._blocking(_inspect_image, client, reference)
+            return None if attrs is None else str(attrs.get("Id") or "") or None
 
         wanted = sorted(set(references))
         return dict(zip(wanted, await asyncio.gather(*(one(r) for r in wanted)), strict=True))

@@ -94,10 +94,9 @@ class Standbys:
                 await self._unstage(spec)
 
     async def leave_all(self) -> None:
-        """Stop every standby, unrun."""
+        """Stop every standby, unrun, once the work behind the last switch is done."""
         await self._settled()
-        while self._staged:
-            await self._unstage(self._staged.pop(next(iter(self._staged))))
+        await self.leave(list(self._staged))
 
     async def _settled(self) -> None:
         if self._work is not None:
