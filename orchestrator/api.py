@@ -39,6 +39,7 @@ from .history import History, Operation
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
+from .probes import Answer
 from .registry import ModelEntry
 from .runtime import ModelRuntime
 from .schemas import (
@@ -57,6 +58,7 @@ from .security import (
     audit,
     guard_middleware,
     is_gateway_path,
+    is_plain_probe,
 )
 from .server import ConnectionGuard
 from .states import State, Status
@@ -79,6 +81,7 @@ GATEWAY = web.AppKey[Gateway | None]("gateway")
 EVENTS = web.AppKey[EventHub]("events")
 METRICS = web.AppKey[Metrics]("metrics")
 HEALTH = web.AppKey["HealthAnswers"]("health")
+POLICY = web.AppKey[AccessPolicy]("policy")
 BALANCER = web.AppKey[Balancer | None]("balancer")
 # Where the agent check listens, for /status (haproxy-config reads it); None: off.
 AGENT = web.AppKey[answers.AgentAddress | None]("agent")
@@ -372,6 +375,21 @@ def _health_answer(switcher: Switcher, wanted: str | None) -> answers.Answer:
 _LIVENESS = json.dumps(answers.Liveness().to_json()).encode()
 
 
+def plain_probe_answers(app: web.Application) -> Answer:
+    """What the connections answer before the application sees the request: load
+    balancers' plain probes of /health and /health/live, with the bytes the handlers
+    below would send (see ``probes``). A probe with a question in its query, one a page
+    sent, or one under a stranger Host is the application's."""
+    health, policy = app[HEALTH], app[POLICY]
+
+    def answer(method: str, path: str, headers: Mapping[str, str]) -> tuple[int, bytes] | None:
+        if not is_plain_probe(policy, method, path, headers):
+            return None
+        return health.current() if path == "/health" else (200, _LIVENESS)
+
+    return answer
+
+
 async def get_health(request: web.Request) -> web.Response:
     """Answered from the switcher's in-memory state: no Docker call, no waiting on a switch."""
     if request.query_string:
@@ -630,7 +648,8 @@ def create_app(
     agent: answers.AgentAddress | None = None,
 ) -> web.Application:
     """The HTTP API over the daemon's parts, which ``build_daemon`` wires together."""
-    middlewares = [error_middleware, guard_middleware(policy or AccessPolicy())]
+    policy = policy or AccessPolicy()
+    middlewares = [error_middleware, guard_middleware(policy)]
     if connections is not None:
         middlewares.insert(0, connections.middleware)
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
@@ -641,6 +660,7 @@ def create_app(
     app[CATALOG], app[GATEWAY], app[EVENTS], app[METRICS] = catalog, gateway, events, metrics
     app[HEALTH] = HealthAnswers(switcher)
     app[BALANCER], app[AGENT] = balancer, agent
+    app[POLICY] = policy
     app.router.add_post("/switch", post_switch)
     app.router.add_post("/stop", post_stop)
     app.router.add_post("/sleep", post_sleep)

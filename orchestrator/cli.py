@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from . import __version__, eventloop
+from .api import plain_probe_answers
 from .banner import banner
 from .cache import Verdicts, looks_like_path
 from .catalog import NORMALIZED_COMPOSE
@@ -44,6 +45,7 @@ from .errors import OrchestratorError
 from .haproxy import FleetOptions, parse_daemon
 from .haproxy import render as render_haproxy
 from .logs import LOG_FORMATS, LOG_LEVELS, configure_logging
+from .probes import PlainProbes
 from .pull import PullProgress, pull
 from .registry import ModelEntry
 from .server import (
@@ -542,7 +544,8 @@ async def serve(
         )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        listener = await listen(runner, daemon.connections, settings.host, settings.port)
+        probes = PlainProbes(plain_probe_answers(daemon.app), idle_timeout=settings.header_timeout)
+        listener = await listen(runner, daemon.connections, settings.host, settings.port, probes)
         stack.callback(listener.close)
         port = int(listener.sockets[0].getsockname()[1]) if listener.sockets else settings.port
         facts = await banner(daemon, port)

@@ -21,7 +21,7 @@ import hmac
 import ipaddress
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,6 +287,22 @@ def guard_middleware(policy: AccessPolicy) -> Any:
     return guard
 
 
+def is_plain_probe(
+    policy: AccessPolicy, method: str, path: str, headers: Mapping[str, str]
+) -> bool:
+    """A load balancer's probe, which every check here lets through: a read of a probe
+    path, under an allowed Host, that no page sent. ``headers`` by their usual names."""
+    # No Origin, no Sec-Fetch-Site: no page sent it, so there is no CORS to answer;
+    # probes need no key, and a read has no body to check.
+    return (
+        method in _PROBE_METHODS
+        and path in PROBE_PATHS
+        and "Origin" not in headers
+        and "Sec-Fetch-Site" not in headers
+        and policy.host_allowed(headers.get("Host"))
+    )
+
+
 def _admit(policy: AccessPolicy, request: web.Request) -> web.Response | None:
     """Raise unless the request may reach its handler; the answer to a CORS preflight."""
     headers = request.headers
@@ -295,16 +311,8 @@ def _admit(policy: AccessPolicy, request: web.Request) -> web.Response | None:
             f"the Host {headers.get('Host')!r} is not this daemon's loopback"
             " name; add it to allowed_hosts if you reach the daemon under that name",
         )
-    if (
-        request.method in _PROBE_METHODS
-        and request.path in PROBE_PATHS
-        and "Origin" not in headers
-        and "Sec-Fetch-Site" not in headers
-    ):
-        # A load balancer's probe, thousands a second: no page sent it (no Origin, no
-        # Sec-Fetch-Site), so there is no CORS to answer; probes need no key, and a
-        # read has no body to check. What the steps below would conclude, sooner.
-        return None
+    if is_plain_probe(policy, request.method, request.path, headers):
+        return None  # what the steps below would conclude, sooner
     origin = _check_origin(policy, request)
     request[_CORS_ORIGIN] = origin
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:

@@ -2,7 +2,8 @@
 
 A stranger can open connections and never send a request, or send one slowly. aiohttp
 closes a connection that has no complete request within its keep-alive timeout, which
-the daemon sets to ``header_timeout``. Past ``max_connections`` open at once, a new one
+the daemon sets to ``header_timeout``, and so do the connections while they answer plain
+probes themselves (``probes``). Past ``max_connections`` open at once, a new one
 closes the oldest connection that is not serving a request, so that /health can always
 be answered; and the daemon raises its descriptor limit at start so that the bound is
 reached long before the system's.
@@ -21,6 +22,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+
+from .probes import PlainProbes, ProbeConnection
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +77,7 @@ class ConnectionGuard:
         self.max_connections = max_connections
         # A plain dict: every request passes here, and Counter's arithmetic is Python code.
         self._busy: dict[RequestHandler, int] = {}
+        self._open: dict[ProbeConnection, None] = {}  # oldest first
         self.evicted = 0
 
     @web.middleware
@@ -90,36 +94,37 @@ class ConnectionGuard:
             else:
                 del busy[protocol]
 
-    def factory(self, server: web.Server) -> Callable[[], RequestHandler]:
-        """The protocol factory for the listening socket, over aiohttp's server."""
+    def factory(self, server: web.Server, probes: PlainProbes) -> Callable[[], ProbeConnection]:
+        """The protocol factory for the listening socket: connections that answer plain
+        probes themselves and hand the rest to aiohttp's server."""
+        connections = self._open
 
-        def make() -> RequestHandler:
-            # Closed connections leave aiohttp's list only when their handler has finished.
-            live = [c for c in server.connections if _is_open(c)]
+        def make() -> ProbeConnection:
+            live = [c for c in connections if c.is_open()]
             if len(live) >= self.max_connections:
                 # Oldest first: a connection that never sent a request ages out first.
-                victim = next((c for c in live if c not in self._busy), None)
+                victim = next((c for c in live if c.handler not in self._busy), None)
                 if victim is not None:
-                    victim.force_close()
+                    victim.close()
                     self.evicted += 1
-            return server()
+            connection = ProbeConnection(server, probes, lost=self._forget)
+            connections[connection] = None
+            return connection
 
         return make
 
-
-def _is_open(connection: RequestHandler) -> bool:
-    transport = connection.transport
-    return transport is not None and not transport.is_closing()
+    def _forget(self, connection: ProbeConnection) -> None:
+        self._open.pop(connection, None)
 
 
 async def listen(
-    runner: web.AppRunner, guard: ConnectionGuard, host: str, port: int
+    runner: web.AppRunner, guard: ConnectionGuard, host: str, port: int, probes: PlainProbes
 ) -> asyncio.Server:
     """Start accepting on host:port through the guard; close the result to stop."""
     server = runner.server
     assert server is not None, "runner.setup() first"
     loop = asyncio.get_running_loop()
-    return await loop.create_server(guard.factory(server), host, port, reuse_address=True)
+    return await loop.create_server(guard.factory(server, probes), host, port, reuse_address=True)
 
 
 class QuietExhaustion:

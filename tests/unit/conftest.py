@@ -15,7 +15,7 @@ from tests.fakes import FakeRuntime
 from tests.unit.test_standin import Engines
 
 # uvloop's transports are not asyncio's classes; code that touches them is tested on both.
-BOTH_LOOPS = {"tests.unit.test_upstream", "tests.unit.test_gateway"}
+BOTH_LOOPS = {"tests.unit.test_upstream", "tests.unit.test_gateway", "tests.unit.test_probes"}
 
 
 def pytest_asyncio_loop_factories(
