@@ -12,7 +12,9 @@ runs several times slower than in service: the probe rate here is lower than the
 switch benchmark's. On a machine shared with other work a callback also "takes" the
 time the kernel kept the daemon off the CPU; so each callback is timed a second way,
 in CPU time of the loop's thread, which only work done counts. Collector pauses are
-timed too: they land inside whatever callback allocated.
+timed too: they land inside whatever callback allocated. The daemon runs on the loop it
+runs on in service: on uvloop, asyncio's slow-callback log is uvloop's own, and the
+second timing (which wraps asyncio's handles) sees only what runs on asyncio's loop.
 
 The daemon's command line has no debug switch, and debug mode's own threshold is
 100 ms: both are set by a sitecustomize module that this script writes to a temporary
@@ -61,6 +63,20 @@ def init_with_threshold(self, *args, **kwargs):
 
 
 asyncio.base_events.BaseEventLoop.__init__ = init_with_threshold
+try:
+    import uvloop
+except ImportError:
+    uvloop = None
+if uvloop is not None:
+    # The daemon's loop where uvloop is installed: its debug mode logs slow callbacks too.
+    new_loop = uvloop.new_event_loop
+
+    def new_loop_with_threshold():
+        loop = new_loop()
+        loop.slow_callback_duration = threshold
+        return loop
+
+    uvloop.new_event_loop = new_loop_with_threshold
 logging.basicConfig(format="%(created).6f %(name)s %(message)s")
 run = asyncio.events.Handle._run
 clock, cpu_clock = time.perf_counter, time.thread_time

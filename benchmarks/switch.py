@@ -5,6 +5,7 @@ machine's Docker engine and prints figures; it asserts nothing. Needs the images
 from scripts/build-images.sh.
 
     python -m benchmarks.switch [--rounds 6] [--load-delay 2] [--probers 50]
+                                [--paced-switches 1]
 
 Per switch A→B (no requests in flight, so the drain is empty):
   overhead  = switch wall time - load delay - A's stop time, where the stop time is
@@ -22,8 +23,10 @@ Two models back and forth (the model switched to stands by), then three in turn 
 never does: with the stand-in's instant exit the daemon starts it after the old engine's
 exit, as before the start gate), then three in turn with engines that take --slow-exit
 seconds to exit (the daemon stages the target meanwhile once it has seen that).
-/health: 50 concurrent keep-alive probers in a separate process, for the whole of
-one switch; requests per second and latency percentiles.
+/health: 50 concurrent keep-alive probers in a separate process, for the whole of a
+switch: one switch as fast as they go, then --paced-switches switches at a steady
+3,000 requests per second; requests per second and latency percentiles (for the paced
+ones, each switch's and their median).
 Warm swaps (issue 14), on a second project whose models have ``sleep: 1`` and whose
 stand-ins take fixed times to fall asleep and to wake:
   warm wall     = switch wall time of A→B when B is asleep
@@ -189,6 +192,7 @@ async def measure(
     probers: int,
     models: tuple[str, ...] = ("alpha", "beta"),
     health_load: bool = True,
+    paced_switches: int = 1,
 ) -> dict[str, Any]:
     """Switches from each model to the next in ``models``, round and round."""
     events = EventLog(rig.docker, rig.project)
@@ -197,9 +201,13 @@ async def measure(
     through_gate = 0  # switches whose engine's container was started ahead, behind the gate
     phases: dict[str, list[float]] = {}
     health: dict[str, dict[str, Any]] = {}
-    # The last two switches run under /health load: first as fast as the probers can
-    # go, then at a steady 3,000 requests per second.
-    loads: dict[int, float | None] = {rounds - 2: None, rounds - 1: 3000.0} if health_load else {}
+    paced: list[dict[str, Any]] = []
+    # The last switches run under /health load: one as fast as the probers can go, then
+    # ``paced_switches`` at a steady 3,000 requests per second.
+    loads: dict[int, float | None] = {}
+    if health_load:
+        loads[rounds - 1 - paced_switches] = None
+        loads |= {rounds - 1 - k: 3000.0 for k in range(paced_switches)}
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         await switch(session, rig, models[0])
@@ -239,7 +247,7 @@ async def measure(
             if queue is not None:
                 latencies, codes, span = queue.get()
                 worker.join()
-                health["paced" if rate else "saturated"] = {
+                load = {
                     "requests": len(latencies),
                     "seconds": span,
                     "rps": len(latencies) / span,
@@ -247,8 +255,28 @@ async def measure(
                     "p99_ms": percentile(latencies, 0.99) * 1000,
                     "codes": codes,
                 }
+                if rate:
+                    paced.append(load)
+                else:
+                    health["saturated"] = load
             current = target
     events.close()
+    if paced:
+        # Each switch's percentiles; their median over the switches, so that one
+        # switch's luck with the machine does not make the figure.
+        health["paced"] = {
+            "switches": len(paced),
+            "seconds": sum(load["seconds"] for load in paced),
+            "rps": statistics.median(load["rps"] for load in paced),
+            "p50_ms": statistics.median(load["p50_ms"] for load in paced),
+            "p99_ms": statistics.median(load["p99_ms"] for load in paced),
+            "p50_each_ms": [load["p50_ms"] for load in paced],
+            "p99_each_ms": [load["p99_ms"] for load in paced],
+            "codes": {
+                code: sum(load["codes"].get(code, 0) for load in paced)
+                for code in sorted({c for load in paced for c in load["codes"]})
+            },
+        }
     return {
         "rounds": rounds,
         "load_delay_s": load_delay,
@@ -357,6 +385,14 @@ def report(figures: dict[str, Any]) -> None:
             f"over {load['seconds']:.1f} s of switch, p50 {load['p50_ms']:.2f} ms, "
             f"p99 {load['p99_ms']:.2f} ms, codes {load['codes']}"
         )
+        if "p50_each_ms" in load:
+            each = ", ".join(
+                f"{p50:.3f}/{p99:.1f}"
+                for p50, p99 in zip(load["p50_each_ms"], load["p99_each_ms"], strict=True)
+            )
+            print(
+                f"    each of its {load['switches']} switches, p50/p99 ms: {each} (medians above)"
+            )
     phases = ", ".join(f"{k} {v:.3f}" for k, v in figures["daemon_phases_p50_s"].items())
     print(f"  daemon phases (p50)  : {phases} s (ready counts from the start of up)")
     warm = ", ".join(f"{w:.3f}" for w in figures["warm_wall_s"])
@@ -409,6 +445,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--load-delay", type=float, default=2.0)
     parser.add_argument("--probers", type=int, default=50)
+    parser.add_argument(
+        "--paced-switches", type=int, default=1, help="switches under /health at 3,000 req/s"
+    )
     parser.add_argument("--warm-rounds", type=int, default=8)
     parser.add_argument("--sleep-time", type=float, default=0.3, help="the stand-in's /sleep")
     parser.add_argument("--wake-time", type=float, default=0.3, help="the stand-in's /wake_up")
@@ -421,7 +460,17 @@ def main() -> None:
     times = {"delay": args.load_delay, "sleep_time": args.sleep_time, "wake_time": args.wake_time}
     times["exit_time"] = 0.0
     with project(client, sleep="false", **times) as rig:
-        figures = asyncio.run(measure(rig, args.rounds, args.load_delay, args.probers))
+        if args.rounds < args.paced_switches + 2:
+            parser.error("--rounds must be at least --paced-switches + 2")
+        figures = asyncio.run(
+            measure(
+                rig,
+                args.rounds,
+                args.load_delay,
+                args.probers,
+                paced_switches=args.paced_switches,
+            )
+        )
         # Round three models: the model switched to is never the one standing by.
         rotation = asyncio.run(
             measure(rig, args.rounds, args.load_delay, 0, ("alpha", "beta", "gamma"), False)

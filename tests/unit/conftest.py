@@ -15,7 +15,12 @@ from tests.fakes import FakeRuntime
 from tests.unit.test_standin import Engines
 
 # uvloop's transports are not asyncio's classes; code that touches them is tested on both.
-BOTH_LOOPS = {"tests.unit.test_upstream", "tests.unit.test_gateway", "tests.unit.test_probes"}
+BOTH_LOOPS = {
+    "tests.unit.test_upstream",
+    "tests.unit.test_gateway",
+    "tests.unit.test_probes",
+    "tests.unit.test_docker",
+}
 
 
 def pytest_asyncio_loop_factories(
