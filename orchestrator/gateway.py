@@ -13,7 +13,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import aiohttp
@@ -39,6 +39,8 @@ V1_BODY_TIMEOUT = 120.0
 # An answer of known length up to this size is read whole and sent as one write, headers
 # and body together: the client wakes once, not twice. Longer ones are streamed.
 BUFFERED_ANSWER = 1024 * 1024
+# What may wait in the client's transport before tokens go back through the relaying task.
+SINK_HIGH_WATER = 64 * 1024
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -292,14 +294,41 @@ async def _relay(request: web.Request, connection: Connection, head: Head) -> we
     response = web.StreamResponse(status=head.status, reason=reason, headers=headers)
     if length is not None:
         response.content_length = length
+    elif request.version == aiohttp.HttpVersion11 and request.method != "HEAD":
+        response.enable_chunked_encoding()
     writer = await response.prepare(request)
     assert writer is not None, "a new response is prepared once"
-    # Each streamed token passes through here: nothing in the way that is not needed.
+    transport = request.transport
+    sink = _chunk_sink(transport) if response.chunked and transport is not None else None
     read = connection.read
     while chunk := await read():
         await writer.write(chunk)
+        if sink is not None:
+            # Once the client has taken what waits for it, each token goes from the
+            # engine's connection straight to the client's (see ``_chunk_sink``).
+            await writer.drain()
+            connection.forward(sink)
     await response.write_eof()
     return response
+
+
+def _chunk_sink(transport: asyncio.Transport) -> Callable[[bytes], bool]:
+    """Writes a piece of body to the client as one HTTP/1.1 chunk, as aiohttp's writer
+    would, from the engine connection's callback; False once the client falls behind.
+
+    A token streamed at 95 a second otherwise woke the relaying task for each one, and
+    passed through aiohttp's writer: about a fifth of what the daemon spent on a lone
+    stream (1.30 against 1.05 % of a core, means of six interleaved runs each).
+    """
+    write, waiting, closing = transport.write, transport.get_write_buffer_size, transport.is_closing
+
+    def take(piece: bytes) -> bool:
+        if closing():
+            return False  # the relay's next write raises, and the engine's connection closes
+        write(b"%x\r\n%b\r\n" % (len(piece), piece))
+        return waiting() < SINK_HIGH_WATER
+
+    return take
 
 
 @functools.lru_cache(maxsize=64)

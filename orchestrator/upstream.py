@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
 
@@ -72,6 +72,9 @@ class Connection(asyncio.Protocol):
         self._chunked = False
         self.reusable = False
         self.got_bytes = False
+        # Takes each piece of body as it comes, while it says it can take more; None: the
+        # pieces wait for ``read``.
+        self._sink: Callable[[bytes], bool] | None = None
 
     # -- driven by the gateway ---------------------------------------------------------
 
@@ -82,8 +85,17 @@ class Connection(asyncio.Protocol):
         self._state, self._no_body, self.got_bytes = "head", no_body, False
         self._head_size = 0
         self.reusable = False
+        self._sink = None
         self._head = self._loop.create_future()
         self.transport.write(request)
+
+    def forward(self, sink: Callable[[bytes], bool]) -> None:
+        """Hand the body's next pieces to ``sink`` as they arrive, from the connection's
+        own callback, until it answers False (it took that piece, and can take no more
+        for now); ``read`` then returns the pieces after it, and the end. Nothing is
+        forwarded while pieces wait to be read: they would be overtaken."""
+        if not self._chunks:
+            self._sink = sink
 
     async def head(self) -> Head:
         return await self._head
@@ -205,6 +217,11 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._state != "body":
             raise UpstreamFailed("the engine sent a body where none belongs")
+        sink = self._sink
+        if sink is not None:
+            if not sink(body):
+                self._sink = None
+            return
         self._chunks.append(body)
         self._buffered += len(body)
 

@@ -6,6 +6,8 @@ address is real: a small aiohttp server that keeps every request it is sent.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
+from orchestrator import gateway
 from orchestrator.compose import ModelSpec
 from orchestrator.daemon import Daemon
 from orchestrator.docker import ContainerInfo
@@ -54,21 +57,40 @@ class EngineRuntime(FakeRuntime):
 @dataclass
 class Engine:
     seen: list[Seen] = field(default_factory=list)
+    # Set once a stream asked to go on "forever" could not write any more.
+    cut_off: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.seen.append(Seen(request.path, dict(request.headers), body))
-        if not json.loads(body).get("stream"):
+        asked = json.loads(body)
+        if not asked.get("stream"):
             answer = web.json_response({"object": "chat.completion", "echo": len(body)})
             answer.set_cookie("engine-session", "secret")
             return answer
         stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await stream.prepare(request)
-        for word in ("one", "two", "three"):
-            await stream.write(f"data: {json.dumps({'content': word})}\n\n".encode())
+        if "tokens" in asked:  # numbered tokens, each padded to "size" bytes
+            for number in range(asked["tokens"]):
+                await stream.write(token(number, asked.get("size", 0)))
+                await asyncio.sleep(0)
+        elif asked.get("forever"):
+            try:
+                for number in itertools.count():
+                    await stream.write(token(number, 0))
+                    await asyncio.sleep(0.01)
+            finally:  # cancelled as its client (the gateway) hung up, or a failed write
+                self.cut_off.set()
+        else:
+            for word in ("one", "two", "three"):
+                await stream.write(f"data: {json.dumps({'content': word})}\n\n".encode())
         await stream.write(b"data: [DONE]\n\n")
         await stream.write_eof()
         return stream
+
+
+def token(number: int, size: int) -> bytes:
+    return b"data: %d %s\n\n" % (number, b"x" * size)
 
 
 @pytest.fixture
@@ -163,6 +185,48 @@ async def test_stream_is_passed_chunk_by_chunk(
     lines = [line for line in (await answer.read()).split(b"\n\n") if line]
     assert lines[-1] == b"data: [DONE]"
     assert [json.loads(line[6:])["content"] for line in lines[:-1]] == ["one", "two", "three"]
+
+
+async def test_a_long_stream_arrives_whole_and_in_order(
+    client: TestClient[Any, Any], engine: tuple[Engine, str]
+) -> None:
+    """Past its first piece a stream goes from the engine's connection straight to the
+    client's; the client gets the same bytes."""
+    asked = {"model": "alpha", "stream": True, "tokens": 500}
+    answer = await client.post(CHAT, json=asked)
+    assert answer.status == 200
+    assert answer.headers["Transfer-Encoding"] == "chunked"
+    expected = b"".join(token(n, 0) for n in range(500)) + b"data: [DONE]\n\n"
+    assert await answer.read() == expected
+
+
+async def test_a_client_that_falls_behind_gets_every_token_in_order(
+    client: TestClient[Any, Any], engine: tuple[Engine, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the client falls behind, the tokens wait for it on the relaying side (and the
+    engine is read no further past a bound), until it has taken what it was sent."""
+    # As if the client's buffer were always full: every piece the connection forwards
+    # hands the next back to the relaying task, which waits for the client, then
+    # forwards again.
+    monkeypatch.setattr(gateway, "SINK_HIGH_WATER", 0)
+    tokens, size = 300, 1000
+    asked = {"model": "alpha", "stream": True, "tokens": tokens, "size": size}
+    answer = await client.post(CHAT, json=asked)
+    assert answer.status == 200
+    expected = b"".join(token(n, size) for n in range(tokens)) + b"data: [DONE]\n\n"
+    assert await answer.read() == expected
+
+
+async def test_a_client_that_hangs_up_ends_the_engines_stream(
+    client: TestClient[Any, Any], engine: tuple[Engine, str]
+) -> None:
+    """Its connection to the engine is closed, which is what stops a generation."""
+    answer = await client.post(CHAT, json={"model": "alpha", "stream": True, "forever": True})
+    assert answer.status == 200
+    for number in range(3):
+        assert await answer.content.readuntil(b"\n\n") == token(number, 0)
+    answer.close()
+    await asyncio.wait_for(engine[0].cut_off.wait(), 10)
 
 
 def requested(body: bytes, query: str = "", content_type: str = "application/json") -> Any:

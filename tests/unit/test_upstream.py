@@ -266,6 +266,91 @@ async def test_refused_connection_fails() -> None:
         await Pool().connect("127.0.0.1", port)
 
 
+class Sink:
+    """Takes forwarded pieces; says it can take no more once it holds ``room`` of them."""
+
+    def __init__(self, room: int = 1_000_000) -> None:
+        self.pieces: list[bytes] = []
+        self.room = room
+
+    def __call__(self, piece: bytes) -> bool:
+        self.pieces.append(piece)
+        return len(self.pieces) < self.room
+
+
+@pytest.mark.parametrize("pieces", every_split(CHUNKED))
+async def test_forwarded_pieces_reach_the_sink_and_the_end_reaches_read(
+    pieces: list[bytes],
+) -> None:
+    async with engine([pieces]) as received:
+        pool = Pool()
+        connection = await ask(pool, port_of(received))
+        await connection.head()
+        first = await connection.read()
+        sink = Sink()
+        connection.forward(sink)
+        rest = await connection.read_all()  # what was queued before forwarding, if any
+        assert first + rest + b"".join(sink.pieces) == b"hello, world"
+        assert not (rest and sink.pieces)
+        assert connection.recycle()
+        pool.close()
+
+
+async def test_a_sink_that_falls_behind_hands_the_rest_back_to_read() -> None:
+    body = [b"%d," % n for n in range(50)]
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    pieces = [answer] + [b"%x\r\n%b\r\n" % (len(p), p) for p in body] + [b"0\r\n\r\n"]
+    async with engine([pieces]) as received:
+        pool = Pool()
+        connection = await ask(pool, port_of(received))
+        await connection.head()
+        first = await connection.read()
+        sink = Sink(room=3)
+        connection.forward(sink)
+        rest = await connection.read_all()
+        assert len(sink.pieces) == 3
+        assert first + b"".join(sink.pieces) + rest == b"".join(body)
+        pool.close()
+
+
+async def test_nothing_overtakes_pieces_waiting_to_be_read() -> None:
+    """Forwarding asked for while pieces wait is not taken up: they would be overtaken."""
+    body = [b"%d," % n for n in range(20)]
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunks = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in body)
+    async with engine([[answer + chunks + b"0\r\n\r\n"]]) as received:
+        pool = Pool()
+        connection = await ask(pool, port_of(received))
+        await connection.head()
+        await eventually(lambda: connection._state == "done", what="the whole answer read")
+        first = await connection.read()
+        sink = Sink()
+        connection.forward(sink)
+        assert first + await connection.read_all() == b"".join(body)
+        assert sink.pieces == []
+        pool.close()
+
+
+async def test_the_next_answer_on_a_kept_connection_is_not_forwarded() -> None:
+    async with engine([[CHUNKED], [CHUNKED]]) as received:
+        pool = Pool()
+        port = port_of(received)
+        connection = await ask(pool, port)
+        await connection.head()
+        await connection.read()
+        sink = Sink()
+        connection.forward(sink)
+        await connection.read_all()
+        taken = list(sink.pieces)
+        pool.release("127.0.0.1", port, connection)
+        again = await ask(pool, port)
+        assert again is connection
+        await again.head()
+        assert await again.read_all() == b"hello, world"
+        assert sink.pieces == taken
+        pool.close()
+
+
 async def test_reading_pauses_ahead_of_a_slow_reader() -> None:
     """Past the high-water mark the engine's socket is not read until the client catches up."""
     size = HIGH_WATER * 4
