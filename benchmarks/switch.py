@@ -57,7 +57,7 @@ import docker
 
 from benchmarks.probing import percentile, probe
 from tests.fakes import make_snapshot
-from tests.rig import SERVICE_LABEL, STANDIN_IMAGE, Rig
+from tests.rig import SERVICE_LABEL, STANDIN_IMAGE, Rig, engine_services
 
 SIGTERM, WINCH = str(int(signal.SIGTERM)), str(int(signal.SIGWINCH))
 # One project for the cold swaps (sleep: false) and one for the warm (sleep: 1).
@@ -73,19 +73,7 @@ x-engine: &engine
   volumes: ["./models/hub:/root/.cache/huggingface/hub"]
   x-orchestrator: {{sleep: {sleep}}}
 services:
-  engine-alpha:
-    <<: *engine
-    profiles: ["alpha"]
-    command: ["--model", "org/alpha"]
-  engine-beta:
-    <<: *engine
-    profiles: ["beta"]
-    command: ["--model", "org/beta"]
-  engine-gamma:
-    <<: *engine
-    profiles: ["gamma"]
-    command: ["--model", "org/gamma"]
-"""
+""" + engine_services("alpha", "beta", "gamma")
 
 # Issue 13: the daemon's share below llama-swap's best case (0.41 s), the signal within
 # 0.03 s of the (empty) drain, /health's tail under a switch; readiness noticed at once.

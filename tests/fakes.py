@@ -63,6 +63,27 @@ def make_snapshot(hub: Path, repo: str, revision: str = "abc123") -> Path:
     return snapshot
 
 
+def switcher_over(
+    runtime: ModelRuntime,
+    store: Store,
+    hub: Path,
+    models: Mapping[str, ModelSpec],
+    **settings: Any,
+) -> Switcher:
+    """The switcher as the unit tests build it, not started: its history in ``store``,
+    weights looked for under ``hub``, a watcher probing every 50 ms; ``settings`` are
+    the switcher's own (rollback, pool, standby)."""
+    return Switcher(
+        models=dict(models),
+        runtime=runtime,
+        store=store,
+        history=History(store),
+        verdicts=Verdicts(hub),
+        watcher=Watcher(runtime, probe_interval=0.05),
+        **settings,
+    )
+
+
 @asynccontextmanager
 async def running_switcher(
     root: Path, runtime: ModelRuntime, models: Mapping[str, ModelSpec]
@@ -77,14 +98,7 @@ async def running_switcher(
         if model.id != "nocache" and model.repo is not None:
             make_snapshot(hub, model.repo)
     store = await Store.open(root / "db.sqlite")
-    made = Switcher(
-        models=dict(models),
-        runtime=runtime,
-        store=store,
-        history=History(store),
-        verdicts=Verdicts(hub),
-        watcher=Watcher(runtime, probe_interval=0.05),
-    )
+    made = switcher_over(runtime, store, hub, models)
     await made.start()
     try:
         yield made

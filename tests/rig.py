@@ -26,6 +26,16 @@ PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 
 
+def engine_services(*models: str) -> str:
+    """Compose services for these models, one profile each, each extending the file's
+    ``x-engine`` anchor: the part of the test projects' compose files they all share."""
+    return "".join(
+        f'  engine-{m}:\n    <<: *engine\n    profiles: ["{m}"]\n'
+        f'    command: ["--model", "org/{m}"]\n'
+        for m in models
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

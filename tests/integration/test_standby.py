@@ -18,12 +18,13 @@ import pytest
 
 from orchestrator import gate
 from tests.fakes import make_snapshot
-from tests.rig import SERVICE_LABEL, STANDIN_IMAGE, Rig, free_port, held
+from tests.rig import SERVICE_LABEL, STANDIN_IMAGE, Rig, engine_services, free_port, held
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
-COMPOSE = """
+COMPOSE = (
+    """
 x-engine: &engine
   image: {image}
   ports: ["127.0.0.1::8000"]
@@ -38,19 +39,9 @@ x-engine: &engine
   stop_grace_period: 5s
 
 services:
-  engine-alpha:
-    <<: *engine
-    profiles: ["alpha"]
-    command: ["--model", "org/alpha"]
-  engine-beta:
-    <<: *engine
-    profiles: ["beta"]
-    command: ["--model", "org/beta"]
-  engine-gamma:
-    <<: *engine
-    profiles: ["gamma"]
-    command: ["--model", "org/gamma"]
-  # As many users write them: every model on the same fixed host port.
+"""
+    + engine_services("alpha", "beta", "gamma")
+    + """  # As many users write them: every model on the same fixed host port.
   engine-one:
     <<: *engine
     profiles: ["one"]
@@ -62,6 +53,7 @@ services:
     ports: ["127.0.0.1:{port}:8000"]
     command: ["--model", "org/beta"]
 """
+)
 LOAD_DELAY = 1.0
 
 

@@ -26,12 +26,13 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.fakes import make_snapshot
 from tests.integration.test_dashboard import row_state
-from tests.rig import SERVICE_LABEL, STANDIN_IMAGE, Rig
+from tests.rig import SERVICE_LABEL, STANDIN_IMAGE, Rig, engine_services
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
-COMPOSE = """
+COMPOSE = (
+    """
 x-engine: &engine
   image: {image}
   ports: ["127.0.0.1::8000"]
@@ -48,19 +49,9 @@ x-engine: &engine
   x-orchestrator: {{sleep: 1}}
 
 services:
-  engine-alpha:
-    <<: *engine
-    profiles: ["alpha"]
-    command: ["--model", "org/alpha"]
-  engine-beta:
-    <<: *engine
-    profiles: ["beta"]
-    command: ["--model", "org/beta"]
-  engine-gamma:
-    <<: *engine
-    profiles: ["gamma"]
-    command: ["--model", "org/gamma"]
-  # A GPU of its own, which the test can hold, and a slow load: room to let go of it.
+"""
+    + engine_services("alpha", "beta", "gamma")
+    + """  # A GPU of its own, which the test can hold, and a slow load: room to let go of it.
   engine-delta:
     <<: *engine
     profiles: ["delta"]
@@ -69,6 +60,7 @@ services:
       STANDIN_LOAD_DELAY: "3"
       STANDIN_GPU_LOCK: /gpu/delta
 """
+)
 LOAD_DELAY = 1.0
 
 

@@ -13,15 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cache import Verdicts
 from orchestrator.compose import ModelSpec
 from orchestrator.errors import Cancelled, ModelExited, StartTimeout
-from orchestrator.history import History, SwitchRecord
+from orchestrator.history import SwitchRecord
 from orchestrator.states import State
 from orchestrator.store import Store
 from orchestrator.switcher import Switcher
-from orchestrator.watcher import Watcher
-from tests.fakes import Behaviour, FakeRuntime, make_snapshot, spec
+from tests.fakes import Behaviour, FakeRuntime, make_snapshot, spec, switcher_over
 from tests.waiting import eventually
 
 MODELS = ("a", "b", "c")
@@ -42,15 +40,7 @@ async def started(
         make_snapshot(hub, f"org/{model}")
         # Engines seen to take their time to exit, as vLLM's do, unless the test says.
         runtime.exit_times.setdefault(model, 1.0)
-    made = Switcher(
-        models=gated_models(),
-        runtime=runtime,
-        store=store,
-        history=History(store),
-        verdicts=Verdicts(hub),
-        watcher=Watcher(runtime, probe_interval=0.05),
-        standby=standby,
-    )
+    made = switcher_over(runtime, store, hub, gated_models(), standby=standby)
     await made.start()
     try:
         yield made

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cache import Verdicts
 from orchestrator.errors import ModelExited, ModelNotCached, ModelNotFound, StartTimeout
-from orchestrator.history import History, SwitchRecord
+from orchestrator.history import SwitchRecord
 from orchestrator.runtime import ModelRuntime
 from orchestrator.states import IllegalTransition, State, Status
 from orchestrator.store import Store
 from orchestrator.switcher import DESIRED_MODEL_KEY, Switcher
-from orchestrator.watcher import ModelDied, Watcher
-from tests.fakes import Behaviour, FakeRuntime, Recorder, make_snapshot, spec
+from orchestrator.watcher import ModelDied
+from tests.fakes import Behaviour, FakeRuntime, Recorder, make_snapshot, spec, switcher_over
 from tests.waiting import eventually
 
 
@@ -38,15 +37,7 @@ def build(
 ) -> Switcher:
     models = {m: spec(m, timeout=timeout) for m in ("a", "b", "c")}
     models["nocache"] = spec("nocache", repo="org/not-downloaded")
-    return Switcher(
-        models=models,
-        runtime=runtime,
-        store=store,
-        history=History(store),
-        verdicts=Verdicts(hub),
-        watcher=Watcher(runtime, probe_interval=0.05),
-        rollback=rollback,
-    )
+    return switcher_over(runtime, store, hub, models, rollback=rollback)
 
 
 @pytest.fixture

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cache import Verdicts
 from orchestrator.errors import Conflict, ModelExited, SleepModeFailed, StartTimeout
-from orchestrator.history import History, Kind, Operation, SwitchRecord
+from orchestrator.history import Kind, Operation, SwitchRecord
 from orchestrator.pool import PoolLimits, default_budget, to_evict
 from orchestrator.queue import OperationQueue
 from orchestrator.states import Residency, Sleeper, State, Status
 from orchestrator.store import Store
 from orchestrator.switcher import Switcher
-from orchestrator.watcher import ModelDied, Watcher
-from tests.fakes import Behaviour, FakeRuntime, Recorder, make_snapshot, spec
+from orchestrator.watcher import ModelDied
+from tests.fakes import Behaviour, FakeRuntime, Recorder, make_snapshot, spec, switcher_over
 from tests.waiting import eventually
 
 # make_snapshot's files: a two-byte config.json and an empty weights file.
@@ -39,15 +38,7 @@ def build(
     models = {m: spec(m, sleep=1) for m in ("a", "b", "c")}
     models["cold"] = spec("cold")
     models["deep"] = spec("deep", sleep=2, warmup=True)
-    return Switcher(
-        models=models,
-        runtime=runtime,
-        store=store,
-        history=History(store),
-        verdicts=Verdicts(hub),
-        watcher=Watcher(runtime, probe_interval=0.05),
-        pool=pool or PoolLimits(max_asleep=2),
-    )
+    return switcher_over(runtime, store, hub, models, pool=pool or PoolLimits(max_asleep=2))
 
 
 @asynccontextmanager
